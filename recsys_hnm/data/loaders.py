@@ -1,0 +1,177 @@
+"""Loaders: MovieLens (every official layout), generic CSV/parquet tables, retail baskets."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import pandas as pd
+
+from .interactions import DataError, Interactions
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DATASETS_DIR = REPO_ROOT / "datasets"
+SHIPPED = {"ml-latest-small": DATASETS_DIR / "ml-latest-small"}
+
+MOVIELENS_URLS = {
+    name: f"https://files.grouplens.org/datasets/movielens/{name}.zip"
+    for name in ("ml-100k", "ml-1m", "ml-latest-small", "ml-25m", "ml-32m")
+}
+ML100K_GENRES = [
+    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
+    "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi",
+    "Thriller", "War", "Western",
+]
+
+
+def read_table(path: str | Path, **kwargs) -> pd.DataFrame:
+    """A CSV or parquet file, chosen by extension; a missing file is a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"file not found: {path}")
+    suffix = "".join(path.suffixes[-2:]).lower()
+    if suffix.endswith(".parquet") or suffix.endswith(".pq"):
+        return pd.read_parquet(path)
+    if any(suffix.endswith(s) for s in (".csv", ".csv.gz", ".tsv", ".txt")):
+        return pd.read_csv(path, sep="\t" if ".tsv" in suffix else ",", **kwargs)
+    raise DataError(f"{path}: unsupported file type (use .csv, .csv.gz, .tsv or .parquet)")
+
+
+def load_movielens(path: str | Path, *, min_rating: float | None = None, **options) -> Interactions:
+    """MovieLens from a local folder: 100K (u.data/u.item), 1M (ratings.dat/movies.dat) or
+    latest/20M/25M/32M (ratings.csv/movies.csv). Genres become categories; every rating is an
+    interaction unless ``min_rating`` keeps only ratings >= it."""
+    path = Path(path)
+    if (path / "ratings.csv").is_file():
+        ratings = pd.read_csv(path / "ratings.csv")
+        movies = pd.read_csv(path / "movies.csv")
+        ratings = ratings.rename(columns={"userId": "user_id", "movieId": "item_id"})
+        items = movies.rename(columns={"movieId": "item_id", "genres": "category"})
+    elif (path / "ratings.dat").is_file():
+        ratings = pd.read_csv(
+            path / "ratings.dat", sep="::", engine="python", header=None,
+            names=["user_id", "item_id", "rating", "timestamp"],
+        )
+        items = pd.read_csv(
+            path / "movies.dat", sep="::", engine="python", header=None,
+            names=["item_id", "title", "category"], encoding="latin-1",
+        )
+    elif (path / "u.data").is_file():
+        ratings = pd.read_csv(
+            path / "u.data", sep="\t", header=None, names=["user_id", "item_id", "rating", "timestamp"]
+        )
+        raw = pd.read_csv(path / "u.item", sep="|", header=None, encoding="latin-1")
+        flags = raw.iloc[:, 5:5 + len(ML100K_GENRES)].to_numpy().astype(bool)
+        items = pd.DataFrame(
+            {"item_id": raw[0], "category": ["|".join(g for g, f in zip(ML100K_GENRES, row) if f) for row in flags]}
+        )
+    else:
+        raise DataError(
+            f"{path}: not a MovieLens folder (expected ratings.csv+movies.csv, ratings.dat+movies.dat or u.data+u.item)"
+        )
+    # latest-small marks movies without genres as "(no genres listed)": keep it as a category.
+    if min_rating is not None:
+        before = len(ratings)
+        ratings = ratings[ratings["rating"] >= min_rating]
+        log.info("min_rating=%s kept %d of %d ratings", min_rating, len(ratings), before)
+    events = ratings[["user_id", "item_id", "timestamp"]].copy()
+    data = Interactions.from_frames(events, items[["item_id", "category"]], source=str(path), **options)
+    if min_rating is not None:
+        data.report["ratings_below_min_rating"] = int(before - len(ratings))
+    return data
+
+
+def load_table(
+    events_path: str | Path,
+    columns: dict[str, str] | None = None,
+    *,
+    items_path: str | Path | None = None,
+    item_columns: dict[str, str] | None = None,
+    **options,
+) -> Interactions:
+    """Events (and optional item metadata) from CSV or parquet, with a column mapping from our
+    names (user_id, item_id, timestamp, weight, basket_id; item_id, category) to the file's."""
+    events = _rename(read_table(events_path), columns, events_path)
+    items = None
+    if items_path is not None:
+        items = _rename(read_table(items_path), item_columns, items_path)
+    return Interactions.from_frames(events, items, source=str(events_path), **options)
+
+
+def _rename(frame: pd.DataFrame, mapping: dict[str, str] | None, path) -> pd.DataFrame:
+    if not mapping:
+        return frame
+    missing = [theirs for theirs in mapping.values() if theirs not in frame.columns]
+    if missing:
+        raise DataError(f"{path}: mapped column(s) {missing} not found; columns present: {list(frame.columns)}")
+    return frame[list(mapping.values())].rename(columns={v: k for k, v in mapping.items()})
+
+
+def load_retail(
+    transactions_path: str | Path,
+    products_path: str | Path | None = None,
+    *,
+    user: str = "household_id",
+    item: str = "product_id",
+    basket: str = "basket_id",
+    time: str = "transaction_timestamp",
+    category: str = "product_category",
+    **options,
+) -> Interactions:
+    """Retail baskets (defaults: the Complete Journey column names). Repeat purchases are
+    normal in retail; ``duplicates`` (default ``first``) decides what happens to them."""
+    columns = {"user_id": user, "item_id": item, "basket_id": basket, "timestamp": time}
+    item_columns = {"item_id": item, "category": category}
+    return load_table(
+        transactions_path, columns, items_path=products_path, item_columns=item_columns, **options
+    )
+
+
+def load_dataset(name_or_path: str | Path, **options) -> Interactions:
+    """A shipped dataset by name (``ml-latest-small``) or a MovieLens folder by path."""
+    key = str(name_or_path)
+    if key in SHIPPED:
+        return load_movielens(SHIPPED[key], **options)
+    path = Path(key)
+    if path.is_dir():
+        return load_movielens(path, **options)
+    raise DataError(f"unknown dataset {key!r}: use one of {sorted(SHIPPED)} or a MovieLens folder path")
+
+
+def download_movielens(name: str, dest: str | Path, sha256: str, *, url: str | None = None) -> Path:
+    """Download and unpack a MovieLens zip into ``dest``, verifying its SHA-256 first.
+
+    ``sha256`` is required: GroupLens publishes checksums beside each zip. Nothing is left in
+    ``dest`` when the download or the check fails.
+    """
+    if url is None:
+        if name not in MOVIELENS_URLS:
+            raise DataError(f"unknown MovieLens dataset {name!r}; known: {sorted(MOVIELENS_URLS)}")
+        url = MOVIELENS_URLS[name]
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest) as tmp:
+        archive = Path(tmp) / f"{name}.zip"
+        with urllib.request.urlopen(url) as response, open(archive, "wb") as out:
+            shutil.copyfileobj(response, out)
+        digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+        if digest != sha256.lower():
+            raise DataError(f"{url}: checksum mismatch (sha256 {digest}, expected {sha256})")
+        with zipfile.ZipFile(archive) as z:
+            z.extractall(tmp)
+        unpacked = Path(tmp) / name
+        if not unpacked.is_dir():
+            raise DataError(f"{url}: archive has no folder {name}/")
+        target = dest / name
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(unpacked, target)
+    return target
