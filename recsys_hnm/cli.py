@@ -8,7 +8,9 @@ import logging
 import sys
 from pathlib import Path
 
+from .config import ConfigError, load_config
 from .data import DataError, copurchase_graph, describe_graph, load_dataset, load_table
+from .tracking import TrackingError
 
 
 def _describe(args) -> int:
@@ -22,6 +24,50 @@ def _describe(args) -> int:
     graph = copurchase_graph(data.events, data.n_items, source=source, min_count=args.min_count)
     info["copurchase"] = {"source": source, "min_count": args.min_count, **describe_graph(graph)}
     print(json.dumps(info, indent=2))
+    return 0
+
+
+def _train(args) -> int:
+    from .experiment import summary_json, train
+
+    overrides = list(args.set or [])
+    if args.tracking_uri:
+        overrides.append(f"tracking.uri={args.tracking_uri}")
+    if args.no_progress:
+        overrides.append("train.progress=false")
+    external = {"train": args.train, "valid": args.valid, "test": args.test, "items": args.items}
+    for key, value in external.items():
+        if value:
+            overrides.append(f"data.{key}={value}")
+    if args.train:
+        overrides.append("data.dataset=null")
+    config = load_config(args.config, overrides)
+    result = train(config, resume=args.resume)
+    print(summary_json(result))
+    print(f"run_id={result.run_id}")
+    return 0
+
+
+def _evaluate(args) -> int:
+    from .experiment import evaluate_run
+
+    print(json.dumps(evaluate_run(args.run_id, args.tracking_uri), indent=2))
+    return 0
+
+
+def _recommend(args) -> int:
+    from .data import read_table
+    from .experiment import recommend, write_table
+
+    users = None
+    if args.users:
+        frame = read_table(args.users)
+        if "user_id" not in frame.columns:
+            raise DataError(f"{args.users}: needs a user_id column; columns present: {list(frame.columns)}")
+        users = frame["user_id"].to_numpy()
+    out = recommend(args.run_id, args.k, users, args.tracking_uri)
+    write_table(out, args.output)
+    print(f"wrote {len(out)} rows for {out['user_id'].nunique()} users to {args.output}")
     return 0
 
 
@@ -39,6 +85,31 @@ def build_parser() -> argparse.ArgumentParser:
     describe.add_argument("--copurchase-source", choices=["basket", "session", "history"])
     describe.add_argument("--min-count", type=int, default=1)
     describe.set_defaults(func=_describe)
+
+    train = commands.add_parser("train", help="train, evaluate and track one experiment; prints run_id=<id> last")
+    train.add_argument("--config", default="pipelines/quickstart.yaml", help="experiment YAML (default: %(default)s)")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.epochs=5")
+    train.add_argument("--train", help="external training events (CSV/parquet: user_id,item_id,timestamp)")
+    train.add_argument("--valid", help="external validation events")
+    train.add_argument("--test", help="external test events")
+    train.add_argument("--items", help="item metadata (item_id,category; several categories separated by |)")
+    train.add_argument("--resume", action="store_true", help="continue from the config's last checkpoint and MLflow run")
+    train.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.set_defaults(func=_train)
+
+    evaluate = commands.add_parser("evaluate", help="test metrics of a run, as JSON")
+    evaluate.add_argument("--run-id", required=True)
+    evaluate.add_argument("--tracking-uri")
+    evaluate.set_defaults(func=_evaluate)
+
+    rec = commands.add_parser("recommend", help="top-K items per user from a run (never an item the user has)")
+    rec.add_argument("--run-id", required=True)
+    rec.add_argument("--k", type=int, default=10)
+    rec.add_argument("--output", required=True, help="CSV or parquet (user_id,item_id,rank,score)")
+    rec.add_argument("--users", help="CSV/parquet with a user_id column (default: every user with test items)")
+    rec.add_argument("--tracking-uri")
+    rec.set_defaults(func=_recommend)
     return parser
 
 
@@ -48,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except DataError as e:
+    except (DataError, ConfigError, TrackingError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

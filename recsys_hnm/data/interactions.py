@@ -142,6 +142,7 @@ class Interactions:
         duplicates: DuplicatePolicy = "first",
         unknown_items: UnknownItemPolicy = "error",
         source: str = "events",
+        keep_columns: tuple[str, ...] = (),
     ) -> "Interactions":
         """Validate and id-map an event frame and an item frame.
 
@@ -154,6 +155,7 @@ class Interactions:
         latest, ``keep`` all of them (repeat purchases); removed rows are counted in the report.
         unknown_items: items of the events absent from the item frame: ``error``, or give
         them the category ``unknown``.
+        keep_columns: further event columns to carry through unchanged (e.g. a fixed split's phase).
         """
         what = source
         if len(events) == 0:
@@ -168,6 +170,9 @@ class Interactions:
         report: dict[str, int] = {"events_in": len(events)}
 
         frame = pd.DataFrame({"user_raw": events["user_id"].to_numpy(), "item_raw": events["item_id"].to_numpy()})
+        _require_columns(events, list(keep_columns), what)
+        for col in keep_columns:
+            frame[col] = events[col].to_numpy()
         if "timestamp" in events.columns:
             _require_no_nulls(events, "timestamp", what)
             frame["timestamp"] = parse_timestamps(events["timestamp"].reset_index(drop=True), what)
@@ -207,7 +212,7 @@ class Interactions:
                 "weight": frame["weight"].to_numpy(),
             }
         )
-        for col in ("timestamp", "basket"):
+        for col in ("timestamp", "basket", *keep_columns):
             if col in frame.columns:
                 out[col] = frame[col].to_numpy()
         report["events"] = len(out)

@@ -156,6 +156,17 @@ def time_split(data: Interactions, valid_start, test_start) -> Split:
     return split
 
 
+def fixed_split(data: Interactions, column: str = "phase") -> Split:
+    """A split given with the data: ``column`` holds train, valid or test for each event."""
+    if column not in data.events.columns:
+        raise DataError(f"fixed_split: the events have no {column!r} column")
+    codes = data.events[column].map({name: i for i, name in enumerate(PHASES)})
+    if codes.isna().any():
+        bad = data.events[column][codes.isna()].unique()[:5].tolist()
+        raise DataError(f"fixed_split: column {column!r} holds values other than {PHASES}, e.g. {bad}")
+    return _make(data, codes.astype(np.int8), {})
+
+
 def _to_seconds(value, name: str) -> float:
     if isinstance(value, (int, float, np.number)):
         return float(value)

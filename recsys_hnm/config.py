@@ -1,0 +1,329 @@
+"""Typed experiment configuration, loaded from YAML with every key checked before training."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .evaluation.metrics import METRICS
+
+SOURCES = ("in_batch", "uniform", "popularity", "category", "copurchase", "ann")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str | None = "ml-latest-small"  # shipped name or a MovieLens folder
+    train: str | None = None  # external fixed splits: CSV/parquet with user_id,item_id,timestamp
+    valid: str | None = None
+    test: str | None = None
+    items: str | None = None  # item_id,category (several categories separated by |)
+    min_rating: float | None = None
+    duplicates: str = "first"
+    unknown_items: str = "error"
+    split: str = "leave_last_out"  # leave_last_out | ratio | time
+    ratios: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
+    ratio_by_time: bool = True
+    valid_start: str | None = None
+    test_start: str | None = None
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    dim: int = 64
+    hidden: list[int] = field(default_factory=lambda: [128])
+    temperature: float = 0.1
+    learn_temperature: bool = False
+    item_bias: bool = False
+    history_len: int = 100
+
+
+@dataclass
+class PopularityConfig:
+    alpha: float = 0.75
+    shared: bool = True  # one set of draws for the whole batch
+
+
+@dataclass
+class UniformConfig:
+    shared: bool = True
+
+
+@dataclass
+class CategoryConfig:
+    alpha: float = 0.0  # within the category: 0 uniform, > 0 popularity ** alpha
+    fallback: str = "uniform"  # uniform | popularity
+
+
+@dataclass
+class CopurchaseConfig:
+    source: str = "auto"  # basket | session | history | auto (basket if present, else session)
+    session_gap_s: float = 1800.0
+    window: int | None = None
+    min_count: int = 1
+    top_n: int | None = None
+    beta: float = 1.0
+    fallback: str = "uniform"
+
+
+@dataclass
+class AnnConfig:
+    anchor: str = "user"  # user | item
+    window: list[float] = field(default_factory=lambda: [10, 100])  # ranks [lo, hi); < 1 = fraction of catalog
+    refresh_every: int = 1
+    warmup_epochs: int = 2
+    ramp_epochs: int = 0  # share of ann negatives ramps from 0 to its weight over these epochs
+    backend: str = "auto"  # auto | annoy | exact
+    n_trees: int = 10
+    search_k: int = -1
+    n_jobs: int = 2
+    recall_sample: int = 200
+
+
+@dataclass
+class SamplerConfig:
+    num_negatives: int = 256
+    logq: str = "mixture"  # mixture | per_source | none
+    mixture: dict[str, float] = field(default_factory=lambda: {"in_batch": 1.0, "uniform": 1.0})
+    known_positives: str = "mask"  # mask | redraw
+    uniform: UniformConfig = field(default_factory=UniformConfig)
+    popularity: PopularityConfig = field(default_factory=PopularityConfig)
+    category: CategoryConfig = field(default_factory=CategoryConfig)
+    copurchase: CopurchaseConfig = field(default_factory=CopurchaseConfig)
+    ann: AnnConfig = field(default_factory=AnnConfig)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 1024
+    lr: float = 0.001
+    weight_decay: float = 0.0
+    seed: int = 0
+    num_threads: int = 1  # measured: small models run faster on 1 thread than 2 here
+    patience: int = 3  # early stopping: epochs without improvement of monitor; 0 = off
+    monitor: str = "ndcg@10"
+    checkpoint_dir: str = "mlruns/checkpoints"
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    ks: list[int] = field(default_factory=lambda: [10, 20, 50])
+    chunk_size: int = 1024
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = None  # default: sqlite:///mlruns/mlflow.db (or MLFLOW_TRACKING_URI)
+    experiment: str = "recsys-hnm"
+    run_name: str | None = None
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """``{"train.lr": 0.001, ...}`` for MLflow params."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict) and (not prefix.endswith("mixture")):
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+            else:
+                out[prefix] = value
+
+        walk("", self.to_dict())
+        return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read YAML (or start from defaults), apply ``key.path=value`` overrides, check everything."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        _set_path(raw, key.strip().split("."), yaml.safe_load(value))
+    config = _build(ExperimentConfig, raw, "")
+    validate(config)
+    return config
+
+
+def config_from_dict(raw: dict) -> ExperimentConfig:
+    config = _build(ExperimentConfig, raw, "")
+    validate(config)
+    return config
+
+
+def _set_path(raw: dict, keys: list[str], value: Any) -> None:
+    node = raw
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {'.'.join(keys)}: {k} is not a section")
+    node[keys[-1]] = value
+
+
+def _build(cls, raw: Any, prefix: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown config key(s): {[where + k for k in unknown]}; known in {prefix or 'top level'}: {sorted(names)}")
+    kwargs = {}
+    for name in names & set(raw):
+        kwargs[name] = _coerce(raw[name], hints[name], f"{prefix}.{name}" if prefix else name)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp, key: str):
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (arg,) = typing.get_args(tp)
+        return [_coerce(v, arg, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        _, varg = typing.get_args(tp)
+        return {str(k): _coerce(v, varg, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _choice(value, allowed, key):
+    if value not in allowed:
+        raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}")
+
+
+def _positive(value, key, strict=True):
+    if value is None or (value <= 0 if strict else value < 0):
+        raise ConfigError(f"{key}: must be {'>' if strict else '>='} 0, got {value!r}")
+
+
+def validate(c: ExperimentConfig) -> None:
+    """Impossible values, refused with the key named."""
+    d = c.data
+    external = [d.train, d.valid, d.test]
+    if any(external):
+        if not all(external):
+            raise ConfigError("data.train, data.valid and data.test must be given together")
+        for key, value in (("data.train", d.train), ("data.valid", d.valid), ("data.test", d.test), ("data.items", d.items)):
+            if value is not None and not Path(value).is_file():
+                raise ConfigError(f"{key}: file not found: {value}")
+    elif d.dataset is None:
+        raise ConfigError("data.dataset: give a dataset, or data.train/valid/test files")
+    _choice(d.duplicates, ("first", "last", "keep"), "data.duplicates")
+    _choice(d.unknown_items, ("error", "unknown_category"), "data.unknown_items")
+    _choice(d.split, ("leave_last_out", "ratio", "time"), "data.split")
+    if d.split == "time" and not external[0] and (d.valid_start is None or d.test_start is None):
+        raise ConfigError("data.valid_start and data.test_start are needed for data.split=time")
+    m = c.model
+    for key, v in (("model.dim", m.dim), ("model.temperature", m.temperature), ("model.history_len", m.history_len)):
+        _positive(v, key)
+    for i, h in enumerate(m.hidden):
+        _positive(h, f"model.hidden[{i}]")
+    s = c.sampler
+    _positive(s.num_negatives, "sampler.num_negatives", strict=False)
+    _choice(s.logq, ("mixture", "per_source", "none"), "sampler.logq")
+    _choice(s.known_positives, ("mask", "redraw"), "sampler.known_positives")
+    for name, w in s.mixture.items():
+        _choice(name, SOURCES, "sampler.mixture (source)")
+        _positive(w, f"sampler.mixture.{name}", strict=False)
+    if not any(w > 0 for w in s.mixture.values()):
+        raise ConfigError("sampler.mixture: all weights are zero")
+    if s.num_negatives == 0 and any(w > 0 for k, w in s.mixture.items() if k != "in_batch"):
+        raise ConfigError("sampler.num_negatives: sampled sources need num_negatives > 0")
+    _positive(s.popularity.alpha, "sampler.popularity.alpha", strict=False)
+    _positive(s.category.alpha, "sampler.category.alpha", strict=False)
+    _choice(s.category.fallback, ("uniform", "popularity"), "sampler.category.fallback")
+    _choice(s.copurchase.source, ("auto", "basket", "session", "history"), "sampler.copurchase.source")
+    _choice(s.copurchase.fallback, ("uniform", "popularity"), "sampler.copurchase.fallback")
+    _positive(s.copurchase.min_count, "sampler.copurchase.min_count")
+    _positive(s.copurchase.beta, "sampler.copurchase.beta", strict=False)
+    a = s.ann
+    _choice(a.anchor, ("user", "item"), "sampler.ann.anchor")
+    _choice(a.backend, ("auto", "annoy", "exact"), "sampler.ann.backend")
+    if a.refresh_every < 1:
+        raise ConfigError(f"sampler.ann.refresh_every: must be >= 1, got {a.refresh_every}")
+    if len(a.window) != 2 or not (0 <= a.window[0] < a.window[1]):
+        raise ConfigError(f"sampler.ann.window: must be [lo, hi) with 0 <= lo < hi, got {a.window}")
+    _positive(a.warmup_epochs, "sampler.ann.warmup_epochs", strict=False)
+    _positive(a.n_trees, "sampler.ann.n_trees")
+    t = c.train
+    for key, v in (("train.epochs", t.epochs), ("train.batch_size", t.batch_size), ("train.lr", t.lr), ("train.num_threads", t.num_threads)):
+        _positive(v, key)
+    _positive(t.weight_decay, "train.weight_decay", strict=False)
+    _positive(t.patience, "train.patience", strict=False)
+    e = c.eval
+    if not e.ks:
+        raise ConfigError("eval.ks: give at least one K")
+    for i, k in enumerate(e.ks):
+        _positive(k, f"eval.ks[{i}]")
+    _positive(e.chunk_size, "eval.chunk_size")
+    metric, _, k = t.monitor.partition("@")
+    if metric not in METRICS or not k.isdigit() or int(k) not in e.ks:
+        raise ConfigError(f"train.monitor: {t.monitor!r} must be one of {list(METRICS)} @ a K in eval.ks {e.ks}")

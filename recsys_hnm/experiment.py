@@ -1,0 +1,304 @@
+"""An experiment from its config: data, split, sampler, model, training, evaluation, tracking.
+
+The batch pipelines and the CLI are thin layers over ``train``, ``evaluate_run`` and
+``recommend``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+
+from .config import ConfigError, ExperimentConfig, config_from_dict
+from .data import (
+    DataError, Interactions, Split, copurchase_graph, fixed_split, leave_last_out, load_dataset, ratio_split,
+    read_table, time_split,
+)
+from .evaluation import Evaluator, popularity_scorer
+from .models import FeatureBuilder, TowerSizes, TwoTower, model_scorer
+from .sampling import (
+    CategorySampler, CopurchaseSampler, InBatchSampler, KnownPositives, MixtureSampler, PopularitySampler,
+    UniformSampler,
+)
+from .sampling.diagnostics import NegativeDiagnostics
+from .tracking import MlflowLogger, TrackingError, download, get_run, git_commit, log_metrics, tracked_run, tracking_uri
+from .training import Checkpoint, EarlyStopping, Trainer, atomic_save, load_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+def load_data(config: ExperimentConfig) -> tuple[Interactions, Split]:
+    d = config.data
+    options = {"duplicates": d.duplicates, "unknown_items": d.unknown_items}
+    if d.train:
+        frames = []
+        for phase, path in (("train", d.train), ("valid", d.valid), ("test", d.test)):
+            frame = read_table(path)
+            frames.append(frame.assign(phase=phase))
+        items = read_table(d.items) if d.items else None
+        data = Interactions.from_frames(pd.concat(frames, ignore_index=True), items, source=d.train, keep_columns=("phase",), **options)
+        return data, fixed_split(data)
+    data = load_dataset(d.dataset, min_rating=d.min_rating, **options)
+    if d.split == "leave_last_out":
+        split = leave_last_out(data)
+    elif d.split == "ratio":
+        split = ratio_split(data, d.ratios, by_time=d.ratio_by_time, seed=d.seed)
+    else:
+        split = time_split(data, d.valid_start, d.test_start)
+    return data, split
+
+
+# -- components ---------------------------------------------------------------------------------
+
+def build_model(config: ExperimentConfig, data: Interactions) -> TwoTower:
+    m = config.model
+    torch.manual_seed(config.train.seed)
+    return TwoTower(
+        TowerSizes(data.n_users, data.n_items, data.n_categories), dim=m.dim, hidden=m.hidden,
+        temperature=m.temperature, learn_temperature=m.learn_temperature, item_bias=m.item_bias,
+    )
+
+
+def build_sampler(config: ExperimentConfig, data: Interactions, split: Split) -> MixtureSampler:
+    """The configured mixture; a source the data cannot serve is refused naming its key."""
+    s = config.sampler
+    counts = np.bincount(split.train["item"].to_numpy(), minlength=data.n_items)
+    wanted = {k for k, w in s.mixture.items() if w > 0}
+    components: dict = {}
+    uniform = UniformSampler(data.n_items, shared=s.uniform.shared)
+    popularity = PopularitySampler(counts, s.popularity.alpha, shared=s.popularity.shared)
+    fallbacks = {"uniform": UniformSampler(data.n_items, shared=False), "popularity": PopularitySampler(counts, s.popularity.alpha, shared=False)}
+    components["in_batch"] = InBatchSampler(data.n_items)
+    components["uniform"] = uniform
+    components["popularity"] = popularity
+    if "category" in wanted:
+        if data.n_categories == 0:
+            raise ConfigError("sampler.mixture.category: the data has no item categories")
+        try:
+            components["category"] = CategorySampler(data.item_categories, fallbacks[s.category.fallback], counts, s.category.alpha)
+        except ValueError as e:
+            raise ConfigError(f"sampler.category: {e}") from e
+    if "copurchase" in wanted:
+        c = s.copurchase
+        source = c.source
+        if source == "auto":
+            source = "basket" if data.has_baskets else "session" if data.has_time else "history"
+        try:
+            graph = copurchase_graph(split.train, data.n_items, source=source, session_gap_s=c.session_gap_s,
+                                     window=c.window, min_count=c.min_count, top_n=c.top_n)
+            components["copurchase"] = CopurchaseSampler(graph, fallbacks[c.fallback], c.beta)
+        except (DataError, ValueError) as e:
+            raise ConfigError(f"sampler.copurchase: {e}") from e
+    if "ann" in wanted:
+        from .index.ann_sampler import AnnSampler
+
+        components["ann"] = AnnSampler(data.n_items, config.sampler.ann, split)
+    return MixtureSampler(
+        components, {k: w for k, w in s.mixture.items()}, s.num_negatives, KnownPositives(split.matrix("train")),
+        logq=s.logq, known_policy=s.known_positives,
+    )
+
+
+def heldout_positives(split: Split) -> KnownPositives:
+    """Validation and test items of each user: a negative among them is a false negative."""
+    m = (split.matrix("valid") + split.matrix("test")).tocsr()
+    return KnownPositives(m)
+
+
+def describe_mix(config: ExperimentConfig) -> str:
+    return ",".join(f"{k}={w:g}" for k, w in config.sampler.mixture.items() if w > 0)
+
+
+# -- training -----------------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    run_id: str
+    test: dict[str, float]
+    mostpop_test: dict[str, float]
+    history: list[dict[str, float]]
+
+
+def checkpoint_path(config: ExperimentConfig) -> Path:
+    return Path(config.train.checkpoint_dir) / config.name / "last.pt"
+
+
+def train(config: ExperimentConfig, *, resume: bool = False, extra_callbacks=None) -> TrainResult:
+    """Train, evaluate and track one experiment; returns its MLflow run id and test metrics."""
+    torch.set_num_threads(config.train.num_threads)
+    uri = tracking_uri(config.tracking.uri)
+    state = None
+    run_id = None
+    ckpt = checkpoint_path(config)
+    if resume:
+        state = load_checkpoint(ckpt)
+        saved = state["extra"]["config"]
+        _check_same_config(saved, config, ckpt)
+        run_id = state["extra"]["run_id"]
+    data, split = load_data(config)
+    sampler = build_sampler(config, data, split)  # refuses what the data cannot serve, before any run
+    tags = {"dataset": config.data.dataset or config.data.train, "sampler_mix": describe_mix(config),
+            "logq": config.sampler.logq, "git_commit": git_commit(), "config_name": config.name}
+    with tracked_run(uri, config.tracking.experiment, config.tracking.run_name or config.name, run_id, None if run_id else tags) as run:
+        run_id = run.info.run_id
+        if state is None:
+            mlflow.log_params(config.flat())
+            mlflow.log_text(yaml.safe_dump(config.to_dict(), sort_keys=False), "config.yaml")
+            mlflow.log_dict({"data": data.report, "split": split.summary()}, "data_report.json")
+        model = build_model(config, data)
+        features = FeatureBuilder(split.history("train"), data.n_users, data.item_categories, config.model.history_len)
+        evaluator = Evaluator(split, "valid", config.eval.ks, config.eval.chunk_size)
+        diagnostics = NegativeDiagnostics(sampler.names, heldout_positives(split), data.n_items)
+        callbacks = [EarlyStopping(f"valid.{config.train.monitor}", config.train.patience), *(extra_callbacks or []),
+                     MlflowLogger(), Checkpoint(ckpt, {"run_id": run_id, "config": config.to_dict()})]
+        if "ann" in sampler.components:
+            from .index.refresh import IndexRefresh
+
+            callbacks.insert(0, IndexRefresh(sampler.components["ann"], sampler, config.sampler.ann))
+        t = config.train
+        trainer = Trainer(model, features, sampler, split.train, evaluator, epochs=t.epochs, batch_size=t.batch_size,
+                          lr=t.lr, weight_decay=t.weight_decay, seed=t.seed, callbacks=callbacks,
+                          diagnostics=diagnostics, progress=t.progress)
+        if state is not None:
+            try:
+                trainer.load_state_dict(state["trainer"])
+            except (RuntimeError, KeyError, ValueError) as e:
+                raise ConfigError(f"checkpoint {ckpt} does not match this config: {e}") from e
+        history = trainer.fit()
+        test_eval = Evaluator(split, "test", config.eval.ks, config.eval.chunk_size)
+        test = trainer.evaluate(test_eval, features.with_history(split.history("test")))
+        counts = np.bincount(split.train["item"].to_numpy(), minlength=data.n_items)
+        mostpop = test_eval.evaluate(popularity_scorer(counts))
+        log_metrics(test, prefix="test.")
+        log_metrics(mostpop, prefix="mostpop.test.")
+        mlflow.set_tag("best_epoch", str(callbacks[0].best_epoch if isinstance(callbacks[0], EarlyStopping) else ""))
+        _log_model(model)
+        _log_plot(history, config.train.monitor)
+        return TrainResult(run_id, test, mostpop, history)
+
+
+def _check_same_config(saved: dict, config: ExperimentConfig, path: Path) -> None:
+    now = config.to_dict()
+    ignore = {("train", "progress"), ("train", "epochs")}
+    for section, values in now.items():
+        if not isinstance(values, dict):
+            if saved.get(section) != values:
+                raise ConfigError(f"checkpoint {path} was written for {section}={saved.get(section)!r}, not {values!r}")
+            continue
+        for key, value in values.items():
+            if (section, key) not in ignore and saved.get(section, {}).get(key) != value:
+                raise ConfigError(f"checkpoint {path} was written for {section}.{key}={saved.get(section, {}).get(key)!r}, not {value!r}")
+
+
+def _log_model(model: TwoTower) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.pt"
+        atomic_save(model.state_dict(), path)
+        mlflow.log_artifact(str(path))
+
+
+def _log_plot(history: list[dict[str, float]], monitor: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = list(range(len(history)))
+    keys = [k for k in history[0] if k.startswith("valid.") and k.split("@")[-1] == monitor.split("@")[-1]] if history else []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes[0].plot(epochs, [h["train_loss"] for h in history], marker="o")
+    axes[0].set(title="train loss", xlabel="epoch")
+    for k in keys:
+        axes[1].plot(epochs, [h[k] for h in history], marker="o", label=k)
+    axes[1].set(title="validation metrics", xlabel="epoch")
+    axes[1].legend()
+    fig.tight_layout()
+    mlflow.log_figure(fig, "metrics.png")
+    plt.close(fig)
+
+
+# -- using a finished run -----------------------------------------------------------------------
+
+@dataclass
+class LoadedRun:
+    config: ExperimentConfig
+    data: Interactions
+    split: Split
+    model: TwoTower
+    features: FeatureBuilder
+
+
+def load_run(run_id: str, uri: str | None = None) -> LoadedRun:
+    uri = tracking_uri(uri)
+    get_run(run_id, uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        config = config_from_dict(yaml.safe_load(download(run_id, "config.yaml", uri, tmp).read_text()))
+        weights = torch.load(download(run_id, "model.pt", uri, tmp), map_location="cpu", weights_only=True)
+    data, split = load_data(config)
+    model = build_model(config, data)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise TrackingError(f"run {run_id}: its weights do not fit the model its config builds on this data: {e}") from e
+    model.eval()
+    features = FeatureBuilder(split.history("test"), data.n_users, data.item_categories, config.model.history_len)
+    return LoadedRun(config, data, split, model, features)
+
+
+def evaluate_run(run_id: str, uri: str | None = None) -> dict[str, float]:
+    """Test metrics of a finished run, recomputed from its logged config and weights."""
+    run = load_run(run_id, uri)
+    ev = Evaluator(run.split, "test", run.config.eval.ks, run.config.eval.chunk_size)
+    return ev.evaluate(model_scorer(run.model, run.features))
+
+
+def recommend(run_id: str, k: int, users: list | None = None, uri: str | None = None) -> pd.DataFrame:
+    """Top-``k`` items per user (raw ids, rank 1 best), never an item the user already has
+    (training and validation items are masked). Default users: everyone with test items."""
+    if k <= 0:
+        raise ValueError(f"k must be > 0, not {k}")
+    run = load_run(run_id, uri)
+    ev = Evaluator(run.split, "test", [min(k, run.data.n_items)], run.config.eval.chunk_size)
+    idx = ev.users if users is None else torch.from_numpy(run.data.users.to_index(users, "user"))
+    items, scores = ev.top_k(model_scorer(run.model, run.features), idx, k)
+    valid = torch.isfinite(scores)  # a user with fewer than k unseen items gets fewer rows
+    rows = valid.nonzero()
+    return pd.DataFrame({
+        "user_id": run.data.users.to_raw(idx[rows[:, 0]].numpy()),
+        "item_id": run.data.items.to_raw(items[valid].numpy()),
+        "rank": (rows[:, 1] + 1).numpy(),
+        "score": scores[valid].numpy(),
+    })
+
+
+def write_table(frame: pd.DataFrame, path: str | Path) -> None:
+    """CSV or parquet by extension, written to a temporary file and renamed (never half-written)."""
+    path = Path(path)
+    if path.suffix.lower() not in (".csv", ".parquet"):
+        raise ValueError(f"{path}: output must end in .csv or .parquet")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        if path.suffix.lower() == ".parquet":
+            frame.to_parquet(tmp, index=False)
+        else:
+            frame.to_csv(tmp, index=False)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def summary_json(result: TrainResult, ks=(10,)) -> str:
+    keys = [f"{m}@{k}" for k in ks for m in ("ndcg", "map")]
+    return json.dumps({"test": {k: round(result.test[k], 4) for k in keys}, "mostpop": {k: round(result.mostpop_test[k], 4) for k in keys}})

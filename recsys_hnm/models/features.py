@@ -1,0 +1,76 @@
+"""Turns user and item indices into the KeyedJaggedTensors the towers read."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from torchrec import KeyedJaggedTensor
+
+from .two_tower import FEATURES, HISTORY, ITEM_CATEGORY, ITEM_ID, USER_ID
+
+
+class FeatureBuilder:
+    """Holds each user's most recent ``history_len`` items (from the events given) and each
+    item's categories as padded tensors, and builds KJTs from index tensors without Python loops.
+
+    Every KJT carries all four features (the ones of the other tower empty), since one
+    EmbeddingBagCollection reads them all.
+    """
+
+    def __init__(self, history: pd.DataFrame, n_users: int, item_categories: sp.csr_matrix, history_len: int = 100):
+        if history_len < 1:
+            raise ValueError(f"history_len must be >= 1, not {history_len}")
+        self.n_users = n_users
+        self.history_len = history_len
+        self.history, self.history_lengths = _recent_items(history, n_users, history_len)
+        cats = item_categories.tocsr()
+        self.cat_indptr = torch.from_numpy(cats.indptr.astype(np.int64))
+        self.cat_indices = torch.from_numpy(cats.indices.astype(np.int64))
+
+    def with_history(self, history: pd.DataFrame) -> "FeatureBuilder":
+        """The same items, with user histories from other events (e.g. train + valid for test)."""
+        out = object.__new__(FeatureBuilder)
+        out.__dict__.update(self.__dict__)
+        out.history, out.history_lengths = _recent_items(history, self.n_users, self.history_len)
+        return out
+
+    def user_features(self, users: torch.Tensor, exclude: torch.Tensor | None = None) -> KeyedJaggedTensor:
+        """User id and history bag; ``exclude[b]`` (the training target) is left out of row b."""
+        hist = self.history[users]  # [B, L], -1 = padding
+        keep = hist >= 0
+        if exclude is not None:
+            keep &= hist != exclude[:, None]
+        lengths = keep.sum(1)
+        return _kjt(len(users), {USER_ID: (torch.ones_like(users), users), HISTORY: (lengths, hist[keep])})
+
+    def item_features(self, items: torch.Tensor) -> KeyedJaggedTensor:
+        starts = self.cat_indptr[items]
+        lengths = self.cat_indptr[items + 1] - starts
+        offsets_in = torch.repeat_interleave(starts - torch.cumsum(lengths, 0) + lengths, lengths)
+        positions = torch.arange(int(lengths.sum())) + offsets_in
+        return _kjt(len(items), {ITEM_ID: (torch.ones_like(items), items), ITEM_CATEGORY: (lengths, self.cat_indices[positions])})
+
+
+def _kjt(batch: int, features: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> KeyedJaggedTensor:
+    empty = (torch.zeros(batch, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+    lengths, values = zip(*(features.get(name, empty) for name in FEATURES))
+    return KeyedJaggedTensor.from_lengths_sync(keys=list(FEATURES), values=torch.cat(values), lengths=torch.cat(lengths))
+
+
+def _recent_items(events: pd.DataFrame, n_users: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[n_users, length] of each user's last ``length`` items in time order, -1 padded."""
+    keys = ["user", "timestamp"] if "timestamp" in events.columns else ["user"]
+    ordered = events.sort_values(keys, kind="stable")
+    user = ordered["user"].to_numpy()
+    item = ordered["item"].to_numpy()
+    counts = np.bincount(user, minlength=n_users)
+    from_end = np.empty(len(user), np.int64)
+    ends = np.cumsum(counts)
+    from_end[:] = ends[user] - 1 - np.arange(len(user))
+    keep = from_end < length
+    table = np.full((n_users, length), -1, np.int64)
+    # most recent item last, so the row reads in time order
+    table[user[keep], length - 1 - from_end[keep]] = item[keep]
+    return torch.from_numpy(table), torch.from_numpy(np.minimum(counts, length))

@@ -1,0 +1,29 @@
+"""Embeddings of every user and item, and the scorer the evaluator and ANN mining use."""
+
+from __future__ import annotations
+
+import torch
+
+from ..evaluation.evaluator import Scorer, embedding_scorer
+from .features import FeatureBuilder
+from .two_tower import TwoTower
+
+
+@torch.no_grad()
+def item_embeddings(model: TwoTower, features: FeatureBuilder, chunk: int = 8192) -> torch.Tensor:
+    model.eval()
+    n = model.sizes.n_items
+    return torch.cat([model.item_embeddings(features.item_features(torch.arange(s, min(s + chunk, n)))) for s in range(0, n, chunk)])
+
+
+@torch.no_grad()
+def user_embeddings(model: TwoTower, features: FeatureBuilder, chunk: int = 8192) -> torch.Tensor:
+    model.eval()
+    n = model.sizes.n_users
+    return torch.cat([model.user_embeddings(features.user_features(torch.arange(s, min(s + chunk, n)))) for s in range(0, n, chunk)])
+
+
+def model_scorer(model: TwoTower, features: FeatureBuilder) -> Scorer:
+    """Scores = user . item / temperature (+ item bias), from embeddings computed once."""
+    bias = model.item_bias.detach() if model.item_bias is not None else None
+    return embedding_scorer(user_embeddings(model, features), item_embeddings(model, features), float(model.scale), bias)

@@ -1,0 +1,16 @@
+"""Negative samplers: one file per source, and their mixture."""
+
+from .base import Context, KnownPositives, Negatives, Sampler
+from .category import CategorySampler
+from .copurchase import CopurchaseSampler
+from .in_batch import InBatchSampler
+from .mixture import IN_BATCH, MixtureSampler, allocate
+from .popularity import PopularitySampler
+from .tables import AliasTable, SegmentSampler
+from .uniform import UniformSampler
+
+__all__ = [
+    "IN_BATCH", "AliasTable", "CategorySampler", "Context", "CopurchaseSampler", "InBatchSampler",
+    "KnownPositives", "MixtureSampler", "Negatives", "PopularitySampler", "Sampler", "SegmentSampler",
+    "UniformSampler", "allocate",
+]

@@ -1,0 +1,118 @@
+"""The contracts every negative sampler follows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a sampler may condition on: the batch's users and positive items, both [B]."""
+
+    users: torch.Tensor
+    pos_items: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+
+@dataclass(frozen=True)
+class Negatives:
+    """A block of negatives for a batch of B rows.
+
+    items: [n] shared by every row, or [B, n] per row.
+    log_q: [n] or [B, n]: log of the expected number of times the item is among the row's
+      candidates under the proposal (log of draws x probability). Sampled softmax subtracts it,
+      which is the importance-sampling estimate of the full softmax; 0 means "no correction".
+    source: index of the source that drew the block.
+    invalid: [B, n] (or None): the loss must ignore these (known positives, accidental hits).
+    fallback: [B] (or None): rows whose draws came from the source's fallback sampler.
+    """
+
+    items: torch.Tensor
+    log_q: torch.Tensor
+    source: int = 0
+    invalid: torch.Tensor | None = None
+    fallback: torch.Tensor | None = None
+
+    @property
+    def shared(self) -> bool:
+        return self.items.dim() == 1
+
+    @property
+    def n(self) -> int:
+        return self.items.shape[-1]
+
+    def per_row_items(self, batch: int) -> torch.Tensor:
+        return self.items.expand(batch, -1) if self.shared else self.items
+
+
+@runtime_checkable
+class Sampler(Protocol):
+    """A proposal distribution over items, given the (user, positive) context.
+
+    ``sample`` is a pure function of its inputs and the explicit generator. ``log_prob`` gives
+    the log probability of one draw for any item (shape of ``items``: [n] or [B, n]), so a
+    mixture can compute the log proposal of items that other sources drew.
+    """
+
+    shared: bool  # True when one set of draws serves the whole batch
+
+    def sample(self, ctx: Context, n: int, generator: torch.Generator) -> torch.Tensor: ...
+
+    def log_prob(self, ctx: Context, items: torch.Tensor) -> torch.Tensor: ...
+
+
+def with_fallback(sampler, ctx: Context, items: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """Replace the rows of ``items`` that ``sampler`` cannot serve by draws of its fallback."""
+    fb = sampler.fallback_rows(ctx)
+    if not fb.any():
+        return items
+    fb_items = sampler.fallback.sample(ctx, n, generator)
+    return torch.where(fb[:, None], fb_items.expand(len(ctx), -1) if fb_items.dim() == 1 else fb_items, items)
+
+
+def fallback_log_prob(sampler, ctx: Context, items_b: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """log of ``q`` (per-row probabilities), with the fallback's where rows fall back."""
+    fb = sampler.fallback_rows(ctx)
+    if fb.any():
+        q = torch.where(fb[:, None], sampler.fallback.log_prob(ctx, items_b).double().exp(), q)
+    return torch.log(q).float()
+
+
+class KnownPositives:
+    """Fast (user, item) membership in a users x items matrix: a dense bitmap where it fits
+    (a gather per lookup), else sorted keys and a binary search."""
+
+    DENSE_LIMIT = 64_000_000  # cells; 64 MB of bools
+
+    def __init__(self, matrix: sp.csr_matrix):
+        m = matrix.tocsr()
+        m.sort_indices()
+        self.n_items = m.shape[1]
+        rows = np.repeat(np.arange(m.shape[0], dtype=np.int64), np.diff(m.indptr))
+        keys = torch.from_numpy(rows * self.n_items + m.indices.astype(np.int64))
+        if m.shape[0] * m.shape[1] <= self.DENSE_LIMIT:
+            self.bitmap = torch.zeros(m.shape[0] * m.shape[1], dtype=torch.bool)
+            self.bitmap[keys] = True
+            self.keys = None
+        else:
+            self.bitmap = None
+            self.keys = keys
+
+    def contains(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """[B, n] bool: is (users[b], items[b, j]) known? ``items`` is [B, n] or shared [n]."""
+        if items.dim() == 1:
+            items = items.unsqueeze(0).expand(len(users), -1)
+        keys = users[:, None] * self.n_items + items
+        if self.bitmap is not None:
+            return self.bitmap[keys]
+        if len(self.keys) == 0:
+            return torch.zeros(items.shape, dtype=torch.bool)
+        pos = torch.searchsorted(self.keys, keys).clamp_(max=len(self.keys) - 1)
+        return self.keys[pos] == keys

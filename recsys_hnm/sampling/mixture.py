@@ -1,0 +1,115 @@
+"""A weighted mixture of negative sources with a consistent logQ correction."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Literal
+
+import numpy as np
+import torch
+
+from .base import Context, KnownPositives, Negatives, Sampler
+
+LogQ = Literal["mixture", "per_source", "none"]
+IN_BATCH = "in_batch"
+
+
+def allocate(total: int, weights: Mapping[str, float]) -> dict[str, int]:
+    """Split ``total`` draws by weight, deterministically (largest remainder, ties by order)."""
+    names = [k for k, w in weights.items() if w > 0]
+    if not names:
+        return {}
+    w = np.array([weights[k] for k in names], dtype=np.float64)
+    exact = total * w / w.sum()
+    counts = np.floor(exact).astype(int)
+    order = np.argsort(-(exact - counts), kind="stable")
+    counts[order[: total - counts.sum()]] += 1
+    return {k: int(c) for k, c in zip(names, counts) if c > 0}
+
+
+class MixtureSampler:
+    """Draws ``num_negatives`` per row from the sampled sources in proportion to their weights
+    (the count per source is fixed by the weights, not random), plus, when ``in_batch`` has a
+    weight > 0, the batch's positives as shared negatives (B per row; its weight is only a switch).
+
+    logq:
+      ``mixture``     every candidate is corrected by log sum_k n_k q_k(item | context), the
+                      expected count of the item under the whole proposal: consistent for any mix;
+      ``per_source``  each candidate by log n_k q_k(item) of the source that drew it;
+      ``none``        no correction (hard sources are often used this way; compare it).
+    known: ``mask`` known positives of the user in the loss, or ``redraw`` them (per-row sources,
+      up to ``redraw_tries`` times, then mask). Redrawing conditions the proposal on missing the
+      user's items, which the logQ above ignores; masking keeps it exact.
+    """
+
+    def __init__(
+        self,
+        components: Mapping[str, Sampler],
+        weights: Mapping[str, float],
+        num_negatives: int,
+        known: KnownPositives | None = None,
+        logq: LogQ = "mixture",
+        known_policy: Literal["mask", "redraw"] = "mask",
+        redraw_tries: int = 5,
+    ):
+        unknown = set(weights) - set(components)
+        if unknown:
+            raise ValueError(f"mixture weights name source(s) without a sampler: {sorted(unknown)}")
+        if any(w < 0 for w in weights.values()):
+            raise ValueError(f"mixture weights must be >= 0: {dict(weights)}")
+        if logq not in ("mixture", "per_source", "none"):
+            raise ValueError(f"logq must be 'mixture', 'per_source' or 'none', not {logq!r}")
+        sampled = {k: w for k, w in weights.items() if k != IN_BATCH}
+        self.counts = allocate(num_negatives, sampled)
+        self.use_in_batch = weights.get(IN_BATCH, 0.0) > 0
+        if not self.counts and not self.use_in_batch:
+            raise ValueError("the mixture has no source with a weight > 0")
+        self.names = ([IN_BATCH] if self.use_in_batch else []) + list(self.counts)
+        self.components = {k: components[k] for k in self.names}
+        self.known = known
+        self.logq = logq
+        self.known_policy = known_policy
+        self.redraw_tries = redraw_tries
+
+    def draws(self, name: str, batch: int) -> int:
+        return batch if name == IN_BATCH else self.counts[name]
+
+    def sample(self, ctx: Context, generator: torch.Generator) -> list[Negatives]:
+        blocks = []
+        for index, name in enumerate(self.names):
+            sampler = self.components[name]
+            n = self.draws(name, len(ctx))
+            items = sampler.sample(ctx, n, generator)
+            if self.known_policy == "redraw" and not sampler.shared and self.known is not None:
+                items = self._redraw(sampler, ctx, items, generator)
+            fb = sampler.fallback_rows(ctx) if hasattr(sampler, "fallback_rows") else None
+            blocks.append(Negatives(items, self._log_q(name, ctx, items), index, self._invalid(ctx, items), fb))
+        return blocks
+
+    def _log_q(self, name: str, ctx: Context, items: torch.Tensor) -> torch.Tensor:
+        if self.logq == "none":
+            return torch.zeros(items.shape)
+        if self.logq == "per_source":
+            return self.components[name].log_prob(ctx, items) + math.log(self.draws(name, len(ctx)))
+        total = None
+        for other in self.names:
+            lp = self.components[other].log_prob(ctx, items) + math.log(self.draws(other, len(ctx)))
+            total = lp if total is None else torch.logaddexp(total, lp)
+        return total
+
+    def _invalid(self, ctx: Context, items: torch.Tensor) -> torch.Tensor:
+        per_row = items.expand(len(ctx), -1) if items.dim() == 1 else items
+        invalid = per_row == ctx.pos_items[:, None]  # accidental hits
+        if self.known is not None:
+            invalid |= self.known.contains(ctx.users, per_row)
+        return invalid
+
+    def _redraw(self, sampler, ctx: Context, items: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        for _ in range(self.redraw_tries):
+            bad = self._invalid(ctx, items)
+            if not bad.any():
+                break
+            fresh = sampler.sample(ctx, items.shape[1], generator)
+            items = torch.where(bad, fresh, items)
+        return items

@@ -1,0 +1,108 @@
+"""MLflow integration: the default SQLite store under mlruns/, run lifecycle, per-epoch logging."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import tempfile
+import traceback
+from pathlib import Path
+
+import mlflow
+from mlflow.entities import RunStatus
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from ..training.callbacks import Callback
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STORE = Path("mlruns")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+class TrackingError(RuntimeError):
+    """A run that cannot be found or read."""
+
+
+def tracking_uri(uri: str | None = None) -> str:
+    """``uri``, else $MLFLOW_TRACKING_URI, else SQLite in ./mlruns (MLflow 3.17+ refuses the
+    plain file store)."""
+    if uri:
+        return uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    DEFAULT_STORE.mkdir(exist_ok=True)
+    return f"sqlite:///{DEFAULT_STORE / 'mlflow.db'}"
+
+
+def experiment_id(name: str, uri: str) -> str:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    artifact_location = None
+    if uri.startswith("sqlite:///"):  # keep artifacts beside the default store, not in ./mlartifacts
+        artifact_location = (DEFAULT_STORE / "artifacts").resolve().as_uri()
+    return client.create_experiment(name, artifact_location=artifact_location)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+@contextlib.contextmanager
+def tracked_run(uri: str, experiment: str, run_name: str | None = None, run_id: str | None = None, tags: dict | None = None):
+    """An active MLflow run (new, or ``run_id`` reopened to resume). An exception ends it as
+    FAILED with the error in the tag ``error`` and the traceback as ``error.txt``."""
+    mlflow.set_tracking_uri(uri)
+    exp_id = experiment_id(experiment, uri)
+    run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id, run_name=run_name, tags=tags)
+    try:
+        yield run
+    except BaseException as e:
+        with contextlib.suppress(Exception):
+            mlflow.set_tag("error", f"{type(e).__name__}: {e}"[:5000])
+            mlflow.log_text(traceback.format_exc(), "error.txt")
+        mlflow.end_run(status=RunStatus.to_string(RunStatus.FAILED if not isinstance(e, KeyboardInterrupt) else RunStatus.KILLED))
+        raise
+    else:
+        mlflow.end_run(status="FINISHED")
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None, prefix: str = "") -> None:
+    # MLflow metric names may not hold '@'
+    mlflow.log_metrics({metric_name(prefix + k): float(v) for k, v in metrics.items()}, step=step)
+
+
+def metric_name(key: str) -> str:
+    return key.replace("@", "_at_")
+
+
+class MlflowLogger(Callback):
+    """Logs each epoch's logs (train loss, validation metrics, epoch time, negative
+    diagnostics) with the epoch as step."""
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        log_metrics(logs, step=epoch)
+
+
+def get_run(run_id: str, uri: str):
+    try:
+        return MlflowClient(uri).get_run(run_id)
+    except MlflowException as e:
+        raise TrackingError(f"run {run_id!r} not found in the tracking store {uri}") from e
+
+
+def download(run_id: str, artifact: str, uri: str, dest: str | Path | None = None) -> Path:
+    dest = dest or tempfile.mkdtemp(prefix="recsys-hnm-")
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=str(dest), tracking_uri=uri))
+    except (MlflowException, OSError) as e:
+        raise TrackingError(f"run {run_id}: artifact {artifact!r} cannot be read ({e})") from e

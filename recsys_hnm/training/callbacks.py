@@ -1,0 +1,95 @@
+"""Callbacks: one signature for every hook, and state that a checkpoint carries."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class Callback:
+    def on_fit_start(self, trainer) -> None: ...
+
+    def on_epoch_start(self, trainer, epoch: int) -> None: ...
+
+    def on_epoch_end(self, trainer, epoch: int, logs: dict[str, float]) -> None: ...
+
+    def on_fit_end(self, trainer) -> None: ...
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class EarlyStopping(Callback):
+    """Stops when ``monitor`` (a validation metric, higher is better) has not improved for
+    ``patience`` epochs (0: never stops), and restores the best epoch's weights at the end."""
+
+    def __init__(self, monitor: str = "valid.ndcg@10", patience: int = 3):
+        self.monitor = monitor
+        self.patience = patience
+        self.best = float("-inf")
+        self.best_epoch = -1
+        self.best_weights: dict | None = None
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        value = logs[self.monitor]
+        if value > self.best:
+            self.best, self.best_epoch = value, epoch
+            self.best_weights = copy.deepcopy(trainer.model.state_dict())
+        elif self.patience and epoch - self.best_epoch >= self.patience:
+            log.info("early stop at epoch %d: best %s=%.4f at epoch %d", epoch, self.monitor, self.best, self.best_epoch)
+            trainer.should_stop = True
+
+    def on_fit_end(self, trainer):
+        if self.best_weights is not None:
+            trainer.model.load_state_dict(self.best_weights)
+
+    def state_dict(self):
+        return {"best": self.best, "best_epoch": self.best_epoch, "best_weights": self.best_weights}
+
+    def load_state_dict(self, state):
+        self.best, self.best_epoch, self.best_weights = state["best"], state["best_epoch"], state["best_weights"]
+
+
+def atomic_save(obj, path: str | Path) -> None:
+    """torch.save to a temporary file in the same folder, then rename: a crash never leaves a
+    half-written file under ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+class Checkpoint(Callback):
+    """Writes the whole trainer state (model, optimizer, random state, callbacks) after every
+    epoch, atomically, to ``path``; ``extra`` (e.g. the MLflow run id) rides along."""
+
+    def __init__(self, path: str | Path, extra: dict | None = None):
+        self.path = Path(path)
+        self.extra = dict(extra or {})
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        atomic_save({"trainer": trainer.state_dict(), "extra": self.extra}, self.path)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint to resume from at {path}")
+    return torch.load(path, map_location="cpu", weights_only=True)

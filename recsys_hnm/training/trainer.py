@@ -1,0 +1,183 @@
+"""The training loop: batches, negatives, sampled softmax, callbacks. It knows nothing about ANN
+indexes or MLflow; those come in as callbacks."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from ..evaluation import Evaluator
+from ..losses import sampled_softmax
+from ..models import FeatureBuilder, TwoTower, model_scorer
+from ..sampling import Context, MixtureSampler, Negatives
+from ..sampling.diagnostics import NegativeDiagnostics
+from .callbacks import Callback
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepOutput:
+    """What a training step returns beside the loss, detached (TorchRec's train-task shape)."""
+
+    loss: float
+    blocks: list[Negatives]
+    neg_scores: list[torch.Tensor]
+
+
+class Trainer:
+    """Fits a TwoTower on training events with a MixtureSampler.
+
+    Reproducible: every random draw (the epoch's order, the negatives) comes from one seeded
+    ``torch.Generator`` whose state is part of ``state_dict``, so a resumed run continues exactly.
+    """
+
+    def __init__(
+        self,
+        model: TwoTower,
+        features: FeatureBuilder,
+        sampler: MixtureSampler,
+        train_events: pd.DataFrame,
+        evaluator: Evaluator,
+        *,
+        epochs: int = 20,
+        batch_size: int = 1024,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+        callbacks: list[Callback] | None = None,
+        diagnostics: NegativeDiagnostics | None = None,
+        progress: bool = True,
+    ):
+        self.model = model
+        self.features = features
+        self.sampler = sampler
+        self.users = torch.tensor(train_events["user"].to_numpy(np.int64))
+        self.items = torch.tensor(train_events["item"].to_numpy(np.int64))
+        self.evaluator = evaluator
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.callbacks = list(callbacks or [])
+        self.diagnostics = diagnostics
+        self.progress = progress
+        self.epoch = 0  # the next epoch to run
+        self.history: list[dict[str, float]] = []
+        self.should_stop = False
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def fit(self) -> list[dict[str, float]]:
+        for cb in self.callbacks:
+            cb.on_fit_start(self)
+        while self.epoch < self.epochs and not self.should_stop:
+            epoch = self.epoch
+            for cb in self.callbacks:
+                cb.on_epoch_start(self, epoch)
+            start = time.perf_counter()
+            logs = {"train_loss": self.train_epoch(epoch)}
+            logs["epoch_s"] = time.perf_counter() - start
+            start = time.perf_counter()
+            logs.update({f"valid.{k}": v for k, v in self.evaluate().items()})
+            logs["eval_s"] = time.perf_counter() - start
+            if self.diagnostics is not None:
+                logs.update(self.diagnostics.results())
+            self.history.append(logs)
+            self.epoch = epoch + 1
+            log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in logs.items() if not k.startswith("neg.")})
+            for cb in self.callbacks:
+                cb.on_epoch_end(self, epoch, logs)
+        for cb in self.callbacks:
+            cb.on_fit_end(self)
+        return self.history
+
+    def train_epoch(self, epoch: int) -> float:
+        self.model.train()
+        if self.diagnostics is not None:
+            self.diagnostics.reset()
+        order = torch.randperm(len(self.users), generator=self.generator)
+        batches = range(0, len(order), self.batch_size)
+        bar = tqdm(batches, desc=f"epoch {epoch}", disable=not self.progress, leave=False)
+        total, count = 0.0, 0
+        for start in bar:
+            idx = order[start:start + self.batch_size]
+            out = self.train_step(self.users[idx], self.items[idx])
+            total += out.loss * len(idx)
+            count += len(idx)
+            bar.set_postfix(loss=f"{out.loss:.4f}")
+        return total / max(count, 1)
+
+    def train_step(self, users: torch.Tensor, pos_items: torch.Tensor) -> StepOutput:
+        ctx = Context(users, pos_items)
+        blocks = self.sampler.sample(ctx, self.generator)
+        rank_items = None
+        if self.diagnostics is not None and self.diagnostics.rank_sample:
+            rank_items = torch.randint(0, self.model.sizes.n_items, (self.diagnostics.rank_sample,), generator=self.generator)
+        # Each distinct item goes through the item tower once per step.
+        parts = [pos_items] + [b.items.reshape(-1) for b in blocks] + ([rank_items] if rank_items is not None else [])
+        unique, inverse = torch.unique(torch.cat(parts), return_inverse=True)
+        item_emb = self.model.item_embeddings(self.features.item_features(unique))
+        user_emb = self.model.user_embeddings(self.features.user_features(users, exclude=pos_items))
+        scale = self.model.scale
+        offsets = np.cumsum([0] + [p.numel() for p in parts])
+        pos_emb = item_emb[inverse[: offsets[1]]]
+        pos_logits = (user_emb * pos_emb).sum(-1) * scale + self.model.bias(pos_items)
+        neg_cos, neg_logits, log_q, invalid = [], [], [], []
+        for i, block in enumerate(blocks):
+            emb = item_emb[inverse[offsets[i + 1]:offsets[i + 2]]]
+            if block.shared:
+                cos = user_emb @ emb.T
+            else:
+                emb = emb.reshape(*block.items.shape, -1)
+                cos = torch.einsum("bd,bnd->bn", user_emb, emb)
+            neg_cos.append(cos.detach())
+            neg_logits.append(cos * scale + self.model.bias(block.items))
+            log_q.append(block.log_q.expand(len(users), -1) if block.log_q.dim() == 1 else block.log_q)
+            invalid.append(block.invalid)
+        loss = sampled_softmax(pos_logits, torch.cat(neg_logits, 1), torch.cat(log_q, 1), torch.cat(invalid, 1))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        if self.diagnostics is not None:
+            sample_scores = None
+            if rank_items is not None:
+                rows = min(self.diagnostics.rank_rows, len(users))
+                sample_scores = (user_emb[:rows] @ item_emb[inverse[offsets[-2]:]].T).detach()
+            self.diagnostics.update(ctx, blocks, neg_cos, sample_scores)
+        return StepOutput(float(loss.detach()), blocks, neg_cos)
+
+    # -- evaluation -----------------------------------------------------------------------------
+
+    def evaluate(self, evaluator: Evaluator | None = None, features: FeatureBuilder | None = None) -> dict[str, float]:
+        return (evaluator or self.evaluator).evaluate(model_scorer(self.model, features or self.features))
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "epoch": self.epoch,
+            "history": self.history,
+            "should_stop": self.should_stop,
+            "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.callbacks},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.epoch = state["epoch"]
+        self.history = state["history"]
+        self.should_stop = state["should_stop"]
+        for cb in self.callbacks:
+            if type(cb).__name__ in state["callbacks"]:
+                cb.load_state_dict(state["callbacks"][type(cb).__name__])
