@@ -6,11 +6,11 @@ from .copurchase import CopurchaseSampler
 from .in_batch import InBatchSampler
 from .mixture import IN_BATCH, MixtureSampler, allocate
 from .popularity import PopularitySampler
-from .tables import AliasTable, SegmentSampler
+from .tables import AliasTable, SegmentedAlias
 from .uniform import UniformSampler
 
 __all__ = [
     "IN_BATCH", "AliasTable", "CategorySampler", "Context", "CopurchaseSampler", "InBatchSampler",
-    "KnownPositives", "MixtureSampler", "Negatives", "PopularitySampler", "Sampler", "SegmentSampler",
+    "KnownPositives", "MixtureSampler", "Negatives", "PopularitySampler", "Sampler", "SegmentedAlias",
     "UniformSampler", "allocate",
 ]

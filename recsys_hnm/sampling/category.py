@@ -7,14 +7,14 @@ import scipy.sparse as sp
 import torch
 
 from .base import Context, fallback_log_prob, with_fallback
-from .tables import SegmentSampler
+from .tables import SegmentedAlias
 
 
 class CategorySampler:
     """Per draw, one of the positive's usable categories (those with at least two items) is
-    chosen uniformly, then an item within it, uniformly (alpha = 0) or by count ** alpha. Rows
-    whose positive has no usable category draw from ``fallback``; ``fallback_rows`` tells
-    which, so they are counted.
+    chosen uniformly, then an item within it, uniformly (alpha = 0) or by count ** alpha from a
+    per-category alias table. Rows whose positive has no usable category draw from
+    ``fallback``; ``fallback_rows`` tells which, so they are counted.
 
     q(j | pos) = 1/|U(pos)| * sum over c in U(pos) and C(j) of w_j / W_c.
     """
@@ -22,7 +22,8 @@ class CategorySampler:
     shared = False
 
     def __init__(self, item_categories: sp.csr_matrix, fallback, counts: np.ndarray | None = None, alpha: float = 0.0):
-        ic = item_categories.tocsr().astype(bool).astype(np.float32)
+        ic = sp.csr_matrix(item_categories, dtype=np.float32)
+        ic.data[:] = 1.0
         n_items, n_cats = ic.shape
         if n_cats == 0 or ic.nnz == 0:
             raise ValueError("the category sampler needs item categories, and this data has none")
@@ -42,21 +43,19 @@ class CategorySampler:
             w_item = np.maximum(np.asarray(counts, np.float64), 0.0) ** alpha
         else:
             w_item = np.ones(n_items)
-        self.within = SegmentSampler(ci.indptr, ci.indices, w_item[ci.indices] if alpha > 0 else None)
-        self.item_cats = SegmentSampler(ic.indptr, ic.indices)
-        self.n_usable = torch.from_numpy(np.diff(ic.indptr).astype(np.int64))
+        self.within = SegmentedAlias(ci.indptr, ci.indices, w_item[ci.indices])
         self.w_item = torch.from_numpy(w_item)
         totals = self.within.totals
         inv_total = torch.where(totals > 0, 1.0 / totals, torch.zeros_like(totals))
-        self.inv_total = torch.cat([inv_total, torch.zeros(1, dtype=torch.float64)])  # + padding
-        self.placeholder = int(torch.nonzero(self.n_usable)[0]) if self.n_usable.any() else 0
+        self.inv_total = torch.cat([inv_total, torch.zeros(1, dtype=torch.float64)]).float()  # + padding
         # item -> usable categories, padded with the extra column n_cats (weight 0)
-        width = max(1, int(self.n_usable.max()))
+        n_usable = np.diff(ic.indptr)
+        width = max(1, int(n_usable.max()))
         table = np.full((n_items, width), n_cats, np.int64)
-        rows = np.repeat(np.arange(n_items), np.diff(ic.indptr))
-        cols = np.arange(ic.nnz) - np.repeat(ic.indptr[:-1], np.diff(ic.indptr))
-        table[rows, cols] = ic.indices
+        rows = np.repeat(np.arange(n_items), n_usable)
+        table[rows, np.arange(ic.nnz) - np.repeat(ic.indptr[:-1], n_usable)] = ic.indices
         self.cat_table = torch.from_numpy(table)
+        self.n_usable = torch.from_numpy(n_usable.astype(np.int64))
         self.n_cats = n_cats
         self.fallback = fallback
 
@@ -64,18 +63,22 @@ class CategorySampler:
         return self.n_usable[ctx.pos_items] == 0
 
     def sample(self, ctx: Context, n: int, generator: torch.Generator) -> torch.Tensor:
-        fb = self.fallback_rows(ctx)
-        pos = torch.where(fb, self.placeholder, ctx.pos_items)  # placeholder rows are replaced below
-        cats = self.item_cats.sample(pos[:, None].expand(-1, n), generator)
-        return with_fallback(self, ctx, self.within.sample(cats, generator), n, generator)
+        B = len(ctx)
+        n_usable = self.n_usable[ctx.pos_items].clamp(min=1)
+        pick = (torch.rand((B, n), generator=generator) * n_usable[:, None]).long().minimum(n_usable[:, None] - 1)
+        cats = torch.gather(self.cat_table[ctx.pos_items], 1, pick)
+        # rows that fall back point at the padding category; give them any real one, replaced below
+        cats = torch.where(cats == self.n_cats, self.within.sizes.argmax(), cats)
+        items = self.within.sample(self.within.indptr[cats], self.within.sizes[cats], generator)
+        return with_fallback(self, ctx, items, n, generator)
 
     def log_prob(self, ctx: Context, items: torch.Tensor) -> torch.Tensor:
         B = len(ctx)
         items_b = items.expand(B, -1) if items.dim() == 1 else items
-        # weight[b, c] = 1 / (|U(pos_b)| W_c) for c in U(pos_b); padding column n_cats stays 0
-        weight = torch.zeros(B, self.n_cats + 1, dtype=torch.float64)
+        # weight[b, c] = 1 / (|U(pos_b)| W_c) for c in U(pos_b); the padding column stays 0
+        weight = torch.zeros(B, self.n_cats + 1, dtype=torch.float32)
         pos_cats = self.cat_table[ctx.pos_items]
-        share = 1.0 / self.n_usable[ctx.pos_items].clamp(min=1).double()
-        weight.scatter_(1, pos_cats, (share[:, None] * self.inv_total[pos_cats]))
+        share = 1.0 / self.n_usable[ctx.pos_items].clamp(min=1).float()
+        weight.scatter_(1, pos_cats, share[:, None] * self.inv_total[pos_cats])
         per_cat = torch.gather(weight, 1, self.cat_table[items_b].reshape(B, -1)).reshape(*items_b.shape, -1)
-        return fallback_log_prob(self, ctx, items_b, per_cat.sum(-1) * self.w_item[items_b])
+        return fallback_log_prob(self, ctx, items_b, per_cat.sum(-1).double() * self.w_item[items_b])

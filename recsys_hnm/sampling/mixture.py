@@ -76,33 +76,50 @@ class MixtureSampler:
         return batch if name == IN_BATCH else self.counts[name]
 
     def sample(self, ctx: Context, generator: torch.Generator) -> list[Negatives]:
-        blocks = []
-        for index, name in enumerate(self.names):
+        B = len(ctx)
+        drawn = []
+        for name in self.names:
             sampler = self.components[name]
-            n = self.draws(name, len(ctx))
-            items = sampler.sample(ctx, n, generator)
+            items = sampler.sample(ctx, self.draws(name, B), generator)
             if self.known_policy == "redraw" and not sampler.shared and self.known is not None:
                 items = self._redraw(sampler, ctx, items, generator)
-            fb = sampler.fallback_rows(ctx) if hasattr(sampler, "fallback_rows") else None
-            blocks.append(Negatives(items, self._log_q(name, ctx, items), index, self._invalid(ctx, items), fb))
+            drawn.append(items)
+        # One log_prob call per source over every candidate of the batch.
+        candidates = torch.cat([x.expand(B, -1) if x.dim() == 1 else x for x in drawn], dim=1)
+        log_q = self._log_q(ctx, candidates, [x.shape[-1] for x in drawn])
+        invalid = self._invalid(ctx, candidates)
+        blocks, start = [], 0
+        for index, (name, items) in enumerate(zip(self.names, drawn)):
+            end = start + items.shape[-1]
+            sampler = self.components[name]
+            fallback = sampler.fallback_rows(ctx) if hasattr(sampler, "fallback_rows") else None
+            blocks.append(Negatives(items, log_q[:, start:end], index, invalid[:, start:end], fallback))
+            start = end
         return blocks
 
-    def _log_q(self, name: str, ctx: Context, items: torch.Tensor) -> torch.Tensor:
+    def _log_q(self, ctx: Context, candidates: torch.Tensor, widths: list[int]) -> torch.Tensor:
+        """[B, N] log expected count of each candidate under the chosen correction."""
+        B = len(ctx)
         if self.logq == "none":
-            return torch.zeros(items.shape)
+            return torch.zeros(candidates.shape)
         if self.logq == "per_source":
-            return self.components[name].log_prob(ctx, items) + math.log(self.draws(name, len(ctx)))
+            parts, start = [], 0
+            for name, width in zip(self.names, widths):
+                cols = candidates[:, start:start + width]
+                parts.append(self.components[name].log_prob(ctx, cols).expand(B, -1) + math.log(self.draws(name, B)))
+                start += width
+            return torch.cat(parts, dim=1)
         total = None
-        for other in self.names:
-            lp = self.components[other].log_prob(ctx, items) + math.log(self.draws(other, len(ctx)))
+        for name in self.names:
+            lp = self.components[name].log_prob(ctx, candidates) + math.log(self.draws(name, B))
             total = lp if total is None else torch.logaddexp(total, lp)
-        return total
+        return total.expand(B, -1)
 
     def _invalid(self, ctx: Context, items: torch.Tensor) -> torch.Tensor:
-        per_row = items.expand(len(ctx), -1) if items.dim() == 1 else items
-        invalid = per_row == ctx.pos_items[:, None]  # accidental hits
+        """[B, n]: accidental hits (the row's positive) and known positives of the user."""
+        invalid = items == ctx.pos_items[:, None]
         if self.known is not None:
-            invalid |= self.known.contains(ctx.users, per_row)
+            invalid |= self.known.contains(ctx.users, items)
         return invalid
 
     def _redraw(self, sampler, ctx: Context, items: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

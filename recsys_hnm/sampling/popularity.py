@@ -24,7 +24,7 @@ class PopularitySampler:
 
     def sample(self, ctx: Context, n: int, generator: torch.Generator) -> torch.Tensor:
         shape = (n,) if self.shared else (len(ctx), n)
-        return self.table.sample(shape, generator)
+        return self.table.draw(shape, generator)
 
     def log_prob(self, ctx: Context, items: torch.Tensor) -> torch.Tensor:
         return self.log_probs[items]

@@ -30,12 +30,10 @@ class TrackingError(RuntimeError):
 def tracking_uri(uri: str | None = None) -> str:
     """``uri``, else $MLFLOW_TRACKING_URI, else SQLite in ./mlruns (MLflow 3.17+ refuses the
     plain file store)."""
-    if uri:
-        return uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    DEFAULT_STORE.mkdir(exist_ok=True)
-    return f"sqlite:///{DEFAULT_STORE / 'mlflow.db'}"
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_STORE / 'mlflow.db'}"
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    return uri
 
 
 def experiment_id(name: str, uri: str) -> str:
@@ -44,8 +42,8 @@ def experiment_id(name: str, uri: str) -> str:
     if exp is not None:
         return exp.experiment_id
     artifact_location = None
-    if uri.startswith("sqlite:///"):  # keep artifacts beside the default store, not in ./mlartifacts
-        artifact_location = (DEFAULT_STORE / "artifacts").resolve().as_uri()
+    if uri.startswith("sqlite:///"):  # artifacts beside the database file, not in ./mlartifacts
+        artifact_location = (Path(uri[len("sqlite:///"):]).parent / "artifacts").resolve().as_uri()
     return client.create_experiment(name, artifact_location=artifact_location)
 
 
@@ -61,6 +59,7 @@ def git_commit() -> str:
 def tracked_run(uri: str, experiment: str, run_name: str | None = None, run_id: str | None = None, tags: dict | None = None):
     """An active MLflow run (new, or ``run_id`` reopened to resume). An exception ends it as
     FAILED with the error in the tag ``error`` and the traceback as ``error.txt``."""
+    uri = tracking_uri(uri)
     mlflow.set_tracking_uri(uri)
     exp_id = experiment_id(experiment, uri)
     run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id, run_name=run_name, tags=tags)

@@ -1,0 +1,51 @@
+"""Shared fixtures: synthetic data written as the external-file inputs of the CLI."""
+
+import pandas as pd
+import pytest
+
+from recsys_hnm.config import config_from_dict
+from recsys_hnm.data import leave_last_out, synthetic
+
+
+@pytest.fixture(scope="session")
+def synthetic_files(tmp_path_factory):
+    """train/valid/test CSVs (user_id,item_id,timestamp,basket_id) and items.csv from a seeded
+    synthetic log, split leave-last-out."""
+    root = tmp_path_factory.mktemp("synthetic")
+    data = synthetic(300, 600, 12_000, n_categories=12, seed=3)
+    split = leave_last_out(data)
+    paths = {}
+    for phase in ("train", "valid", "test"):
+        ev = split.phase(phase)
+        frame = pd.DataFrame({
+            "user_id": data.users.to_raw(ev["user"]), "item_id": data.items.to_raw(ev["item"]),
+            "timestamp": ev["timestamp"].to_numpy(), "basket_id": ev["basket"].to_numpy(),
+        })
+        paths[phase] = root / f"{phase}.csv"
+        frame.to_csv(paths[phase], index=False)
+    cats = data.categories.to_raw(data.item_categories.tocoo().col)
+    items = pd.DataFrame({"item_id": data.items.to_raw(data.item_categories.tocoo().row), "category": cats})
+    paths["items"] = root / "items.csv"
+    items.to_csv(paths["items"], index=False)
+    return paths
+
+
+def small_config(files, tmp_path, **sections):
+    """A fast config on the synthetic files with its own MLflow store and checkpoints."""
+    raw = {
+        "name": "test",
+        "data": {"dataset": None, "train": str(files["train"]), "valid": str(files["valid"]),
+                 "test": str(files["test"]), "items": str(files["items"])},
+        "model": {"dim": 32, "hidden": [64], "temperature": 0.1, "history_len": 50},
+        "sampler": {"num_negatives": 64, "mixture": {"in_batch": 1.0, "uniform": 1.0}},
+        "train": {"epochs": 4, "batch_size": 256, "lr": 0.005, "patience": 0, "progress": False,
+                  "checkpoint_dir": str(tmp_path / "ckpt")},
+        "eval": {"ks": [10, 20]},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}", "experiment": "tests"},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            raw.setdefault(section, {}).update(values)
+        else:
+            raw[section] = values
+    return config_from_dict(raw)

@@ -1,0 +1,75 @@
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from recsys_hnm.data import Interactions, leave_last_out
+from recsys_hnm.evaluation import Evaluator, ranking_metrics
+from recsys_hnm.losses import bpr, sampled_softmax, triplet
+
+
+def test_metrics_against_hand_computed_values():
+    # user A: 2 relevant, hits at ranks 2 and 4; user B: 3 relevant, hit at rank 1
+    hits = torch.tensor([[0, 1, 0, 1, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    m = ranking_metrics(hits, torch.tensor([2, 3]), [2, 5])
+    g2, g3 = 1 / math.log2(3), 1 / math.log2(4)
+    g4 = 1 / math.log2(5)
+    expected = {
+        "ndcg@2": [g2 / (1 + g2), 1 / (1 + g2)],
+        "ndcg@5": [(g2 + g4) / (1 + g2), 1 / (1 + g2 + g3)],
+        "map@2": [0.5 / 2, 1 / 2],
+        "map@5": [(1 / 2 + 2 / 4) / 2, 1 / 3],
+        "recall@2": [0.5, 1 / 3],
+        "recall@5": [1.0, 1 / 3],
+        "hr@2": [1.0, 1.0],
+        "mrr@2": [0.5, 1.0],
+        "mrr@5": [0.5, 1.0],
+        "precision@2": [0.5, 0.5],
+        "precision@5": [0.4, 0.2],
+    }
+    for key, values in expected.items():
+        assert m[key].tolist() == pytest.approx(values), key
+    # literal values for the two trickiest ones
+    assert m["ndcg@2"][0].item() == pytest.approx(0.386853, abs=1e-6)
+    assert m["ndcg@5"][0].item() == pytest.approx(0.650921, abs=1e-6)
+
+
+def test_no_hit_gives_zero_everywhere():
+    m = ranking_metrics(torch.zeros(1, 3, dtype=torch.bool), torch.tensor([1]), [3])
+    assert all(float(v) == 0.0 for v in m.values())
+
+
+def test_evaluator_masks_known_items_and_ranks_fully():
+    # user 1 trains on a, b, c; validates on d; test on e
+    events = pd.DataFrame({"user_id": [1] * 5, "item_id": list("abcde"), "timestamp": [1, 2, 3, 4, 5]})
+    data = Interactions.from_frames(events)
+    split = leave_last_out(data)
+    ev = Evaluator(split, "test", ks=[1, 2])
+    idx = {raw: i for i, raw in enumerate(data.items.raw)}
+    # the scorer likes the known items best; they must be masked, leaving d... but d is known for test too
+    scores = torch.tensor([[9.0, 8.0, 7.0, 6.0, 5.0]])[:, [idx[x] for x in "abcde"]]
+    m = ev.evaluate(lambda users: scores.clone())
+    assert m["hr@1"] == 1.0  # a, b, c, d masked: e is first
+    valid = Evaluator(split, "valid", ks=[1])
+    assert valid.evaluate(lambda users: scores.clone())["hr@1"] == 1.0  # d first once a, b, c are masked
+
+
+def test_sampled_softmax_matches_formula_and_masks():
+    pos = torch.tensor([2.0, 0.5])
+    neg = torch.tensor([[1.0, 3.0, 0.0], [0.2, 0.1, 4.0]])
+    log_q = torch.tensor([[0.5, 1.0, 0.0], [0.0, 0.3, 2.0]])
+    invalid = torch.tensor([[False, True, False], [False, False, False]])
+    got = sampled_softmax(pos, neg, log_q, invalid)
+    row0 = -2.0 + math.log(math.exp(2.0) + math.exp(1.0 - 0.5) + math.exp(0.0))
+    row1 = -0.5 + math.log(math.exp(0.5) + math.exp(0.2) + math.exp(0.1 - 0.3) + math.exp(4.0 - 2.0))
+    assert got.item() == pytest.approx((row0 + row1) / 2, rel=1e-6)
+
+
+def test_pairwise_losses_ignore_invalid_pairs():
+    pos = torch.tensor([1.0])
+    neg = torch.tensor([[0.0, 5.0]])
+    invalid = torch.tensor([[False, True]])
+    assert bpr(pos, neg, invalid).item() == pytest.approx(-math.log(1 / (1 + math.exp(-1.0))))
+    assert triplet(pos, neg, margin=1.5, invalid=invalid).item() == pytest.approx(0.5)

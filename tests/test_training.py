@@ -1,0 +1,109 @@
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import small_config
+from recsys_hnm.cli import main
+from recsys_hnm.experiment import evaluate_run, load_run, recommend, train
+from recsys_hnm.training import Callback
+
+
+def test_training_beats_mostpop_and_is_tracked(synthetic_files, tmp_path):
+    config = small_config(synthetic_files, tmp_path)
+    result = train(config)
+    assert result.test["ndcg@10"] > 1.5 * result.mostpop_test["ndcg@10"]
+    assert result.test["map@10"] > result.mostpop_test["map@10"]
+    client = MlflowClient(config.tracking.uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.lr"] == "0.005" and run.data.params["sampler.num_negatives"] == "64"
+    assert run.data.tags["sampler_mix"] == "in_batch=1,uniform=1" and "git_commit" in run.data.tags
+    assert len(client.get_metric_history(result.run_id, "valid.ndcg_at_10")) == 4
+    assert len(client.get_metric_history(result.run_id, "epoch_s")) == 4
+    assert run.data.metrics["test.ndcg_at_10"] == pytest.approx(result.test["ndcg@10"])
+    assert "mostpop.test.ndcg_at_10" in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"config.yaml", "model.pt", "metrics.png", "data_report.json"} <= artifacts
+    # the logged model reproduces the logged test metrics
+    again = evaluate_run(result.run_id, config.tracking.uri)
+    assert again["ndcg@10"] == pytest.approx(result.test["ndcg@10"], abs=1e-6)
+
+
+class Crash(Callback):
+    def __init__(self, at_epoch):
+        self.at_epoch = at_epoch
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        if epoch == self.at_epoch:
+            raise RuntimeError("simulated crash")
+
+
+def test_failed_run_is_failed_and_resume_matches_uninterrupted(synthetic_files, tmp_path):
+    full = train(small_config(synthetic_files, tmp_path / "full", name="full"))
+    config = small_config(synthetic_files, tmp_path / "cut", name="cut")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(config, extra_callbacks=[Crash(at_epoch=1)])
+    client = MlflowClient(config.tracking.uri)
+    (crashed,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert crashed.info.status == "FAILED"
+    assert "simulated crash" in crashed.data.tags["error"]
+    resumed = train(config, resume=True)
+    assert resumed.run_id == crashed.info.run_id
+    assert resumed.test == pytest.approx(full.test, abs=1e-6)
+    assert [h["train_loss"] for h in resumed.history] == pytest.approx([h["train_loss"] for h in full.history], abs=1e-6)
+    assert client.get_run(resumed.run_id).info.status == "FINISHED"
+
+
+def test_resume_refuses_a_different_config(synthetic_files, tmp_path):
+    config = small_config(synthetic_files, tmp_path, name="x", train={"epochs": 1})
+    train(config)
+    changed = small_config(synthetic_files, tmp_path, name="x", train={"epochs": 1, "lr": 0.01})
+    with pytest.raises(ValueError, match=r"train.lr=0.005, not 0.01"):
+        train(changed, resume=True)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(small_config(synthetic_files, tmp_path, name="never-ran"), resume=True)
+
+
+def test_recommend_never_returns_known_items(synthetic_files, tmp_path):
+    config = small_config(synthetic_files, tmp_path, train={"epochs": 1})
+    run_id = train(config).run_id
+    recs = recommend(run_id, 20, uri=config.tracking.uri)
+    loaded = load_run(run_id, config.tracking.uri)
+    known = loaded.split.known("test")
+    u = loaded.data.users.to_index(recs["user_id"])
+    i = loaded.data.items.to_index(recs["item_id"])
+    assert np.asarray(known[u, i]).ravel().sum() == 0
+    assert recs.groupby("user_id")["rank"].apply(list).map(lambda r: r == list(range(1, 21))).all()
+    assert recs["user_id"].nunique() == len(loaded.split.test["user"].unique())
+    # CLI: given users, parquet output, and a clear error for an unknown user
+    users = tmp_path / "users.csv"
+    pd.DataFrame({"user_id": recs["user_id"].unique()[:3]}).to_csv(users, index=False)
+    out = tmp_path / "recs.parquet"
+    args = ["recommend", "--run-id", run_id, "--k", "5", "--output", str(out), "--users", str(users), "--tracking-uri", config.tracking.uri]
+    assert main(args) == 0
+    assert len(pd.read_parquet(out)) == 15
+    pd.DataFrame({"user_id": [999999]}).to_csv(users, index=False)
+    assert main(args) == 2
+
+
+def test_cli_train_prints_run_id_last_and_evaluate_prints_json(synthetic_files, tmp_path, capsys):
+    config = small_config(synthetic_files, tmp_path, train={"epochs": 1})
+    import yaml
+
+    path = tmp_path / "c.yaml"
+    raw = config.to_dict()
+    for key in ("train", "valid", "test", "items"):
+        raw["data"][key] = None
+    raw["data"]["dataset"] = None
+    path.write_text(yaml.safe_dump(raw))
+    f = synthetic_files
+    code = main(["train", "--config", str(path), "--train", str(f["train"]), "--valid", str(f["valid"]),
+                 "--test", str(f["test"]), "--items", str(f["items"]), "--set", "train.epochs=1"])
+    assert code == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("run_id=")
+    assert main(["evaluate", "--run-id", last[len("run_id="):], "--tracking-uri", config.tracking.uri]) == 0
+    assert '"ndcg@10"' in capsys.readouterr().out
+    assert main(["evaluate", "--run-id", "0" * 32, "--tracking-uri", config.tracking.uri]) == 2
+    assert "not found" in capsys.readouterr().err
