@@ -86,10 +86,12 @@ def _make(data: Interactions, phase_of: pd.Series, report: dict[str, int]) -> Sp
     # With duplicates kept, a later phase can repeat an item the user already had; the
     # evaluator masks known items, so such events cannot be hit: count them.
     for name in ("valid", "test"):
-        known = split.known(name)
         part = split.phase(name)
-        repeats = np.asarray(known[part["user"].to_numpy(), part["item"].to_numpy()]).ravel() > 0
-        report[f"{name}_events_already_known"] = int(repeats.sum())
+        repeats = 0
+        if len(part):
+            users, items = part["user"].to_numpy().copy(), part["item"].to_numpy().copy()
+            repeats = int((np.asarray(split.known(name)[users, items]).ravel() > 0).sum())
+        report[f"{name}_events_already_known"] = repeats
     return split
 
 
