@@ -312,6 +312,10 @@ def validate(c: ExperimentConfig) -> None:
     if len(a.window) != 2 or not (0 <= a.window[0] < a.window[1]):
         raise ConfigError(f"sampler.ann.window: must be [lo, hi) with 0 <= lo < hi, got {a.window}")
     _positive(a.warmup_epochs, "sampler.ann.warmup_epochs", strict=False)
+    _positive(a.ramp_epochs, "sampler.ann.ramp_epochs", strict=False)
+    others = [k for k, w in s.mixture.items() if w > 0 and k != "ann"]
+    if s.mixture.get("ann", 0) > 0 and not others and (a.warmup_epochs > 0 or a.ramp_epochs > 0):
+        raise ConfigError("sampler.mixture: ann needs another source for its warm-up epochs (or set sampler.ann.warmup_epochs=0)")
     _positive(a.n_trees, "sampler.ann.n_trees")
     t = c.train
     for key, v in (("train.epochs", t.epochs), ("train.batch_size", t.batch_size), ("train.lr", t.lr), ("train.num_threads", t.num_threads)):

@@ -24,6 +24,9 @@ from .data import (
     read_table, time_split,
 )
 from .evaluation import Evaluator, popularity_scorer
+from .index.ann_sampler import AnnSampler
+from .index.refresh import IndexRefresh
+from .io import atomic_write
 from .models import FeatureBuilder, TowerSizes, TwoTower, model_scorer
 from .sampling import (
     CategorySampler, CopurchaseSampler, InBatchSampler, KnownPositives, MixtureSampler, PopularitySampler,
@@ -101,9 +104,10 @@ def build_sampler(config: ExperimentConfig, data: Interactions, split: Split) ->
         except (DataError, ValueError) as e:
             raise ConfigError(f"sampler.copurchase: {e}") from e
     if "ann" in wanted:
-        from .index.ann_sampler import AnnSampler
-
-        components["ann"] = AnnSampler(data.n_items, config.sampler.ann, split)
+        try:
+            components["ann"] = AnnSampler(data.n_items, data.n_users, s.ann.anchor, s.ann.window)
+        except ValueError as e:
+            raise ConfigError(f"sampler.ann.window: {e}") from e
     return MixtureSampler(
         components, {k: w for k, w in s.mixture.items()}, s.num_negatives, KnownPositives(split.matrix("train")),
         logq=s.logq, known_policy=s.known_positives,
@@ -160,12 +164,19 @@ def train(config: ExperimentConfig, *, resume: bool = False, extra_callbacks=Non
         features = FeatureBuilder(split.history("train"), data.n_users, data.item_categories, config.model.history_len)
         evaluator = Evaluator(split, "valid", config.eval.ks, config.eval.chunk_size)
         diagnostics = NegativeDiagnostics(sampler.names, heldout_positives(split), data.n_items)
-        callbacks = [EarlyStopping(f"valid.{config.train.monitor}", config.train.patience), *(extra_callbacks or []),
-                     MlflowLogger(), Checkpoint(ckpt, {"run_id": run_id, "config": config.to_dict()})]
+        early = EarlyStopping(f"valid.{config.train.monitor}", config.train.patience)
+        # order matters: logs are complete before MLflow sees them, and checkpointed state is final
+        callbacks = [early, MlflowLogger(), Checkpoint(ckpt, {"run_id": run_id, "config": config.to_dict()}), *(extra_callbacks or [])]
+        refresh = None
         if "ann" in sampler.components:
-            from .index.refresh import IndexRefresh
-
-            callbacks.insert(0, IndexRefresh(sampler.components["ann"], sampler, config.sampler.ann))
+            a = config.sampler.ann
+            refresh = IndexRefresh(
+                sampler.components["ann"], sampler, exclude=split.matrix("train"), backend=a.backend,
+                refresh_every=a.refresh_every, warmup_epochs=a.warmup_epochs, ramp_epochs=a.ramp_epochs,
+                index_path=ckpt.parent / "items.index", n_trees=a.n_trees, search_k=a.search_k, n_jobs=a.n_jobs,
+                recall_sample=a.recall_sample, seed=config.train.seed,
+            )
+            callbacks.insert(0, refresh)
         t = config.train
         trainer = Trainer(model, features, sampler, split.train, evaluator, epochs=t.epochs, batch_size=t.batch_size,
                           lr=t.lr, weight_decay=t.weight_decay, seed=t.seed, callbacks=callbacks,
@@ -182,9 +193,12 @@ def train(config: ExperimentConfig, *, resume: bool = False, extra_callbacks=Non
         mostpop = test_eval.evaluate(popularity_scorer(counts))
         log_metrics(test, prefix="test.")
         log_metrics(mostpop, prefix="mostpop.test.")
-        mlflow.set_tag("best_epoch", str(callbacks[0].best_epoch if isinstance(callbacks[0], EarlyStopping) else ""))
+        mlflow.set_tag("best_epoch", str(early.best_epoch))
         _log_model(model)
         _log_plot(history, config.train.monitor)
+        if refresh is not None and refresh.index_path.is_file():
+            mlflow.log_artifact(str(refresh.index_path), "index")
+            mlflow.log_artifact(str(refresh.index_path) + ".json", "index")
         return TrainResult(run_id, test, mostpop, history)
 
 
@@ -287,16 +301,10 @@ def write_table(frame: pd.DataFrame, path: str | Path) -> None:
     path = Path(path)
     if path.suffix.lower() not in (".csv", ".parquet"):
         raise ValueError(f"{path}: output must end in .csv or .parquet")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        if path.suffix.lower() == ".parquet":
-            frame.to_parquet(tmp, index=False)
-        else:
-            frame.to_csv(tmp, index=False)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    if path.suffix.lower() == ".parquet":
+        atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
+    else:
+        atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
 def summary_json(result: TrainResult, ks=(10,)) -> str:

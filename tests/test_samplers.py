@@ -152,7 +152,7 @@ def test_mixture_draws_match_the_mixture_log_q(data):
     assert [b.n for b in blocks] == [4, 6, 4, 6]  # fixed by the weights, not random
     draws = torch.cat([b.per_row_items(len(ctx)) for b in blocks], 1)
     # log_q is the log expected count of the item per row: exp(log_q) / 20 is the proposal
-    lp = mix._log_q(_one_context(pos), torch.arange(data.n_items)[None], [data.n_items])[0] - math.log(20)
+    lp = mix._log_q(_one_context(pos), torch.arange(data.n_items)[None], [])[0] - math.log(20)
     assert _fits(draws, lp, data.n_items) > 1e-3
     # every block carries that same mixture correction for its items
     for b in blocks:

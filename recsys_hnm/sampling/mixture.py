@@ -53,32 +53,54 @@ class MixtureSampler:
         known_policy: Literal["mask", "redraw"] = "mask",
         redraw_tries: int = 5,
     ):
-        unknown = set(weights) - set(components)
+        unknown = {k for k, w in weights.items() if w > 0} - set(components)
         if unknown:
             raise ValueError(f"mixture weights name source(s) without a sampler: {sorted(unknown)}")
         if any(w < 0 for w in weights.values()):
             raise ValueError(f"mixture weights must be >= 0: {dict(weights)}")
         if logq not in ("mixture", "per_source", "none"):
             raise ValueError(f"logq must be 'mixture', 'per_source' or 'none', not {logq!r}")
-        sampled = {k: w for k, w in weights.items() if k != IN_BATCH}
-        self.counts = allocate(num_negatives, sampled)
-        self.use_in_batch = weights.get(IN_BATCH, 0.0) > 0
-        if not self.counts and not self.use_in_batch:
+        self.weights = dict(weights)
+        self.num_negatives = num_negatives
+        # Sources are fixed at construction (their index names them in diagnostics); a weight set
+        # to 0 later (e.g. ANN negatives during warm-up) only stops that source's draws.
+        self.names = [k for k in ([IN_BATCH] + [k for k in weights if k != IN_BATCH]) if weights.get(k, 0.0) > 0]
+        if not self.names:
             raise ValueError("the mixture has no source with a weight > 0")
-        self.names = ([IN_BATCH] if self.use_in_batch else []) + list(self.counts)
         self.components = {k: components[k] for k in self.names}
+        self._allocate()
         self.known = known
         self.logq = logq
         self.known_policy = known_policy
         self.redraw_tries = redraw_tries
 
+    def _allocate(self) -> None:
+        self.counts = allocate(self.num_negatives, {k: w for k, w in self.weights.items() if k != IN_BATCH and k in self.components})
+        self.use_in_batch = self.weights.get(IN_BATCH, 0.0) > 0
+
+    def set_weight(self, name: str, weight: float) -> None:
+        """Change one source's weight (a curriculum); the per-source counts follow."""
+        if name not in self.components:
+            raise ValueError(f"source {name!r} is not in this mixture (sources: {self.names})")
+        if weight < 0:
+            raise ValueError(f"weight must be >= 0, not {weight}")
+        self.weights[name] = weight
+        self._allocate()
+
+    def active(self, batch: int) -> list[tuple[int, str]]:
+        """(source index, name) of the sources that draw in this configuration."""
+        return [(i, k) for i, k in enumerate(self.names) if self.draws(k, batch) > 0]
+
     def draws(self, name: str, batch: int) -> int:
-        return batch if name == IN_BATCH else self.counts[name]
+        if name == IN_BATCH:
+            return batch if self.use_in_batch else 0
+        return self.counts.get(name, 0)
 
     def sample(self, ctx: Context, generator: torch.Generator) -> list[Negatives]:
         B = len(ctx)
+        active = self.active(B)
         drawn = []
-        for name in self.names:
+        for _, name in active:
             sampler = self.components[name]
             items = sampler.sample(ctx, self.draws(name, B), generator)
             if self.known_policy == "redraw" and not sampler.shared and self.known is not None:
@@ -86,10 +108,10 @@ class MixtureSampler:
             drawn.append(items)
         # One log_prob call per source over every candidate of the batch.
         candidates = torch.cat([x.expand(B, -1) if x.dim() == 1 else x for x in drawn], dim=1)
-        log_q = self._log_q(ctx, candidates, [x.shape[-1] for x in drawn])
+        log_q = self._log_q(ctx, candidates, [(name, x.shape[-1]) for (_, name), x in zip(active, drawn)])
         invalid = self._invalid(ctx, candidates)
         blocks, start = [], 0
-        for index, (name, items) in enumerate(zip(self.names, drawn)):
+        for (index, name), items in zip(active, drawn):
             end = start + items.shape[-1]
             sampler = self.components[name]
             fallback = sampler.fallback_rows(ctx) if hasattr(sampler, "fallback_rows") else None
@@ -97,20 +119,20 @@ class MixtureSampler:
             start = end
         return blocks
 
-    def _log_q(self, ctx: Context, candidates: torch.Tensor, widths: list[int]) -> torch.Tensor:
+    def _log_q(self, ctx: Context, candidates: torch.Tensor, widths: list[tuple[str, int]]) -> torch.Tensor:
         """[B, N] log expected count of each candidate under the chosen correction."""
         B = len(ctx)
         if self.logq == "none":
             return torch.zeros(candidates.shape)
         if self.logq == "per_source":
             parts, start = [], 0
-            for name, width in zip(self.names, widths):
+            for name, width in widths:
                 cols = candidates[:, start:start + width]
                 parts.append(self.components[name].log_prob(ctx, cols).expand(B, -1) + math.log(self.draws(name, B)))
                 start += width
             return torch.cat(parts, dim=1)
         total = None
-        for name in self.names:
+        for _, name in self.active(B):
             lp = self.components[name].log_prob(ctx, candidates) + math.log(self.draws(name, B))
             total = lp if total is None else torch.logaddexp(total, lp)
         return total.expand(B, -1)

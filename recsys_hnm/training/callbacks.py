@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from ..io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -60,20 +60,8 @@ class EarlyStopping(Callback):
 
 
 def atomic_save(obj, path: str | Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename: a crash never leaves a
-    half-written file under ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """torch.save, whole or not at all (see ``atomic_write``)."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 class Checkpoint(Callback):

@@ -1,0 +1,89 @@
+"""ANN-mined hard negatives: items the current model ranks just below the top for the anchor."""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from ..sampling.base import Context, fallback_log_prob, with_fallback
+from ..sampling.uniform import UniformSampler
+from .item_index import ItemIndex
+
+
+def resolve_window(window: list[float], n_items: int) -> tuple[int, int]:
+    """[lo, hi) in ranks; a bound below 1 (other than 0) is a fraction of the catalog."""
+    lo, hi = (int(round(b * n_items)) if 0 < b < 1 else int(b) for b in window)
+    if not 0 <= lo < hi:
+        raise ValueError(f"ann window {window} gives ranks [{lo}, {hi}): need 0 <= lo < hi")
+    if hi > n_items:
+        raise ValueError(f"ann window {window} reaches rank {hi}, beyond the catalog of {n_items} items")
+    return lo, hi
+
+
+class AnnSampler:
+    """Uniform draws from each anchor's candidate pool: the items at ranks [lo, hi) of the
+    anchor's neighbours in the item index, the anchor's known items left out before ranking.
+
+    anchor ``user``: the pool of the row's user (the items the model ranks high for the user);
+    anchor ``item``: the pool of the row's positive item (its look-alikes).
+    Until pools are mined (or for an anchor whose pool is empty) rows fall back to uniform draws.
+    q(j | anchor) = 1 / |pool| for j in the pool, so the mixture logQ stays exact.
+    """
+
+    shared = False
+
+    def __init__(self, n_items: int, n_users: int, anchor: str = "user", window: list[float] = (10, 100)):
+        if anchor not in ("user", "item"):
+            raise ValueError(f"ann anchor must be 'user' or 'item', not {anchor!r}")
+        self.n_items = n_items
+        self.anchor = anchor
+        self.lo, self.hi = resolve_window(list(window), n_items)
+        n_anchors = n_users if anchor == "user" else n_items
+        width = self.hi - self.lo
+        # rows sorted by item id, padded with n_items (sorts last) so log_prob can binary-search
+        self.pools = torch.full((n_anchors, width), n_items, dtype=torch.int64)
+        self.sizes = torch.zeros(n_anchors, dtype=torch.int64)
+        self.fallback = UniformSampler(n_items, shared=False)
+
+    def anchors(self, ctx: Context) -> torch.Tensor:
+        return ctx.users if self.anchor == "user" else ctx.pos_items
+
+    def fallback_rows(self, ctx: Context) -> torch.Tensor:
+        return self.sizes[self.anchors(ctx)] == 0
+
+    def mine(self, index: ItemIndex, anchor_vectors: np.ndarray, exclude: sp.csr_matrix | None) -> dict[str, float]:
+        """Re-mine every anchor's pool; returns how much the pools moved (overlap with before)."""
+        top = index.search(anchor_vectors, self.hi, exclude)
+        window = torch.from_numpy(top[:, self.lo:self.hi])
+        new_sizes = (window >= 0).sum(1)
+        new = torch.where(window >= 0, window, self.n_items).sort(dim=1).values
+        had = self.sizes > 0
+        overlap = float("nan")
+        if had.any():
+            same = _row_overlap(self.pools[had], new[had], self.n_items)
+            overlap = float((same / new_sizes[had].clamp(min=1)).mean())
+        self.pools, self.sizes = new, new_sizes
+        return {"pool_overlap": overlap, "pool_mean_size": float(new_sizes.float().mean())}
+
+    def sample(self, ctx: Context, n: int, generator: torch.Generator) -> torch.Tensor:
+        a = self.anchors(ctx)
+        size = self.sizes[a].clamp(min=1)[:, None]
+        slot = (torch.rand((len(ctx), n), generator=generator) * size).long().minimum(size - 1)
+        items = torch.gather(self.pools[a], 1, slot)
+        return with_fallback(self, ctx, items, n, generator)
+
+    def log_prob(self, ctx: Context, items: torch.Tensor) -> torch.Tensor:
+        a = self.anchors(ctx)
+        items_b = items.expand(len(ctx), -1) if items.dim() == 1 else items
+        rows = self.pools[a]
+        at = torch.searchsorted(rows, items_b.contiguous()).clamp_(max=rows.shape[1] - 1)
+        member = torch.gather(rows, 1, at) == items_b
+        q = torch.where(member, 1.0 / self.sizes[a].clamp(min=1).double()[:, None], 0.0)
+        return fallback_log_prob(self, ctx, items_b, q)
+
+
+def _row_overlap(old: torch.Tensor, new: torch.Tensor, pad: int) -> torch.Tensor:
+    """Per row, how many real entries of ``new`` are in ``old`` (rows sorted, padded with pad)."""
+    at = torch.searchsorted(old, new).clamp_(max=old.shape[1] - 1)
+    return ((torch.gather(old, 1, at) == new) & (new != pad)).sum(1)

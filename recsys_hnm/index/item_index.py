@@ -1,0 +1,214 @@
+"""Item indexes over embeddings: Annoy (approximate) and exact (matmul + top-k), one interface.
+
+Both answer "the top-k items for each query vector by inner product, leaving out each query's
+excluded items". L2-normalised embeddings use Annoy's angular metric (same order as the dot
+product); other vectors use the standard MIPS augmentation: items get an extra coordinate
+sqrt(M^2 - |x|^2), queries a 0, and the Euclidean nearest neighbour is the maximum inner product.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from annoy import AnnoyIndex
+
+from ..evaluation.evaluator import mask_known
+from ..io import atomic_write
+
+# Measured on 2 cores (benchmarks/index_refresh.py, README): at 100,000 items exact search wins
+# at any useful recall; at 1,000,000 items Annoy's refresh is faster. Between them: exact.
+AUTO_ANNOY_MIN_ITEMS = 500_000
+
+
+class IndexFileError(ValueError):
+    """An index file that cannot be used (missing, truncated, another dimension)."""
+
+
+class ItemIndex(Protocol):
+    n_items: int
+    dim: int
+
+    def search(self, queries: np.ndarray, k: int, exclude: sp.csr_matrix | None = None) -> np.ndarray:
+        """[Q, k] item indices, best first; -1 where fewer than k items are left."""
+        ...
+
+    def save(self, path: str | Path) -> None: ...
+
+
+def is_normalised(vectors: np.ndarray, tol: float = 1e-3) -> bool:
+    norms = np.linalg.norm(vectors, axis=1)
+    return bool(np.all(np.abs(norms - 1.0) < tol))
+
+
+class ExactIndex:
+    """Brute force in chunks of queries, so memory stays at ``chunk_cells`` scores."""
+
+    def __init__(self, vectors: np.ndarray | torch.Tensor, chunk_cells: int = 1 << 25):
+        self.vectors = torch.as_tensor(np.asarray(vectors, dtype=np.float32))
+        self.n_items, self.dim = self.vectors.shape
+        self.chunk = max(1, chunk_cells // max(self.n_items, 1))
+
+    def scores(self, queries: torch.Tensor) -> torch.Tensor:
+        return queries @ self.vectors.T
+
+    def search(self, queries: np.ndarray, k: int, exclude: sp.csr_matrix | None = None) -> np.ndarray:
+        q = torch.as_tensor(np.asarray(queries, dtype=np.float32))
+        k_eff = min(k, self.n_items)
+        out = np.full((len(q), k), -1, dtype=np.int64)
+        for start in range(0, len(q), self.chunk):
+            s = self.scores(q[start:start + self.chunk])
+            if exclude is not None:
+                mask_known(s, exclude, torch.arange(start, start + len(s)))
+            top = torch.topk(s, k_eff, dim=1)
+            idx = top.indices.numpy()
+            idx[~np.isfinite(top.values.numpy())] = -1
+            out[start:start + len(s), :k_eff] = idx
+        return out
+
+    def save(self, path: str | Path) -> None:
+        atomic_write(Path(path), lambda tmp: torch.save(self.vectors, tmp))
+        _write_meta(Path(path), {"backend": "exact", "dim": self.dim, "n_items": self.n_items})
+
+
+class AnnoyItemIndex:
+    """An Annoy index kept in a file and memory-mapped, so threads (Annoy releases the GIL
+    while searching) and other processes share one copy.
+
+    ``search_k`` is Annoy's per-query node budget (-1: n_trees x k); ``n_jobs`` threads build the
+    trees and answer queries.
+    """
+
+    def __init__(self, index: AnnoyIndex, meta: dict, path: Path, search_k: int = -1, n_jobs: int = 2):
+        self.index = index
+        self.meta = meta
+        self.path = path
+        self.n_items = meta["n_items"]
+        self.dim = meta["dim"]
+        self.search_k = search_k
+        self.n_jobs = max(1, n_jobs)
+
+    @classmethod
+    def build(cls, vectors: np.ndarray, path: str | Path, n_trees: int = 10, search_k: int = -1, n_jobs: int = 2, seed: int = 0) -> "AnnoyItemIndex":
+        vectors = np.asarray(vectors, dtype=np.float32)
+        n, dim = vectors.shape
+        angular = is_normalised(vectors)
+        if angular:
+            stored, metric = vectors, "angular"
+        else:  # MIPS -> Euclidean nearest neighbour
+            norms2 = (vectors.astype(np.float64) ** 2).sum(1)
+            extra = np.sqrt(np.maximum(norms2.max() - norms2, 0.0)).astype(np.float32)
+            stored, metric = np.hstack([vectors, extra[:, None]]), "euclidean"
+        index = AnnoyIndex(stored.shape[1], metric)
+        index.set_seed(seed)
+        for i, row in enumerate(stored.tolist()):  # Annoy has no bulk add
+            index.add_item(i, row)
+        index.build(n_trees, n_jobs=n_jobs)
+        path = Path(path)
+        meta = {"backend": "annoy", "dim": dim, "n_items": n, "metric": metric, "stored_dim": stored.shape[1], "n_trees": n_trees}
+        atomic_write(path, index.save)
+        meta["bytes"] = path.stat().st_size
+        _write_meta(path, meta)
+        index.unload()
+        return cls.load(path, dim, search_k=search_k, n_jobs=n_jobs)
+
+    @classmethod
+    def load(cls, path: str | Path, dim: int | None = None, search_k: int = -1, n_jobs: int = 2) -> "AnnoyItemIndex":
+        path = Path(path)
+        meta = _read_meta(path)
+        if meta.get("backend") != "annoy":
+            raise IndexFileError(f"{path}: not an Annoy index (backend {meta.get('backend')!r})")
+        if dim is not None and meta["dim"] != dim:
+            raise IndexFileError(f"{path}: built for dimension {meta['dim']}, not {dim}")
+        size = path.stat().st_size
+        if size != meta["bytes"]:
+            raise IndexFileError(f"{path}: {size} bytes, expected {meta['bytes']} (truncated or replaced?)")
+        index = AnnoyIndex(meta["stored_dim"], meta["metric"])
+        if not index.load(str(path)):  # memory-mapped
+            raise IndexFileError(f"{path}: Annoy could not load it")
+        if index.get_n_items() != meta["n_items"]:
+            raise IndexFileError(f"{path}: holds {index.get_n_items()} items, expected {meta['n_items']}")
+        return cls(index, meta, path, search_k, n_jobs)
+
+    def search(self, queries: np.ndarray, k: int, exclude: sp.csr_matrix | None = None) -> np.ndarray:
+        q = np.asarray(queries, dtype=np.float32)
+        if self.meta["metric"] == "euclidean":
+            q = np.hstack([q, np.zeros((len(q), 1), np.float32)])
+        out = np.full((len(q), k), -1, dtype=np.int64)
+        extra = np.diff(exclude.indptr) if exclude is not None else np.zeros(len(q), np.int64)
+
+        def run(rows: np.ndarray) -> None:
+            for r in rows:
+                found = np.asarray(self.index.get_nns_by_vector(q[r].tolist(), int(k + extra[r]), self.search_k), dtype=np.int64)
+                if extra[r]:
+                    found = found[~np.isin(found, exclude.indices[exclude.indptr[r]:exclude.indptr[r + 1]])]
+                found = found[:k]
+                out[r, :len(found)] = found
+
+        chunks = np.array_split(np.arange(len(q)), self.n_jobs * 8)
+        with ThreadPoolExecutor(self.n_jobs) as pool:
+            list(pool.map(run, chunks))
+        return out
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        if path.resolve() != self.path.resolve():
+            atomic_write(path, lambda tmp: Path(tmp).write_bytes(self.path.read_bytes()))
+            _write_meta(path, self.meta)
+
+
+def make_index(vectors: np.ndarray, backend: str = "auto", path: str | Path | None = None, **annoy_options) -> ItemIndex:
+    """``exact``, ``annoy``, or ``auto``: Annoy from AUTO_ANNOY_MIN_ITEMS items on, exact below."""
+    if backend not in ("auto", "exact", "annoy"):
+        raise ValueError(f"index backend must be 'auto', 'exact' or 'annoy', not {backend!r}")
+    if backend == "auto":
+        backend = "annoy" if len(vectors) >= AUTO_ANNOY_MIN_ITEMS else "exact"
+    if backend == "exact":
+        return ExactIndex(vectors)
+    if path is None:
+        path = Path(tempfile.mkdtemp(prefix="recsys-hnm-index-")) / "items.ann"
+    return AnnoyItemIndex.build(vectors, path, **annoy_options)
+
+
+def load_index(path: str | Path, dim: int | None = None, **annoy_options) -> ItemIndex:
+    """An index saved by ``save``, refused with a clear error when missing, truncated or built
+    for another dimension."""
+    meta = _read_meta(Path(path))
+    if meta["backend"] == "annoy":
+        return AnnoyItemIndex.load(path, dim, **annoy_options)
+    vectors = torch.load(path, weights_only=True)
+    if dim is not None and vectors.shape[1] != dim:
+        raise IndexFileError(f"{path}: built for dimension {vectors.shape[1]}, not {dim}")
+    return ExactIndex(vectors)
+
+
+def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
+    """Share of the exact top-k found by the approximate search (per query, averaged)."""
+    hits = [len(set(a[a >= 0].tolist()) & set(e[e >= 0].tolist())) / max((e >= 0).sum(), 1) for a, e in zip(approx, exact)]
+    return float(np.mean(hits)) if hits else 1.0
+
+
+def _meta_path(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def _write_meta(path: Path, meta: dict) -> None:
+    atomic_write(_meta_path(path), lambda tmp: Path(tmp).write_text(json.dumps(meta)))
+
+
+def _read_meta(path: Path) -> dict:
+    if not path.is_file():
+        raise IndexFileError(f"index file not found: {path}")
+    meta_path = _meta_path(path)
+    if not meta_path.is_file():
+        raise IndexFileError(f"{path}: its metadata file {meta_path.name} is missing")
+    try:
+        return json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise IndexFileError(f"{meta_path}: unreadable ({e})") from e
