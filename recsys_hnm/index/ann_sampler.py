@@ -6,7 +6,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from ..sampling.base import Context, fallback_log_prob, with_fallback
+from ..sampling.base import Context, fallback_log_prob, scatter_rows, with_fallback
 from ..sampling.uniform import UniformSampler
 from .item_index import ItemIndex
 
@@ -75,12 +75,16 @@ class AnnSampler:
 
     def log_prob(self, ctx: Context, items: torch.Tensor) -> torch.Tensor:
         a = self.anchors(ctx)
-        items_b = items.expand(len(ctx), -1) if items.dim() == 1 else items
+        q_each = 1.0 / self.sizes[a].clamp(min=1).double()
         rows = self.pools[a]
-        at = torch.searchsorted(rows, items_b.contiguous()).clamp_(max=rows.shape[1] - 1)
-        member = torch.gather(rows, 1, at) == items_b
-        q = torch.where(member, 1.0 / self.sizes[a].clamp(min=1).double()[:, None], 0.0)
-        return fallback_log_prob(self, ctx, items_b, q)
+        if items.dim() == 1:  # shared items: scatter the anchors' pools
+            real = rows < self.n_items
+            r = torch.arange(len(ctx))[:, None].expand_as(rows)
+            q = scatter_rows(r[real], rows[real], q_each[:, None].expand_as(rows)[real], items, len(ctx))
+            return fallback_log_prob(self, ctx, items.expand(len(ctx), -1), q)
+        at = torch.searchsorted(rows, items.contiguous()).clamp_(max=rows.shape[1] - 1)
+        member = torch.gather(rows, 1, at) == items
+        return fallback_log_prob(self, ctx, items, torch.where(member, q_each[:, None], 0.0))
 
 
 def _row_overlap(old: torch.Tensor, new: torch.Tensor, pad: int) -> torch.Tensor:

@@ -82,7 +82,20 @@ def fallback_log_prob(sampler, ctx: Context, items_b: torch.Tensor, q: torch.Ten
     fb = sampler.fallback_rows(ctx)
     if fb.any():
         q = torch.where(fb[:, None], sampler.fallback.log_prob(ctx, items_b).double().exp(), q)
-    return torch.log(q).float()
+    return torch.log(q.float())
+
+
+def scatter_rows(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, items: torch.Tensor, batch: int) -> torch.Tensor:
+    """[batch, n] dense values at the shared ``items`` [n] from sparse (row, col, value) entries:
+    cheap when each row has few entries, whatever n is (duplicates in ``items`` are fine)."""
+    unique, inverse = torch.unique(items, return_inverse=True)
+    lookup = torch.full((int(max(int(cols.max()) if len(cols) else 0, int(unique.max()))) + 1,), -1, dtype=torch.long)
+    lookup[unique] = torch.arange(len(unique))
+    at = lookup[cols]
+    hit = at >= 0
+    dense = torch.zeros(batch, len(unique), dtype=values.dtype)
+    dense[rows[hit], at[hit]] = values[hit]
+    return dense[:, inverse]
 
 
 class KnownPositives:

@@ -74,11 +74,17 @@ class CategorySampler:
 
     def log_prob(self, ctx: Context, items: torch.Tensor) -> torch.Tensor:
         B = len(ctx)
-        items_b = items.expand(B, -1) if items.dim() == 1 else items
         # weight[b, c] = 1 / (|U(pos_b)| W_c) for c in U(pos_b); the padding column stays 0
         weight = torch.zeros(B, self.n_cats + 1, dtype=torch.float32)
         pos_cats = self.cat_table[ctx.pos_items]
         share = 1.0 / self.n_usable[ctx.pos_items].clamp(min=1).float()
         weight.scatter_(1, pos_cats, share[:, None] * self.inv_total[pos_cats])
-        per_cat = torch.gather(weight, 1, self.cat_table[items_b].reshape(B, -1)).reshape(*items_b.shape, -1)
-        return fallback_log_prob(self, ctx, items_b, per_cat.sum(-1).double() * self.w_item[items_b])
+        if items.dim() == 1:  # shared items: one small matmul with their category indicators
+            member = torch.zeros(len(items), self.n_cats + 1)
+            member.scatter_(1, self.cat_table[items], 1.0)
+            per_item = weight @ member.T
+            items_b = items.expand(B, -1)
+        else:
+            items_b = items
+            per_item = torch.gather(weight, 1, self.cat_table[items].reshape(B, -1)).reshape(*items.shape, -1).sum(-1)
+        return fallback_log_prob(self, ctx, items_b, per_item.double() * self.w_item[items_b])

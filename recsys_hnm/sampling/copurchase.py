@@ -6,7 +6,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .base import Context, fallback_log_prob, with_fallback
+from .base import Context, fallback_log_prob, scatter_rows, with_fallback
 from .tables import SegmentedAlias
 
 
@@ -44,8 +44,14 @@ class CopurchaseSampler:
         return with_fallback(self, ctx, items, n, generator)
 
     def log_prob(self, ctx: Context, items: torch.Tensor) -> torch.Tensor:
-        items_b = items.expand(len(ctx), -1) if items.dim() == 1 else items
-        keys = ctx.pos_items[:, None] * self.n_items + items_b
+        if items.dim() == 1:  # shared items: scatter the positives' neighbour rows
+            t = self.table
+            starts, sizes = t.indptr[ctx.pos_items], t.sizes[ctx.pos_items]
+            rows = torch.repeat_interleave(torch.arange(len(ctx)), sizes)
+            entries = torch.repeat_interleave(starts - torch.cumsum(sizes, 0) + sizes, sizes) + torch.arange(int(sizes.sum()))
+            q = scatter_rows(rows, t.indices[entries], t.entry_prob[entries], items, len(ctx))
+            return fallback_log_prob(self, ctx, items.expand(len(ctx), -1), q)
+        keys = ctx.pos_items[:, None] * self.n_items + items
         at = torch.searchsorted(self.keys, keys).clamp_(max=len(self.keys) - 1)
         q = torch.where(self.keys[at] == keys, self.table.entry_prob[at], 0.0)
-        return fallback_log_prob(self, ctx, items_b, q)
+        return fallback_log_prob(self, ctx, items, q)

@@ -106,28 +106,35 @@ class MixtureSampler:
             if self.known_policy == "redraw" and not sampler.shared and self.known is not None:
                 items = self._redraw(sampler, ctx, items, generator)
             drawn.append(items)
-        # One log_prob call per source over every candidate of the batch.
-        candidates = torch.cat([x.expand(B, -1) if x.dim() == 1 else x for x in drawn], dim=1)
-        log_q = self._log_q(ctx, candidates, [(name, x.shape[-1]) for (_, name), x in zip(active, drawn)])
-        invalid = self._invalid(ctx, candidates)
-        blocks, start = [], 0
+        # log_q per source over all shared candidates at once, then all per-row ones: sources
+        # compute shared items faster (one matmul or scatter instead of B x n lookups).
+        shared = [x for x in drawn if x.dim() == 1]
+        per_row = [x for x in drawn if x.dim() == 2]
+        parts = {}
+        if shared:
+            parts["shared"] = self._log_q(ctx, torch.cat(shared), [(name, x.shape[-1]) for (_, name), x in zip(active, drawn) if x.dim() == 1])
+        if per_row:
+            parts["per_row"] = self._log_q(ctx, torch.cat(per_row, 1), [(name, x.shape[-1]) for (_, name), x in zip(active, drawn) if x.dim() == 2])
+        blocks, offset = [], {"shared": 0, "per_row": 0}
         for (index, name), items in zip(active, drawn):
-            end = start + items.shape[-1]
+            kind = "shared" if items.dim() == 1 else "per_row"
+            start, end = offset[kind], offset[kind] + items.shape[-1]
+            offset[kind] = end
             sampler = self.components[name]
             fallback = sampler.fallback_rows(ctx) if hasattr(sampler, "fallback_rows") else None
-            blocks.append(Negatives(items, log_q[:, start:end], index, invalid[:, start:end], fallback))
-            start = end
+            blocks.append(Negatives(items, parts[kind][:, start:end], index, self._invalid(ctx, items), fallback))
         return blocks
 
     def _log_q(self, ctx: Context, candidates: torch.Tensor, widths: list[tuple[str, int]]) -> torch.Tensor:
-        """[B, N] log expected count of each candidate under the chosen correction."""
+        """[B, N] log expected count of each candidate ([N] shared or [B, N]) under the chosen
+        correction."""
         B = len(ctx)
         if self.logq == "none":
-            return torch.zeros(candidates.shape)
+            return torch.zeros(B, candidates.shape[-1])
         if self.logq == "per_source":
             parts, start = [], 0
             for name, width in widths:
-                cols = candidates[:, start:start + width]
+                cols = candidates[..., start:start + width]
                 parts.append(self.components[name].log_prob(ctx, cols).expand(B, -1) + math.log(self.draws(name, B)))
                 start += width
             return torch.cat(parts, dim=1)
