@@ -71,6 +71,21 @@ def _recommend(args) -> int:
     return 0
 
 
+def _compare(args) -> int:
+    from .compare import ComparisonSpec, run_comparison, table, to_json
+
+    spec = ComparisonSpec.load(args.spec)
+    results = run_comparison(spec, args.tracking_uri)
+    text = table(results)
+    print(text)
+    if args.output:
+        from .io import atomic_write
+
+        atomic_write(args.output, lambda tmp: Path(tmp).write_text(text + "\n"))
+        atomic_write(Path(args.output).with_suffix(".json"), lambda tmp: Path(tmp).write_text(to_json(results)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recsys-hnm", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -110,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--users", help="CSV/parquet with a user_id column (default: every user with test items)")
     rec.add_argument("--tracking-uri")
     rec.set_defaults(func=_recommend)
+
+    compare = commands.add_parser("compare", help="variants of a config over several seeds: MLflow runs and a table")
+    compare.add_argument("--spec", required=True, help="comparison YAML (name, base, seeds, set, variants)")
+    compare.add_argument("--output", help="write the markdown table here (and the raw figures beside it as .json)")
+    compare.add_argument("--tracking-uri")
+    compare.set_defaults(func=_compare)
     return parser
 
 

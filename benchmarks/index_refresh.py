@@ -1,0 +1,73 @@
+"""A full index refresh (build + mining the pools of 100,000 users) with Annoy vs exact search,
+on clustered d=64 embeddings of 100,000 and 1,000,000 items; prints JSON, one object per size.
+
+Exact search is timed on a sample of queries and scaled linearly (said so in the output).
+Annoy: 10 trees, search_k 10,000, both cores (threads: Annoy releases the GIL while searching).
+Usage: python benchmarks/index_refresh.py [--sizes 100000 1000000] [--queries 100000]
+"""
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from recsys_hnm.index import AnnoyItemIndex, ExactIndex, recall_at_k
+
+DIM, K = 64, 100
+
+
+def clustered(n: int, rng, n_clusters: int = 1000) -> np.ndarray:
+    centres = rng.normal(size=(n_clusters, DIM)).astype(np.float32)
+    x = centres[rng.integers(0, n_clusters, n)] + 0.5 * rng.normal(size=(n, DIM)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def run(n_items: int, n_queries: int, exact_sample: int, n_trees: int, search_k: int, jobs: int) -> dict:
+    rng = np.random.default_rng(0)
+    items = clustered(n_items, rng)
+    queries = clustered(n_queries, rng)
+    out = {"items": n_items, "queries": n_queries, "dim": DIM, "k": K}
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        annoy = AnnoyItemIndex.build(items, Path(tmp) / "items.ann", n_trees=n_trees, search_k=search_k, n_jobs=jobs)
+        build_s = time.perf_counter() - start
+        start = time.perf_counter()
+        found = annoy.search(queries, K)
+        mine_s = time.perf_counter() - start
+    exact = ExactIndex(items)
+    sample = min(exact_sample, n_queries)
+    start = time.perf_counter()
+    truth = exact.search(queries[:sample], K)
+    exact_sample_s = time.perf_counter() - start
+    exact_mine_s = exact_sample_s * n_queries / sample
+    out["annoy"] = {
+        "n_trees": n_trees, "search_k": search_k, "threads": jobs, "build_s": round(build_s, 2),
+        "mine_s": round(mine_s, 2), "refresh_s": round(build_s + mine_s, 2),
+        "queries_per_s": round(n_queries / mine_s), "recall_at_100": round(recall_at_k(found[:sample], truth), 4),
+    }
+    out["exact"] = {"mine_s": round(exact_mine_s, 2), "queries_per_s": round(n_queries / exact_mine_s),
+                    "timed_queries": sample, "scaled_linearly": sample < n_queries}
+    out["speedup"] = round(exact_mine_s / (build_s + mine_s), 2)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--queries", type=int, default=100_000)
+    parser.add_argument("--exact-sample", type=int, default=5_000)
+    parser.add_argument("--n-trees", type=int, default=10)
+    parser.add_argument("--search-k", type=int, default=10_000)
+    parser.add_argument("--jobs", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.jobs)
+    for n in args.sizes:
+        print(json.dumps(run(n, args.queries, args.exact_sample, args.n_trees, args.search_k, args.jobs)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
