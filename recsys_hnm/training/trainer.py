@@ -104,7 +104,7 @@ class Trainer:
             self.diagnostics.reset()
         order = torch.randperm(len(self.users), generator=self.generator)
         batches = range(0, len(order), self.batch_size)
-        bar = tqdm(batches, desc=f"epoch {epoch}", disable=not self.progress, leave=False)
+        bar = tqdm(batches, desc=f"epoch {epoch}", disable=None if self.progress else True, leave=False)  # None: off when not a terminal
         total, count = 0.0, 0
         for start in bar:
             idx = order[start:start + self.batch_size]
