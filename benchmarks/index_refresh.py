@@ -1,5 +1,6 @@
 """A full index refresh (build + mining the pools of 100,000 users) with Annoy vs exact search,
-on clustered d=64 embeddings of 100,000 and 1,000,000 items; prints JSON, one object per size.
+on clustered d=64 embeddings of 100,000 and 1,000,000 items (clusters of --items-per-cluster
+items, queries drawn around the same centres); prints JSON, one object per size.
 
 Exact search is timed on a sample of queries and scaled linearly (said so in the output).
 Annoy: 10 trees, search_k 10,000, both cores (threads: Annoy releases the GIL while searching).
@@ -20,17 +21,19 @@ from recsys_hnm.index import AnnoyItemIndex, ExactIndex, recall_at_k
 DIM, K = 64, 100
 
 
-def clustered(n: int, rng, n_clusters: int = 1000) -> np.ndarray:
-    centres = rng.normal(size=(n_clusters, DIM)).astype(np.float32)
+def clustered(n: int, rng, per_cluster: int) -> np.ndarray:
+    """Unit vectors around n / per_cluster random centres (noise 0.5 per coordinate)."""
+    n_clusters = max(1, n // per_cluster)
+    centres = np.random.default_rng(1).normal(size=(n_clusters, DIM)).astype(np.float32)
     x = centres[rng.integers(0, n_clusters, n)] + 0.5 * rng.normal(size=(n, DIM)).astype(np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def run(n_items: int, n_queries: int, exact_sample: int, n_trees: int, search_k: int, jobs: int) -> dict:
+def run(n_items: int, n_queries: int, exact_sample: int, n_trees: int, search_k: int, jobs: int, per_cluster: int) -> dict:
     rng = np.random.default_rng(0)
-    items = clustered(n_items, rng)
-    queries = clustered(n_queries, rng)
-    out = {"items": n_items, "queries": n_queries, "dim": DIM, "k": K}
+    items = clustered(n_items, rng, per_cluster)
+    queries = clustered(n_queries, rng, per_cluster)  # queries (users) live among the same clusters
+    out = {"items": n_items, "queries": n_queries, "dim": DIM, "k": K, "items_per_cluster": per_cluster}
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         annoy = AnnoyItemIndex.build(items, Path(tmp) / "items.ann", n_trees=n_trees, search_k=search_k, n_jobs=jobs)
@@ -63,10 +66,11 @@ def main() -> None:
     parser.add_argument("--n-trees", type=int, default=10)
     parser.add_argument("--search-k", type=int, default=10_000)
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--items-per-cluster", type=int, default=100, help="cluster size (a fine category)")
     args = parser.parse_args()
     torch.set_num_threads(args.jobs)
     for n in args.sizes:
-        print(json.dumps(run(n, args.queries, args.exact_sample, args.n_trees, args.search_k, args.jobs)), flush=True)
+        print(json.dumps(run(n, args.queries, args.exact_sample, args.n_trees, args.search_k, args.jobs, args.items_per_cluster)), flush=True)
 
 
 if __name__ == "__main__":
