@@ -108,13 +108,12 @@ class MixtureSampler:
             drawn.append(items)
         # log_q per source over all shared candidates at once, then all per-row ones: sources
         # compute shared items faster (one matmul or scatter instead of B x n lookups).
-        shared = [x for x in drawn if x.dim() == 1]
-        per_row = [x for x in drawn if x.dim() == 2]
         parts = {}
-        if shared:
-            parts["shared"] = self._log_q(ctx, torch.cat(shared), [(name, x.shape[-1]) for (_, name), x in zip(active, drawn) if x.dim() == 1])
-        if per_row:
-            parts["per_row"] = self._log_q(ctx, torch.cat(per_row, 1), [(name, x.shape[-1]) for (_, name), x in zip(active, drawn) if x.dim() == 2])
+        for kind, dims in (("shared", 1), ("per_row", 2)):
+            group = [(name, x) for (_, name), x in zip(active, drawn) if x.dim() == dims]
+            if group:
+                candidates = torch.cat([x for _, x in group], dim=-1)
+                parts[kind] = self._log_q(ctx, candidates, [(name, x.shape[-1]) for name, x in group])
         blocks, offset = [], {"shared": 0, "per_row": 0}
         for (index, name), items in zip(active, drawn):
             kind = "shared" if items.dim() == 1 else "per_row"
