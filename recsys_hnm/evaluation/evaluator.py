@@ -17,10 +17,11 @@ Scorer = Callable[[torch.Tensor], torch.Tensor]  # user indices [c] -> scores [c
 
 class Evaluator:
     """Scores users of ``phase`` in chunks (scores, mask, top-k), so memory stays at
-    ``chunk_size x n_items`` floats whatever the number of users. Users without items in the
-    phase are skipped; the items a user had before the phase (``Split.known``) are masked."""
+    ``chunk_size x n_items`` floats, and at most ``max_cells`` of them, whatever the number of
+    users or items. Users without items in the phase are skipped; the items a user had before the
+    phase (``Split.known``) are masked."""
 
-    def __init__(self, split: Split, phase: str = "valid", ks=(10, 20, 50), chunk_size: int = 1024):
+    def __init__(self, split: Split, phase: str = "valid", ks=(10, 20, 50), chunk_size: int = 1024, max_cells: int = 1 << 26):
         if not ks or min(ks) <= 0:
             raise ValueError(f"ks must be positive integers, not {list(ks)}")
         self.ks = sorted(set(int(k) for k in ks))
@@ -30,7 +31,7 @@ class Evaluator:
         n_rel = np.diff(self.truth.indptr)
         self.users = torch.from_numpy(np.flatnonzero(n_rel > 0))
         self.n_relevant = torch.from_numpy(n_rel[n_rel > 0])
-        self.chunk_size = chunk_size
+        self.chunk_size = max(1, min(chunk_size, max_cells // max(self.truth.shape[1], 1)))
         self.phase = phase
 
     def top_k(self, scorer: Scorer, users: torch.Tensor, k: int, known: sp.csr_matrix | None = None):
