@@ -148,7 +148,7 @@ class ExperimentConfig:
         out: dict[str, Any] = {}
 
         def walk(prefix: str, value: Any) -> None:
-            if isinstance(value, dict) and (not prefix.endswith("mixture")):
+            if isinstance(value, dict) and not prefix.endswith("mixture"):  # the mix stays one param
                 for k, v in value.items():
                     walk(f"{prefix}.{k}" if prefix else k, v)
             else:

@@ -34,7 +34,7 @@ from .sampling import (
 )
 from .sampling.diagnostics import NegativeDiagnostics
 from .tracking import MlflowLogger, TrackingError, download, get_run, git_commit, log_metrics, tracked_run, tracking_uri
-from .training import Checkpoint, EarlyStopping, Trainer, atomic_save, load_checkpoint
+from .training import Checkpoint, EarlyStopping, Trainer, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -78,18 +78,18 @@ def build_sampler(config: ExperimentConfig, data: Interactions, split: Split) ->
     s = config.sampler
     counts = np.bincount(split.train["item"].to_numpy(), minlength=data.n_items)
     wanted = {k for k, w in s.mixture.items() if w > 0}
-    components: dict = {}
-    uniform = UniformSampler(data.n_items, shared=s.uniform.shared)
-    popularity = PopularitySampler(counts, s.popularity.alpha, shared=s.popularity.shared)
-    fallbacks = {"uniform": UniformSampler(data.n_items, shared=False), "popularity": PopularitySampler(counts, s.popularity.alpha, shared=False)}
-    components["in_batch"] = InBatchSampler(data.n_items)
-    components["uniform"] = uniform
-    components["popularity"] = popularity
+    fallbacks = {  # built only when a source declares one
+        "uniform": lambda: UniformSampler(data.n_items, shared=False),
+        "popularity": lambda: PopularitySampler(counts, s.popularity.alpha, shared=False),
+    }
+    components: dict = {"in_batch": InBatchSampler(data.n_items), "uniform": UniformSampler(data.n_items, shared=s.uniform.shared)}
+    if "popularity" in wanted:
+        components["popularity"] = PopularitySampler(counts, s.popularity.alpha, shared=s.popularity.shared)
     if "category" in wanted:
         if data.n_categories == 0:
             raise ConfigError("sampler.mixture.category: the data has no item categories")
         try:
-            components["category"] = CategorySampler(data.item_categories, fallbacks[s.category.fallback], counts, s.category.alpha)
+            components["category"] = CategorySampler(data.item_categories, fallbacks[s.category.fallback](), counts, s.category.alpha)
         except ValueError as e:
             raise ConfigError(f"sampler.category: {e}") from e
     if "copurchase" in wanted:
@@ -100,7 +100,7 @@ def build_sampler(config: ExperimentConfig, data: Interactions, split: Split) ->
         try:
             graph = copurchase_graph(split.train, data.n_items, source=source, session_gap_s=c.session_gap_s,
                                      window=c.window, min_count=c.min_count, top_n=c.top_n)
-            components["copurchase"] = CopurchaseSampler(graph, fallbacks[c.fallback], c.beta)
+            components["copurchase"] = CopurchaseSampler(graph, fallbacks[c.fallback](), c.beta)
         except (DataError, ValueError) as e:
             raise ConfigError(f"sampler.copurchase: {e}") from e
     if "ann" in wanted:
@@ -109,7 +109,7 @@ def build_sampler(config: ExperimentConfig, data: Interactions, split: Split) ->
         except ValueError as e:
             raise ConfigError(f"sampler.ann.window: {e}") from e
     return MixtureSampler(
-        components, {k: w for k, w in s.mixture.items()}, s.num_negatives, KnownPositives(split.matrix("train")),
+        components, s.mixture, s.num_negatives, KnownPositives(split.matrix("train")),
         logq=s.logq, known_policy=s.known_positives,
     )
 
@@ -141,7 +141,6 @@ def checkpoint_path(config: ExperimentConfig) -> Path:
 def train(config: ExperimentConfig, *, resume: bool = False, extra_callbacks=None) -> TrainResult:
     """Train, evaluate and track one experiment; returns its MLflow run id and test metrics."""
     torch.set_num_threads(config.train.num_threads)
-    uri = tracking_uri(config.tracking.uri)
     state = None
     run_id = None
     ckpt = checkpoint_path(config)
@@ -154,7 +153,7 @@ def train(config: ExperimentConfig, *, resume: bool = False, extra_callbacks=Non
     sampler = build_sampler(config, data, split)  # refuses what the data cannot serve, before any run
     tags = {"dataset": config.data.dataset or config.data.train, "sampler_mix": describe_mix(config),
             "logq": config.sampler.logq, "git_commit": git_commit(), "config_name": config.name}
-    with tracked_run(uri, config.tracking.experiment, config.tracking.run_name or config.name, run_id, None if run_id else tags) as run:
+    with tracked_run(config.tracking.uri, config.tracking.experiment, config.tracking.run_name or config.name, run_id, None if run_id else tags) as run:
         run_id = run.info.run_id
         if state is None:
             mlflow.log_params(config.flat())
@@ -218,7 +217,7 @@ def _check_same_config(saved: dict, config: ExperimentConfig, path: Path) -> Non
 def _log_model(model: TwoTower) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.pt"
-        atomic_save(model.state_dict(), path)
+        torch.save(model.state_dict(), path)
         mlflow.log_artifact(str(path))
 
 

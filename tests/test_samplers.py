@@ -74,7 +74,7 @@ def test_alias_tables_are_exact_for_skewed_and_segmented_weights():
     gen = torch.Generator().manual_seed(0)
     draws = table.draw((200_000,), gen)
     assert (draws != 3).all()
-    assert _fits(draws, torch.log(table.probs), 5) > 1e-3
+    assert _fits(draws, torch.log(table.entry_prob), 5) > 1e-3
     # three segments of different shapes; each draw stays inside its segment
     seg = SegmentedAlias(np.array([0, 3, 4, 8]), np.array([10, 11, 12, 13, 14, 15, 16, 17]), np.array([1, 2, 7, 5, 1, 1, 1, 97.0]))
     starts, sizes = torch.tensor([0, 3, 4]), torch.tensor([3, 1, 4])

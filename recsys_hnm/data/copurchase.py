@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ..sparse import row_ids
 from .interactions import DataError
 
 CopurchaseSource = Literal["basket", "session", "history"]
@@ -119,9 +120,9 @@ def _window_counts(events: pd.DataFrame, n_items: int, window: int) -> sp.csr_ma
 
 def _top_n_per_row(m: sp.csr_matrix, n: int) -> sp.csr_matrix:
     m = m.tocsr()
-    rows = np.repeat(np.arange(m.shape[0]), np.diff(m.indptr))
+    rows = row_ids(m.indptr)
     order = np.lexsort((m.indices, -m.data, rows))  # by row, count desc, item asc
-    rank = np.arange(len(order)) - np.repeat(m.indptr[:-1], np.diff(m.indptr))
+    rank = np.arange(len(order)) - m.indptr[rows]
     keep = order[rank < n]
     return sp.csr_matrix((m.data[keep], (rows[keep], m.indices[keep])), shape=m.shape)
 

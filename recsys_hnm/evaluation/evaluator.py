@@ -10,6 +10,7 @@ import torch
 
 from ..data.splits import Split
 from ..sampling.base import KnownPositives
+from ..sparse import row_ids
 from .metrics import ranking_metrics
 
 Scorer = Callable[[torch.Tensor], torch.Tensor]  # user indices [c] -> scores [c, n_items]
@@ -34,14 +35,13 @@ class Evaluator:
         self.chunk_size = max(1, min(chunk_size, max_cells // max(self.truth.shape[1], 1)))
         self.phase = phase
 
-    def top_k(self, scorer: Scorer, users: torch.Tensor, k: int, known: sp.csr_matrix | None = None):
+    def top_k(self, scorer: Scorer, users: torch.Tensor, k: int):
         """(items [c, k], scores [c, k]) of ``users`` with their known items masked."""
-        known = self.known if known is None else known
         items, scores = [], []
         for start in range(0, len(users), self.chunk_size):
             chunk = users[start:start + self.chunk_size]
             s = scorer(chunk)
-            mask_known(s, known, chunk)
+            mask_known(s, self.known, chunk)
             top = torch.topk(s, min(k, s.shape[1]), dim=1)
             items.append(top.indices)
             scores.append(top.values)
@@ -61,8 +61,7 @@ class Evaluator:
 def mask_known(scores: torch.Tensor, known: sp.csr_matrix, users: torch.Tensor) -> None:
     """Set the scores of each user's known items to -inf, in place."""
     sub = known[users.numpy()]
-    rows = np.repeat(np.arange(len(users)), np.diff(sub.indptr))
-    scores[torch.from_numpy(rows), torch.from_numpy(sub.indices.astype(np.int64))] = float("-inf")
+    scores[torch.from_numpy(row_ids(sub.indptr)), torch.from_numpy(sub.indices.astype(np.int64))] = float("-inf")
 
 
 def popularity_scorer(counts: np.ndarray) -> Scorer:

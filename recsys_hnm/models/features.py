@@ -8,6 +8,7 @@ import scipy.sparse as sp
 import torch
 from torchrec import KeyedJaggedTensor
 
+from ..sparse import jagged_positions
 from .two_tower import FEATURES, HISTORY, ITEM_CATEGORY, ITEM_ID, USER_ID
 
 
@@ -24,7 +25,7 @@ class FeatureBuilder:
             raise ValueError(f"history_len must be >= 1, not {history_len}")
         self.n_users = n_users
         self.history_len = history_len
-        self.history, self.history_lengths = _recent_items(history, n_users, history_len)
+        self.history = _recent_items(history, n_users, history_len)
         cats = item_categories.tocsr()
         self.cat_indptr = torch.from_numpy(cats.indptr.astype(np.int64))
         self.cat_indices = torch.from_numpy(cats.indices.astype(np.int64))
@@ -33,7 +34,7 @@ class FeatureBuilder:
         """The same items, with user histories from other events (e.g. train + valid for test)."""
         out = object.__new__(FeatureBuilder)
         out.__dict__.update(self.__dict__)
-        out.history, out.history_lengths = _recent_items(history, self.n_users, self.history_len)
+        out.history = _recent_items(history, self.n_users, self.history_len)
         return out
 
     def user_features(self, users: torch.Tensor, exclude: torch.Tensor | None = None) -> KeyedJaggedTensor:
@@ -48,9 +49,8 @@ class FeatureBuilder:
     def item_features(self, items: torch.Tensor) -> KeyedJaggedTensor:
         starts = self.cat_indptr[items]
         lengths = self.cat_indptr[items + 1] - starts
-        offsets_in = torch.repeat_interleave(starts - torch.cumsum(lengths, 0) + lengths, lengths)
-        positions = torch.arange(int(lengths.sum())) + offsets_in
-        return _kjt(len(items), {ITEM_ID: (torch.ones_like(items), items), ITEM_CATEGORY: (lengths, self.cat_indices[positions])})
+        categories = self.cat_indices[jagged_positions(starts, lengths)]
+        return _kjt(len(items), {ITEM_ID: (torch.ones_like(items), items), ITEM_CATEGORY: (lengths, categories)})
 
 
 def _kjt(batch: int, features: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> KeyedJaggedTensor:
@@ -59,18 +59,16 @@ def _kjt(batch: int, features: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> 
     return KeyedJaggedTensor.from_lengths_sync(keys=list(FEATURES), values=torch.cat(values), lengths=torch.cat(lengths))
 
 
-def _recent_items(events: pd.DataFrame, n_users: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _recent_items(events: pd.DataFrame, n_users: int, length: int) -> torch.Tensor:
     """[n_users, length] of each user's last ``length`` items in time order, -1 padded."""
     keys = ["user", "timestamp"] if "timestamp" in events.columns else ["user"]
     ordered = events.sort_values(keys, kind="stable")
     user = ordered["user"].to_numpy()
     item = ordered["item"].to_numpy()
-    counts = np.bincount(user, minlength=n_users)
-    from_end = np.empty(len(user), np.int64)
-    ends = np.cumsum(counts)
-    from_end[:] = ends[user] - 1 - np.arange(len(user))
+    ends = np.cumsum(np.bincount(user, minlength=n_users))
+    from_end = ends[user] - 1 - np.arange(len(user))
     keep = from_end < length
     table = np.full((n_users, length), -1, np.int64)
     # most recent item last, so the row reads in time order
     table[user[keep], length - 1 - from_end[keep]] = item[keep]
-    return torch.from_numpy(table), torch.from_numpy(np.minimum(counts, length))
+    return torch.from_numpy(table)

@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-import numpy as np
 import scipy.sparse as sp
 import torch
+
+from ..sparse import SortedPairs
 
 
 @dataclass(frozen=True)
@@ -100,32 +101,22 @@ def scatter_rows(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, i
 
 class KnownPositives:
     """Fast (user, item) membership in a users x items matrix: a dense bitmap where it fits
-    (a gather per lookup), else sorted keys and a binary search."""
+    (a gather per lookup), else ``SortedPairs``."""
 
     DENSE_LIMIT = 64_000_000  # cells; 64 MB of bools
 
     def __init__(self, matrix: sp.csr_matrix):
-        m = matrix.tocsr()
-        m.sort_indices()
-        self.n_items = m.shape[1]
-        rows = np.repeat(np.arange(m.shape[0], dtype=np.int64), np.diff(m.indptr))
-        keys = torch.from_numpy(rows * self.n_items + m.indices.astype(np.int64))
-        if m.shape[0] * m.shape[1] <= self.DENSE_LIMIT:
-            self.bitmap = torch.zeros(m.shape[0] * m.shape[1], dtype=torch.bool)
-            self.bitmap[keys] = True
-            self.keys = None
-        else:
-            self.bitmap = None
-            self.keys = keys
+        self.pairs = SortedPairs(matrix)
+        self.n_items = matrix.shape[1]
+        self.bitmap = None
+        if matrix.shape[0] * matrix.shape[1] <= self.DENSE_LIMIT:
+            self.bitmap = torch.zeros(matrix.shape[0] * matrix.shape[1], dtype=torch.bool)
+            self.bitmap[self.pairs.keys] = True
 
     def contains(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """[B, n] bool: is (users[b], items[b, j]) known? ``items`` is [B, n] or shared [n]."""
         if items.dim() == 1:
             items = items.unsqueeze(0).expand(len(users), -1)
-        keys = users[:, None] * self.n_items + items
         if self.bitmap is not None:
-            return self.bitmap[keys]
-        if len(self.keys) == 0:
-            return torch.zeros(items.shape, dtype=torch.bool)
-        pos = torch.searchsorted(self.keys, keys).clamp_(max=len(self.keys) - 1)
-        return self.keys[pos] == keys
+            return self.bitmap[users[:, None] * self.n_items + items]
+        return self.pairs.find(users, items) >= 0

@@ -7,6 +7,7 @@ import scipy.sparse as sp
 import torch
 
 from .base import Context, fallback_log_prob, with_fallback
+from ..sparse import row_ids
 from .tables import SegmentedAlias
 
 
@@ -52,8 +53,8 @@ class CategorySampler:
         n_usable = np.diff(ic.indptr)
         width = max(1, int(n_usable.max()))
         table = np.full((n_items, width), n_cats, np.int64)
-        rows = np.repeat(np.arange(n_items), n_usable)
-        table[rows, np.arange(ic.nnz) - np.repeat(ic.indptr[:-1], n_usable)] = ic.indices
+        rows = row_ids(ic.indptr)
+        table[rows, np.arange(ic.nnz) - ic.indptr[rows]] = ic.indices
         self.cat_table = torch.from_numpy(table)
         self.n_usable = torch.from_numpy(n_usable.astype(np.int64))
         self.n_cats = n_cats

@@ -7,6 +7,7 @@ import scipy.sparse as sp
 import torch
 
 from .base import Context, fallback_log_prob, scatter_rows, with_fallback
+from ..sparse import SortedPairs, jagged_positions
 from .tables import SegmentedAlias
 
 
@@ -25,11 +26,7 @@ class CopurchaseSampler:
         if beta < 0:
             raise ValueError(f"copurchase beta must be >= 0, not {beta}")
         self.table = SegmentedAlias(g.indptr, g.indices, g.data ** beta)
-        # (positive, item) keys for log_prob: one global binary search measured 2x faster than
-        # a search bounded to the positive's row, at the cost of one int64 per pair.
-        rows = np.repeat(np.arange(g.shape[0], dtype=np.int64), np.diff(g.indptr))
-        self.n_items = g.shape[1]
-        self.keys = torch.from_numpy(rows * self.n_items + g.indices.astype(np.int64))
+        self.pairs = SortedPairs(g)  # (positive, item) -> entry, for log_prob
         self.has_neighbours = self.table.sizes > 0
         self.placeholder = int(torch.argmax(self.table.sizes))
         self.fallback = fallback
@@ -46,12 +43,11 @@ class CopurchaseSampler:
     def log_prob(self, ctx: Context, items: torch.Tensor) -> torch.Tensor:
         if items.dim() == 1:  # shared items: scatter the positives' neighbour rows
             t = self.table
-            starts, sizes = t.indptr[ctx.pos_items], t.sizes[ctx.pos_items]
+            sizes = t.sizes[ctx.pos_items]
             rows = torch.repeat_interleave(torch.arange(len(ctx)), sizes)
-            entries = torch.repeat_interleave(starts - torch.cumsum(sizes, 0) + sizes, sizes) + torch.arange(int(sizes.sum()))
+            entries = jagged_positions(t.indptr[ctx.pos_items], sizes)
             q = scatter_rows(rows, t.indices[entries], t.entry_prob[entries], items, len(ctx))
             return fallback_log_prob(self, ctx, items.expand(len(ctx), -1), q)
-        keys = ctx.pos_items[:, None] * self.n_items + items
-        at = torch.searchsorted(self.keys, keys).clamp_(max=len(self.keys) - 1)
-        q = torch.where(self.keys[at] == keys, self.table.entry_prob[at], 0.0)
+        at = self.pairs.find(ctx.pos_items, items)
+        q = torch.where(at >= 0, self.table.entry_prob[at.clamp(min=0)], 0.0)
         return fallback_log_prob(self, ctx, items, q)

@@ -19,7 +19,7 @@ class PopularitySampler:
             raise ValueError(f"popularity alpha must be >= 0, not {alpha}")
         weights = np.where(counts > 0, counts, 0.0) ** alpha if alpha > 0 else np.ones_like(counts)
         self.table = AliasTable(weights)
-        self.log_probs = torch.log(self.table.probs).float()
+        self.log_probs = torch.log(self.table.entry_prob).float()
         self.shared = shared
 
     def sample(self, ctx: Context, n: int, generator: torch.Generator) -> torch.Tensor:

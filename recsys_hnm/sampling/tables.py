@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..sparse import row_ids
+
 
 class SegmentedAlias:
     """Draws entry ``indices[p]`` for p in segment s with probability w_p / sum of w in s."""
@@ -24,7 +26,7 @@ class SegmentedAlias:
             w = np.asarray(weights, dtype=np.float64)
             if w.shape != (n,) or (w < 0).any() or not np.isfinite(w).all():
                 raise ValueError("alias weights must be finite, >= 0, one per entry")
-        seg = np.repeat(np.arange(len(sizes)), sizes)
+        seg = row_ids(indptr)
         totals = np.bincount(seg, weights=w, minlength=len(sizes))
         empty_mass = (sizes > 0) & (totals <= 0)
         if empty_mass.any():
@@ -96,7 +98,6 @@ class AliasTable(SegmentedAlias):
             raise ValueError("alias table weights must be a non-empty 1-D array with a positive sum")
         super().__init__(np.array([0, len(w)]), np.arange(len(w)), w)
         self.n = len(w)
-        self.probs = self.entry_prob
 
     def draw(self, shape, generator: torch.Generator) -> torch.Tensor:
         slot = torch.randint(0, self.n, shape, generator=generator)

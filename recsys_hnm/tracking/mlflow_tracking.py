@@ -56,7 +56,7 @@ def git_commit() -> str:
 
 
 @contextlib.contextmanager
-def tracked_run(uri: str, experiment: str, run_name: str | None = None, run_id: str | None = None, tags: dict | None = None):
+def tracked_run(uri: str | None, experiment: str, run_name: str | None = None, run_id: str | None = None, tags: dict | None = None):
     """An active MLflow run (new, or ``run_id`` reopened to resume). An exception ends it as
     FAILED with the error in the tag ``error`` and the traceback as ``error.txt``."""
     uri = tracking_uri(uri)
