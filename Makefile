@@ -9,13 +9,15 @@ STAMP := $(VENV)/.installed
 setup: $(STAMP)
 
 # torchrec is installed with --no-deps: its package pulls the CUDA fbgemm-gpu, which does not
-# import on a CPU machine. fbgemm-gpu-cpu (listed in pyproject.toml) replaces it.
+# import on a CPU machine. fbgemm-gpu-cpu (listed in pyproject.toml) replaces it. torchrec goes
+# in last: pip then has no later install whose conflict check would report the "missing"
+# fbgemm-gpu as an ERROR.
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install torch==2.13.0 fbgemm-gpu-cpu==1.8.0
-	$(BIN)/pip install --no-deps torchrec==1.8.0
 	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install --no-deps torchrec==1.8.0
 	touch $(STAMP)
 
 demo: $(STAMP)
