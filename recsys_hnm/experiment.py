@@ -24,6 +24,7 @@ from .data import (
     read_table, time_split,
 )
 from .evaluation import Evaluator, popularity_scorer
+from .evaluation.evaluator import mask_known, top_k
 from .index.ann_sampler import AnnSampler
 from .index.refresh import IndexRefresh
 from .io import atomic_write
@@ -34,7 +35,7 @@ from .sampling import (
 )
 from .sampling.diagnostics import NegativeDiagnostics
 from .tracking import MlflowLogger, TrackingError, download, get_run, git_commit, log_metrics, tracked_run, tracking_uri
-from .training import Checkpoint, EarlyStopping, Trainer, load_checkpoint
+from .training import Checkpoint, EarlyStopping, Trainer, load_checkpoint, load_torch_file
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +68,13 @@ def load_data(config: ExperimentConfig) -> tuple[Interactions, Split]:
 def build_model(config: ExperimentConfig, data: Interactions) -> TwoTower:
     m = config.model
     torch.manual_seed(config.train.seed)
-    return TwoTower(
-        TowerSizes(data.n_users, data.n_items, data.n_categories), dim=m.dim, hidden=m.hidden,
-        temperature=m.temperature, learn_temperature=m.learn_temperature, item_bias=m.item_bias,
-    )
+    try:
+        return TwoTower(
+            TowerSizes(data.n_users, data.n_items, data.n_categories), dim=m.dim, hidden=m.hidden,
+            temperature=m.temperature, learn_temperature=m.learn_temperature, item_bias=m.item_bias,
+        )
+    except ValueError as e:
+        raise ConfigError(f"model.temperature: {e}") from e
 
 
 def build_sampler(config: ExperimentConfig, data: Interactions, split: Split) -> MixtureSampler:
@@ -134,8 +138,17 @@ class TrainResult:
     history: list[dict[str, float]]
 
 
-def checkpoint_path(config: ExperimentConfig) -> Path:
-    return Path(config.train.checkpoint_dir) / config.name / "last.pt"
+def checkpoint_path(config: ExperimentConfig, run_id: str) -> Path:
+    """Each run keeps its own checkpoint: a new run never overwrites one that can be resumed."""
+    return Path(config.train.checkpoint_dir) / config.name / run_id / "last.pt"
+
+
+def latest_checkpoint(config: ExperimentConfig) -> Path:
+    """The most recently written checkpoint of a run of this config's name."""
+    found = sorted(Path(config.train.checkpoint_dir, config.name).glob("*/last.pt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(f"no checkpoint to resume from under {Path(config.train.checkpoint_dir, config.name)}")
+    return found[-1]
 
 
 def train(config: ExperimentConfig, *, resume: bool = False, extra_callbacks=None) -> TrainResult:
@@ -143,8 +156,8 @@ def train(config: ExperimentConfig, *, resume: bool = False, extra_callbacks=Non
     torch.set_num_threads(config.train.num_threads)
     state = None
     run_id = None
-    ckpt = checkpoint_path(config)
     if resume:
+        ckpt = latest_checkpoint(config)
         state = load_checkpoint(ckpt)
         saved = state["extra"]["config"]
         _check_same_config(saved, config, ckpt)
@@ -155,6 +168,7 @@ def train(config: ExperimentConfig, *, resume: bool = False, extra_callbacks=Non
             "logq": config.sampler.logq, "git_commit": git_commit(), "config_name": config.name}
     with tracked_run(config.tracking.uri, config.tracking.experiment, config.tracking.run_name or config.name, run_id, None if run_id else tags) as run:
         run_id = run.info.run_id
+        ckpt = checkpoint_path(config, run_id)
         if state is None:
             mlflow.log_params(config.flat())
             mlflow.log_text(yaml.safe_dump(config.to_dict(), sort_keys=False), "config.yaml")
@@ -162,7 +176,7 @@ def train(config: ExperimentConfig, *, resume: bool = False, extra_callbacks=Non
         model = build_model(config, data)
         features = FeatureBuilder(split.history("train"), data.n_users, data.item_categories, config.model.history_len)
         evaluator = Evaluator(split, "valid", config.eval.ks, config.eval.chunk_size)
-        diagnostics = NegativeDiagnostics(sampler.names, heldout_positives(split), data.n_items)
+        diagnostics = NegativeDiagnostics(sampler.names, heldout_positives(split), data.n_items, seed=config.train.seed)
         early = EarlyStopping(f"valid.{config.train.monitor}", config.train.patience)
         # order matters: logs are complete before MLflow sees them, and checkpointed state is final
         callbacks = [early, MlflowLogger(), Checkpoint(ckpt, {"run_id": run_id, "config": config.to_dict()}), *(extra_callbacks or [])]
@@ -188,17 +202,25 @@ def train(config: ExperimentConfig, *, resume: bool = False, extra_callbacks=Non
         history = trainer.fit()
         test_eval = Evaluator(split, "test", config.eval.ks, config.eval.chunk_size)
         test = trainer.evaluate(test_eval, features.with_history(split.history("test")))
-        counts = np.bincount(split.train["item"].to_numpy(), minlength=data.n_items)
-        mostpop = test_eval.evaluate(popularity_scorer(counts))
+        mostpop = test_eval.evaluate(popularity_scorer(phase_counts(split, "test")))
         log_metrics(test, prefix="test.")
         log_metrics(mostpop, prefix="mostpop.test.")
         mlflow.set_tag("best_epoch", str(early.best_epoch))
         _log_model(model)
         _log_plot(history, config.train.monitor)
-        if refresh is not None and refresh.index_path.is_file():
-            mlflow.log_artifact(str(refresh.index_path), "index")
-            mlflow.log_artifact(str(refresh.index_path) + ".json", "index")
+        if refresh is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "items.index"
+                refresh.final_index(trainer, path)
+                mlflow.log_artifact(str(path), "index")
+                mlflow.log_artifact(str(path) + ".json", "index")
         return TrainResult(run_id, test, mostpop, history)
+
+
+def phase_counts(split: Split, phase: str) -> np.ndarray:
+    """Item counts of everything a model may see at ``phase`` (train; train + valid for test):
+    MostPop's scores, from the same information the model has."""
+    return np.asarray(split.known(phase).sum(0)).ravel()
 
 
 def _check_same_config(saved: dict, config: ExperimentConfig, path: Path) -> None:
@@ -257,7 +279,7 @@ def load_run(run_id: str, uri: str | None = None) -> LoadedRun:
     get_run(run_id, uri)
     with tempfile.TemporaryDirectory() as tmp:
         config = config_from_dict(yaml.safe_load(download(run_id, "config.yaml", uri, tmp).read_text()))
-        weights = torch.load(download(run_id, "model.pt", uri, tmp), map_location="cpu", weights_only=True)
+        weights = load_torch_file(download(run_id, "model.pt", uri, tmp))
     data, split = load_data(config)
     model = build_model(config, data)
     try:
@@ -276,23 +298,74 @@ def evaluate_run(run_id: str, uri: str | None = None) -> dict[str, float]:
     return ev.evaluate(model_scorer(run.model, run.features))
 
 
-def recommend(run_id: str, k: int, users: list | None = None, uri: str | None = None) -> pd.DataFrame:
-    """Top-``k`` items per user (raw ids, rank 1 best), never an item the user already has
-    (training and validation items are masked). Default users: everyone with test items."""
+HISTORIES = ("test", "all")
+
+
+def recommend(run_id: str, k: int, users=None, uri: str | None = None, history: str = "test") -> pd.DataFrame:
+    """Top-``k`` items per user (raw ids, rank 1 best). Default users: everyone with test items.
+
+    ``history="test"``: the test-phase view used for offline evaluation: the user tower reads
+    the train + validation events and those items are masked (a test item can be recommended).
+    ``history="all"``: the serving view: every known event of the user (train, validation and
+    test) is both the tower's history and masked, so no item the user has is returned.
+
+    Requested users are de-duplicated (first occurrence kept); ids the run does not know are
+    reported in the log and the rest are served. The frame's ``attrs["unknown_users"]`` lists them.
+    """
     if k <= 0:
         raise ValueError(f"k must be > 0, not {k}")
+    if history not in HISTORIES:
+        raise ValueError(f"history must be one of {HISTORIES}, not {history!r}")
     run = load_run(run_id, uri)
-    ev = Evaluator(run.split, "test", [min(k, run.data.n_items)], run.config.eval.chunk_size)
-    idx = ev.users if users is None else torch.from_numpy(run.data.users.to_index(users, "user"))
-    items, scores = ev.top_k(model_scorer(run.model, run.features), idx, k)
-    valid = torch.isfinite(scores)  # a user with fewer than k unseen items gets fewer rows
+    split, data = run.split, run.data
+    unknown: list = []
+    if users is None:
+        idx = torch.from_numpy(np.flatnonzero(np.diff(split.matrix("test").indptr) > 0))
+    else:
+        wanted = pd.Series(users).drop_duplicates()
+        found = _lookup(data.users.raw, wanted)
+        unknown = wanted[found < 0].tolist()
+        if unknown and len(unknown) == len(wanted):
+            raise DataError(f"recommend: none of the {len(wanted)} requested user ids is known to run {run_id}, e.g. {unknown[:5]}")
+        if unknown:
+            log.warning("recommend: %d user id(s) unknown to run %s, skipped, e.g. %s", len(unknown), run_id, unknown[:5])
+        idx = torch.from_numpy(found[found >= 0])
+    features, masked = run.features, split.known("test")
+    if history == "all":
+        events = pd.concat([split.history("test"), split.test]).sort_values(["user", "timestamp"] if data.has_time else ["user"], kind="stable")
+        features = run.features.with_history(events)
+        masked = (masked + split.matrix("test")).tocsr()
+    scorer = model_scorer(run.model, features)
+    items, scores = [], []
+    for start in range(0, len(idx), run.config.eval.chunk_size):
+        chunk = idx[start:start + run.config.eval.chunk_size]
+        s = scorer(chunk)
+        mask_known(s, masked, chunk)
+        top_items, top_scores = top_k(s, k)
+        items.append(top_items)
+        scores.append(top_scores)
+    items = torch.cat(items) if items else torch.zeros(0, min(k, data.n_items), dtype=torch.long)
+    scores = torch.cat(scores) if scores else torch.zeros(0, min(k, data.n_items))
+    valid = torch.isfinite(scores)  # a user with fewer than k unmasked items gets fewer rows
     rows = valid.nonzero()
-    return pd.DataFrame({
-        "user_id": run.data.users.to_raw(idx[rows[:, 0]].numpy()),
-        "item_id": run.data.items.to_raw(items[valid].numpy()),
+    out = pd.DataFrame({
+        "user_id": data.users.to_raw(idx[rows[:, 0]].numpy()),
+        "item_id": data.items.to_raw(items[valid].numpy()),
         "rank": (rows[:, 1] + 1).numpy(),
         "score": scores[valid].numpy(),
     })
+    out.attrs["unknown_users"] = unknown
+    return out
+
+
+def _lookup(raw_ids: np.ndarray, wanted: pd.Series) -> np.ndarray:
+    """Indices of ``wanted`` in ``raw_ids``, -1 where unknown. Numeric ids read from a file with a
+    stray non-numeric value arrive as strings: they are compared as numbers (the stray one is
+    unknown)."""
+    index = pd.Index(raw_ids)
+    if pd.api.types.is_numeric_dtype(index) and not pd.api.types.is_numeric_dtype(wanted):
+        wanted = pd.to_numeric(wanted, errors="coerce")
+    return index.get_indexer(wanted.to_numpy()).astype(np.int64)
 
 
 def write_table(frame: pd.DataFrame, path: str | Path) -> None:

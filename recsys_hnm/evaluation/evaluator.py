@@ -42,9 +42,9 @@ class Evaluator:
             chunk = users[start:start + self.chunk_size]
             s = scorer(chunk)
             mask_known(s, self.known, chunk)
-            top = torch.topk(s, min(k, s.shape[1]), dim=1)
-            items.append(top.indices)
-            scores.append(top.values)
+            top_items, top_scores = top_k(s, k)
+            items.append(top_items)
+            scores.append(top_scores)
         return torch.cat(items), torch.cat(scores)
 
     def evaluate(self, scorer: Scorer, per_user: bool = False) -> dict:
@@ -58,6 +58,22 @@ class Evaluator:
         return {name: float(v.mean()) for name, v in values.items()}
 
 
+def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices [R, k'], values [R, k']) of each row's ``k' = min(k, n)`` highest scores, best
+    first. Ties go to the lower item index: a documented rule, so a metric does not depend on
+    ``torch.topk``'s unspecified tie order (MostPop has many ties), nor on the other K asked for.
+
+    The float32 scores are mapped to order-preserving int32 keys and packed with the reversed
+    item index into one int64, so a single exact top-k over distinct keys decides.
+    """
+    k = min(k, scores.shape[1])
+    bits = (scores.float() + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0
+    key = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long() << 32
+    key |= (0xFFFFFFFF - torch.arange(scores.shape[1], dtype=torch.int64))
+    indices = torch.topk(key, k, dim=1).indices
+    return indices, torch.gather(scores, 1, indices)
+
+
 def mask_known(scores: torch.Tensor, known: sp.csr_matrix, users: torch.Tensor) -> None:
     """Set the scores of each user's known items to -inf, in place."""
     sub = known[users.numpy()]
@@ -65,7 +81,9 @@ def mask_known(scores: torch.Tensor, known: sp.csr_matrix, users: torch.Tensor) 
 
 
 def popularity_scorer(counts: np.ndarray) -> Scorer:
-    """MostPop: training popularity, the same for every user."""
+    """MostPop: the same item counts for every user (ties: lower item index first, see
+    ``top_k``). Give it the counts of what the model may see at the phase: train for validation,
+    train + validation for test."""
     pop = torch.as_tensor(np.asarray(counts, dtype=np.float32))
     return lambda users: pop.expand(len(users), -1).clone()
 

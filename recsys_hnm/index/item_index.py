@@ -8,6 +8,7 @@ sqrt(M^2 - |x|^2), queries a 0, and the Euclidean nearest neighbour is the maxim
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +20,7 @@ import scipy.sparse as sp
 import torch
 from annoy import AnnoyIndex
 
-from ..evaluation.evaluator import mask_known
+from ..evaluation.evaluator import mask_known, top_k
 from ..io import atomic_write
 
 # Measured on 2 cores (benchmarks/index_refresh.py, README): at 100,000 items exact search wins
@@ -66,9 +67,9 @@ class ExactIndex:
             s = self.scores(q[start:start + self.chunk])
             if exclude is not None:
                 mask_known(s, exclude, torch.arange(start, start + len(s)))
-            top = torch.topk(s, k_eff, dim=1)
-            idx = top.indices.numpy()
-            idx[~np.isfinite(top.values.numpy())] = -1
+            indices, values = top_k(s, k_eff)
+            idx = indices.numpy()
+            idx[~np.isfinite(values.numpy())] = -1
             out[start:start + len(s), :k_eff] = idx
         return out
 
@@ -114,12 +115,15 @@ class AnnoyItemIndex:
         meta = {"backend": "annoy", "dim": dim, "n_items": n, "metric": metric, "stored_dim": stored.shape[1], "n_trees": n_trees}
         atomic_write(path, index.save)
         meta["bytes"] = path.stat().st_size
+        meta["sha256"] = _sha256(path)
         _write_meta(path, meta)
         index.unload()
-        return cls.load(path, dim, search_k=search_k, n_jobs=n_jobs)
+        return cls.load(path, dim, search_k=search_k, n_jobs=n_jobs, verify=False)
 
     @classmethod
-    def load(cls, path: str | Path, dim: int | None = None, search_k: int = -1, n_jobs: int = 2) -> "AnnoyItemIndex":
+    def load(cls, path: str | Path, dim: int | None = None, search_k: int = -1, n_jobs: int = 2, verify: bool = True) -> "AnnoyItemIndex":
+        """Memory-maps a saved index. ``verify`` checks its checksum first: Annoy trusts the
+        file, and a corrupted one of the right size loads and then crashes the process."""
         path = Path(path)
         meta = _read_meta(path)
         if meta.get("backend") != "annoy":
@@ -129,6 +133,8 @@ class AnnoyItemIndex:
         size = path.stat().st_size
         if size != meta["bytes"]:
             raise IndexFileError(f"{path}: {size} bytes, expected {meta['bytes']} (truncated or replaced?)")
+        if verify and _sha256(path) != meta.get("sha256"):
+            raise IndexFileError(f"{path}: its checksum does not match {_meta_path(path).name} (corrupted or replaced?)")
         index = AnnoyIndex(meta["stored_dim"], meta["metric"])
         if not index.load(str(path)):  # memory-mapped
             raise IndexFileError(f"{path}: Annoy could not load it")
@@ -192,6 +198,14 @@ def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
     """Share of the exact top-k found by the approximate search (per query, averaged)."""
     hits = [len(set(a[a >= 0].tolist()) & set(e[e >= 0].tolist())) / max((e >= 0).sum(), 1) for a, e in zip(approx, exact)]
     return float(np.mean(hits)) if hits else 1.0
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _meta_path(path: Path) -> Path:

@@ -40,7 +40,7 @@ class IndexRefresh(Callback):
         refresh_every: int = 1,
         warmup_epochs: int = 2,
         ramp_epochs: int = 0,
-        index_path: str | Path | None = None,
+        index_path: str | Path | None = None,  # where an Annoy index is kept memory-mapped
         n_trees: int = 10,
         search_k: int = -1,
         n_jobs: int = 2,
@@ -87,7 +87,8 @@ class IndexRefresh(Callback):
     def on_epoch_end(self, trainer, epoch, logs):
         logs.update(self.stats)
 
-    def refresh(self, trainer) -> dict[str, float]:
+    def vectors(self, trainer) -> tuple[np.ndarray, np.ndarray]:
+        """(items, anchors) of the current model, as the index stores and queries them."""
         model = trainer.model
         items = item_embeddings(model, trainer.features).numpy()
         anchors = user_embeddings(model, trainer.features).numpy() if self.sampler.anchor == "user" else items
@@ -97,6 +98,18 @@ class IndexRefresh(Callback):
             bias_t = model.item_bias.detach().numpy()[:, None] / float(model.scale)
             items = np.hstack([items, bias_t]).astype(np.float32)
             anchors = np.hstack([anchors, np.full((len(anchors), 1), 1.0 if self.sampler.anchor == "user" else 0.0, np.float32)])
+        return items, anchors
+
+    def final_index(self, trainer, path: str | Path):
+        """The index of the model as training leaves it (after any best-weight restore), saved
+        to ``path``: the artifact that goes with the logged model."""
+        items, _ = self.vectors(trainer)
+        index = make_index(items, self.backend, Path(path), **self.annoy_options)
+        index.save(path)
+        return index
+
+    def refresh(self, trainer) -> dict[str, float]:
+        items, anchors = self.vectors(trainer)
         start = time.perf_counter()
         self.index = make_index(items, self.backend, self.index_path, **self.annoy_options)
         build_s = time.perf_counter() - start
@@ -116,12 +129,11 @@ class IndexRefresh(Callback):
         k = self.sampler.hi
         return recall_at_k(self.index.search(anchors[rows], k, exclude), ExactIndex(items).search(anchors[rows], k, exclude))
 
-    def on_fit_end(self, trainer):
-        if self.index is not None and self.index_path is not None:
-            self.index.save(self.index_path)
-
     def state_dict(self) -> dict:
-        return {"pools": self.sampler.pools, "sizes": self.sampler.sizes}
+        # The index itself is not state: every refresh rebuilds it, and the final one is built
+        # from the final model (``final_index``).
+        return {"pools": self.sampler.pools, "sizes": self.sampler.sizes, "rng": self.rng.bit_generator.state}
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.pools, self.sampler.sizes = state["pools"], state["sizes"]
+        self.rng.bit_generator.state = state["rng"]

@@ -13,6 +13,8 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 # Feature names of the KeyedJaggedTensors the towers read.
 USER_ID, HISTORY, ITEM_ID, ITEM_CATEGORY = "user_id", "history", "item_id", "item_category"
 FEATURES = (USER_ID, HISTORY, ITEM_ID, ITEM_CATEGORY)
+# Bounds of a learned temperature; a fixed one is used exactly as configured.
+LEARNED_T_MIN, LEARNED_T_MAX = 0.01, 1.0
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,11 @@ class TwoTower(nn.Module):
         self.ebc = EmbeddingBagCollection(tables=tables, device=torch.device(device) if device else None)
         self.user_mlp = _mlp(2 * dim, hidden, dim)
         self.item_mlp = _mlp(2 * dim, hidden, dim)
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, not {temperature}")
+        if learn_temperature and not LEARNED_T_MIN <= temperature <= LEARNED_T_MAX:
+            raise ValueError(f"a learned temperature starts within [{LEARNED_T_MIN}, {LEARNED_T_MAX}], not at {temperature}")
+        self.learn_temperature = learn_temperature
         log_t = torch.tensor(math.log(temperature))
         if learn_temperature:
             self.log_temperature = nn.Parameter(log_t)
@@ -72,8 +79,19 @@ class TwoTower(nn.Module):
 
     @property
     def scale(self) -> torch.Tensor:
-        """1 / temperature, kept within [1, 100] so a learned temperature cannot run away."""
-        return torch.exp(-self.log_temperature).clamp(1.0, 100.0)
+        """1 / temperature: the configured value as it is, or a learned one kept within
+        [LEARNED_T_MIN, LEARNED_T_MAX] so it cannot run away (see ``temperature_at_bound``)."""
+        scale = torch.exp(-self.log_temperature)
+        return scale.clamp(1.0 / LEARNED_T_MAX, 1.0 / LEARNED_T_MIN) if self.learn_temperature else scale
+
+    @property
+    def temperature(self) -> float:
+        return float(1.0 / self.scale.detach())
+
+    def temperature_at_bound(self) -> bool:
+        """A learned temperature that has reached a bound (its gradient is then zero)."""
+        t = float(torch.exp(self.log_temperature.detach()))
+        return self.learn_temperature and not LEARNED_T_MIN < t < LEARNED_T_MAX
 
     def user_embeddings(self, features: KeyedJaggedTensor) -> torch.Tensor:
         pooled = self.ebc(features)

@@ -22,13 +22,22 @@ class NegativeDiagnostics:
     fallback_rate   share of rows whose draws came from the source's fallback sampler.
     """
 
-    def __init__(self, names: list[str], heldout: KnownPositives | None, n_items: int, rank_sample: int = 512, rank_rows: int = 128):
+    def __init__(self, names: list[str], heldout: KnownPositives | None, n_items: int, rank_sample: int = 512,
+                 rank_rows: int = 128, seed: int = 0):
         self.names = names
+        # its own random stream: turning diagnostics on or off never changes the training draws
+        self.generator = torch.Generator().manual_seed(seed)
         self.heldout = heldout
         self.n_items = n_items
         self.rank_sample = rank_sample
         self.rank_rows = rank_rows
         self.reset()
+
+    def rank_items(self) -> torch.Tensor | None:
+        """The uniform item sample that estimates the ranks of this step's negatives."""
+        if not self.rank_sample:
+            return None
+        return torch.randint(0, self.n_items, (self.rank_sample,), generator=self.generator)
 
     def reset(self) -> None:
         self.sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))

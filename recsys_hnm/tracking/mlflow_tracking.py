@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
+import signal
 import subprocess
 import tempfile
+import threading
 import traceback
 from pathlib import Path
 
@@ -36,15 +39,52 @@ def tracking_uri(uri: str | None = None) -> str:
     return uri
 
 
+@contextlib.contextmanager
+def _store_lock(uri: str):
+    """Serialises first use of a SQLite store across processes: two runs starting together on a
+    fresh store would otherwise race on MLflow's schema migration and one would fail."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock_path = Path(uri[len("sqlite:///"):]).with_suffix(".lock")
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def experiment_id(name: str, uri: str) -> str:
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    artifact_location = None
-    if uri.startswith("sqlite:///"):  # artifacts beside the database file, not in ./mlartifacts
-        artifact_location = (Path(uri[len("sqlite:///"):]).parent / "artifacts").resolve().as_uri()
-    return client.create_experiment(name, artifact_location=artifact_location)
+    with _store_lock(uri):
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        artifact_location = None
+        if uri.startswith("sqlite:///"):  # artifacts beside the database file, not in ./mlartifacts
+            artifact_location = (Path(uri[len("sqlite:///"):]).parent / "artifacts").resolve().as_uri()
+        return client.create_experiment(name, artifact_location=artifact_location)
+
+
+class Terminated(BaseException):
+    """SIGTERM received: the run ends KILLED, like Ctrl-C, instead of staying RUNNING."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def git_commit() -> str:
@@ -63,13 +103,17 @@ def tracked_run(uri: str | None, experiment: str, run_name: str | None = None, r
     mlflow.set_tracking_uri(uri)
     exp_id = experiment_id(experiment, uri)
     run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id, run_name=run_name, tags=tags)
+    if run_id and "error" in run.data.tags:  # a resumed run: the old failure no longer describes it
+        MlflowClient(uri).delete_tag(run_id, "error")
     try:
-        yield run
+        with _sigterm_raises():
+            yield run
     except BaseException as e:
         with contextlib.suppress(Exception):
             mlflow.set_tag("error", f"{type(e).__name__}: {e}"[:5000])
             mlflow.log_text(traceback.format_exc(), "error.txt")
-        mlflow.end_run(status=RunStatus.to_string(RunStatus.FAILED if not isinstance(e, KeyboardInterrupt) else RunStatus.KILLED))
+        killed = isinstance(e, (KeyboardInterrupt, Terminated))
+        mlflow.end_run(status=RunStatus.to_string(RunStatus.KILLED if killed else RunStatus.FAILED))
         raise
     else:
         mlflow.end_run(status="FINISHED")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 import logging
 from pathlib import Path
 
@@ -76,8 +77,26 @@ class Checkpoint(Callback):
         atomic_save({"trainer": trainer.state_dict(), "extra": self.extra}, self.path)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint or weights file that cannot be read (empty, truncated, not torch's)."""
+
+
 def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint to resume from at {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    state = load_torch_file(path)
+    if not isinstance(state, dict) or not {"trainer", "extra"} <= state.keys():
+        raise CheckpointError(f"{path}: not a recsys-hnm checkpoint")
+    return state
+
+
+def load_torch_file(path: str | Path):
+    """``torch.load`` of tensors only (no arbitrary pickles), with an error naming the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: holds objects other than tensors, refused (weights_only load)") from e
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: empty, truncated or not a torch file ({reason})") from e

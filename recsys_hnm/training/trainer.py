@@ -82,7 +82,9 @@ class Trainer:
             for cb in self.callbacks:
                 cb.on_epoch_start(self, epoch)
             start = time.perf_counter()
-            logs = {"train_loss": self.train_epoch(epoch)}
+            logs = {"train_loss": self.train_epoch(epoch), "temperature": self.model.temperature}
+            if self.model.temperature_at_bound():
+                log.warning("epoch %d: the learned temperature sits at a bound (%.4g); its gradient is zero there", epoch, self.model.temperature)
             logs["epoch_s"] = time.perf_counter() - start
             start = time.perf_counter()
             logs.update({f"valid.{k}": v for k, v in self.evaluate().items()})
@@ -117,9 +119,7 @@ class Trainer:
     def train_step(self, users: torch.Tensor, pos_items: torch.Tensor) -> StepOutput:
         ctx = Context(users, pos_items)
         blocks = self.sampler.sample(ctx, self.generator)
-        rank_items = None
-        if self.diagnostics is not None and self.diagnostics.rank_sample:
-            rank_items = torch.randint(0, self.model.sizes.n_items, (self.diagnostics.rank_sample,), generator=self.generator)
+        rank_items = self.diagnostics.rank_items() if self.diagnostics is not None else None
         # Each distinct item goes through the item tower once per step.
         parts = [pos_items] + [b.items.reshape(-1) for b in blocks] + ([rank_items] if rank_items is not None else [])
         unique, inverse = torch.unique(torch.cat(parts), return_inverse=True)
@@ -168,7 +168,8 @@ class Trainer:
             "epoch": self.epoch,
             "history": self.history,
             "should_stop": self.should_stop,
-            "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.callbacks},
+            "diagnostics_generator": self.diagnostics.generator.get_state() if self.diagnostics is not None else None,
+            "callbacks": {_callback_key(i, cb): cb.state_dict() for i, cb in enumerate(self.callbacks)},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -178,6 +179,14 @@ class Trainer:
         self.epoch = state["epoch"]
         self.history = state["history"]
         self.should_stop = state["should_stop"]
-        for cb in self.callbacks:
-            if type(cb).__name__ in state["callbacks"]:
-                cb.load_state_dict(state["callbacks"][type(cb).__name__])
+        if self.diagnostics is not None and state.get("diagnostics_generator") is not None:
+            self.diagnostics.generator.set_state(state["diagnostics_generator"])
+        for i, cb in enumerate(self.callbacks):
+            key = _callback_key(i, cb)
+            if key in state["callbacks"]:
+                cb.load_state_dict(state["callbacks"][key])
+
+
+def _callback_key(position: int, callback: Callback) -> str:
+    """Position and class: two callbacks of one class keep their own state."""
+    return f"{position}.{type(callback).__name__}"
