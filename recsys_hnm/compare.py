@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import yaml
 
-from .config import ConfigError, load_config
+from .config import ConfigError, check_name, load_config, read_yaml
 from .experiment import train
 
 log = logging.getLogger(__name__)
@@ -28,18 +28,50 @@ class ComparisonSpec:
 
     @classmethod
     def load(cls, path: str | Path) -> "ComparisonSpec":
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"comparison spec not found: {path}")
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = read_yaml(path, "comparison spec")
         unknown = set(raw) - {"name", "base", "seeds", "variants", "set"}
         if unknown:
             raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}; known: base, name, seeds, set, variants")
         for key in ("name", "base", "variants"):
             if key not in raw:
                 raise ConfigError(f"{path}: missing key {key!r}")
-        variants = {str(k): list(v or []) for k, v in raw["variants"].items()}
-        return cls(raw["name"], raw["base"], list(raw.get("seeds", [0])), variants, list(raw.get("set", [])))
+
+        def refuse(key: str, expected: str):
+            return ConfigError(f"{path}: {key}: expected {expected}, got {raw.get(key)!r}")
+
+        def strings(value) -> bool:
+            return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+        if not isinstance(raw["name"], str):
+            raise refuse("name", "a string")
+        check_name(raw["name"], f"{path}: name")  # part of every run's name, hence of checkpoint paths
+        if not isinstance(raw["base"], str):
+            raise refuse("base", "a config file path")
+        seeds = raw.get("seeds", [0])
+        if not (isinstance(seeds, list) and seeds and all(type(s) is int for s in seeds) and len(set(seeds)) == len(seeds)):
+            raise refuse("seeds", "a non-empty list of distinct integers")
+        if not strings(raw.get("set", [])):
+            raise refuse("set", "a list of KEY=VALUE strings")
+        if not (isinstance(raw["variants"], dict) and raw["variants"]):
+            raise refuse("variants", "a non-empty mapping of variant name to a list of KEY=VALUE strings")
+        variants = {}
+        for name, sets in raw["variants"].items():
+            if not strings(sets or []):
+                raise ConfigError(f"{path}: variants.{name}: expected a list of KEY=VALUE strings, got {sets!r}")
+            variants[str(name)] = list(sets or [])
+        if "MostPop" in variants:
+            raise ConfigError(f"{path}: variants: 'MostPop' is the name of the popularity baseline row")
+        slugs: dict[str, str] = {}
+        for name in variants:
+            other = slugs.setdefault(_slug(name), name)
+            if other != name:
+                raise ConfigError(f"{path}: variants {other!r} and {name!r} give the same run name {_slug(name)!r}")
+        return cls(raw["name"], raw["base"], seeds, variants, list(raw.get("set", [])))
+
+
+def _slug(variant: str) -> str:
+    """The variant label as a file-name-safe part of the run name (labels like '+ann[10,100)' are free text)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", variant)
 
 
 def run_comparison(spec: ComparisonSpec, tracking_uri: str | None = None) -> dict:
@@ -47,11 +79,19 @@ def run_comparison(spec: ComparisonSpec, tracking_uri: str | None = None) -> dic
     configs = {}
     for variant, sets in spec.variants.items():  # check every config before training any
         for seed in spec.seeds:
-            overrides = [*spec.overrides, *sets, f"train.seed={seed}", f"name={spec.name}-{variant}-s{seed}",
-                         f"tracking.experiment={spec.name}", f"tracking.run_name={variant}-s{seed}"]
+            # json.dumps quotes the text values, so YAML reads them back as the same strings
+            overrides = [*spec.overrides, *sets, f"train.seed={seed}", f"name={spec.name}-{_slug(variant)}-s{seed}",
+                         f"tracking.experiment={json.dumps(spec.name)}", f"tracking.run_name={json.dumps(f'{variant}-s{seed}')}"]
             if tracking_uri:
-                overrides.append(f"tracking.uri={tracking_uri}")
-            configs[variant, seed] = load_config(spec.base, overrides)
+                overrides.append(f"tracking.uri={json.dumps(tracking_uri)}")
+            try:
+                config = load_config(spec.base, overrides)
+            except ConfigError as e:
+                raise ConfigError(f"variant {variant!r}: {e}") from e
+            missing = [m for m in METRICS if int(m.split("@")[1]) not in config.eval.ks]
+            if missing:  # the test metrics hold only the Ks of eval.ks
+                raise ConfigError(f"variant {variant!r}: eval.ks {config.eval.ks} lacks the K of {missing}, reported by the comparison table")
+            configs[variant, seed] = config
     results: dict = {v: {m: [] for m in METRICS} for v in spec.variants}
     results["MostPop"] = {m: [] for m in METRICS}
     for (variant, seed), config in configs.items():

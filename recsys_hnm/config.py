@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -160,27 +161,51 @@ class ExperimentConfig:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
     """Read YAML (or start from defaults), apply ``key.path=value`` overrides, check everything."""
-    raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        raw = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping")
+    raw: dict = {} if path is None else read_yaml(path, "config file")
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         key, value = item.split("=", 1)
-        _set_path(raw, key.strip().split("."), yaml.safe_load(value))
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {key.strip()}: {value!r} is not valid YAML ({yaml_problem(e)})") from e
+        _set_path(raw, key.strip().split("."), parsed)
     config = _build(ExperimentConfig, raw, "")
     validate(config)
     return config
 
 
-def config_from_dict(raw: dict) -> ExperimentConfig:
+def read_yaml(path: str | Path, what: str) -> dict:
+    """A YAML file whose top level is a non-empty mapping, or a ConfigError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({yaml_problem(e)})") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot be read ({e})") from e
+    if raw is None:  # an empty file would otherwise run the defaults without a word
+        raise ConfigError(f"{path}: the {what} is empty")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
+    return raw
+
+
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """One line (PyYAML's own message spans several, with a caret drawing)."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + (getattr(e, "problem", None) or str(e).splitlines()[0])
+
+
+def config_from_dict(raw: dict, *, logged: bool = False) -> ExperimentConfig:
+    """``logged=True`` for the config.yaml of an existing run: its name is not checked, since runs
+    logged before names were restricted may hold any, and loading a run builds no path from it."""
     config = _build(ExperimentConfig, raw, "")
-    validate(config)
+    validate(config, check_run_name=not logged)
     return config
 
 
@@ -206,6 +231,9 @@ def _build(cls, raw: Any, prefix: str):
     for name in names & set(raw):
         kwargs[name] = _coerce(raw[name], hints[name], f"{prefix}.{name}" if prefix else name)
     return cls(**kwargs)
+
+
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # 1e-3, 2.5E+4, .5e1
 
 
 def _coerce(value: Any, tp, key: str):
@@ -244,6 +272,8 @@ def _coerce(value: Any, tp, key: str):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -264,8 +294,19 @@ def _positive(value, key, strict=True):
         raise ConfigError(f"{key}: must be {'>' if strict else '>='} 0, got {value!r}")
 
 
-def validate(c: ExperimentConfig) -> None:
+NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")  # a file name on every OS: no separators, no leading dot
+
+
+def check_name(name: str, key: str) -> None:
+    """``name`` becomes a directory under train.checkpoint_dir: no ``..``, slashes or absolute paths."""
+    if not NAME.fullmatch(name):
+        raise ConfigError(f"{key}: {name!r} must be a simple file name (letters, digits, '.', '_', '-'; not starting with '.')")
+
+
+def validate(c: ExperimentConfig, check_run_name: bool = True) -> None:
     """Impossible values, refused with the key named."""
+    if check_run_name:
+        check_name(c.name, "name")
     d = c.data
     external = [d.train, d.valid, d.test]
     if any(external):

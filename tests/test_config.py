@@ -1,6 +1,5 @@
 import pytest
 
-from recsys_hnm.cli import main
 from recsys_hnm.config import ConfigError, config_from_dict, load_config
 
 
@@ -28,6 +27,11 @@ def test_shipped_configs_load():
         ({"data": {"train": "missing.csv", "valid": "v.csv", "test": "t.csv"}}, r"data.train: file not found: missing.csv"),
         ({"data": {"train": "a.csv"}}, r"data.train, data.valid and data.test must be given together"),
         ({"sampler": {"logq": "sometimes"}}, r"sampler.logq: 'sometimes' is not one of"),
+        ({"name": "../x"}, r"name: '../x' must be a simple file name"),
+        ({"name": "runs/x"}, r"name: 'runs/x' must be a simple file name"),
+        ({"name": ""}, r"name: '' must be a simple file name"),
+        ({"train": {"lr": "1e-3x"}}, r"train.lr: expected a number, got '1e-3x'"),
+        ({"train": {"epochs": "1e3"}}, r"train.epochs: expected an integer, got '1e3'"),
     ],
 )
 def test_bad_configs_are_refused_naming_the_key(raw, message):
@@ -46,8 +50,33 @@ def test_overrides_are_typed_and_checked(tmp_path):
     assert flat["train.epochs"] == 3 and flat["sampler.mixture"] == {"uniform": 1.0}
 
 
-def test_cli_refuses_bad_config_before_training(capsys):
-    assert main(["train", "--config", "pipelines/quickstart.yaml", "--set", "train.lr=-1"]) == 2
-    assert "train.lr: must be > 0" in capsys.readouterr().err
-    assert main(["train", "--config", "pipelines/quickstart.yaml", "--set", "eval.ks=[0]"]) == 2
-    assert "eval.ks[0]" in capsys.readouterr().err
+def test_scientific_notation_is_a_number_in_files_and_overrides(tmp_path):
+    # YAML 1.1 (PyYAML) reads 1e-3, having no dot, as the string '1e-3'
+    path = tmp_path / "c.yaml"
+    path.write_text("name: sci\ntrain: {lr: 5e-3, weight_decay: 1E-6}\nsampler: {mixture: {in_batch: 1, uniform: 2.5e-1}}\n")
+    config = load_config(path, ["model.temperature=5e-2", "sampler.ann.window=[1e1, 1e+2]"])
+    assert config.train.lr == 0.005 and config.train.weight_decay == 1e-6
+    assert config.sampler.mixture == {"in_batch": 1.0, "uniform": 0.25}
+    assert config.model.temperature == 0.05 and config.sampler.ann.window == [10.0, 100.0]
+    assert load_config(None, ["train.lr=1e-3"]).train.lr == 0.001
+    assert isinstance(load_config(None, ["train.lr=1e-3"]).flat()["train.lr"], float)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "the config file is empty"),
+    ("# only a comment\n", "the config file is empty"),
+    ("[]\n", "the top level must be a mapping, got list"),
+    ("just text\n", "the top level must be a mapping, got str"),
+    ("train: {lr: [1,\n", "invalid YAML"),
+])
+def test_config_file_must_be_a_mapping(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as e:
+        load_config(path)
+    assert str(e.value).startswith(f"{path}: ") and "\n" not in str(e.value)
+
+
+def test_logged_configs_keep_their_old_names():
+    # runs logged before names were restricted (e.g. 'compare-ann-+ann[10,100)-s0') must still load
+    assert config_from_dict({"name": "compare-ann-+ann[10,100)-s0"}, logged=True).name == "compare-ann-+ann[10,100)-s0"
