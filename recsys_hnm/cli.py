@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .config import ConfigError, load_config
 from .data import DataError, copurchase_graph, describe_graph, load_dataset, load_table
+from .io import atomic_write, check_writable
 from .tracking import TrackingError
 
 
@@ -59,13 +60,14 @@ def _recommend(args) -> int:
     from .data import read_table
     from .experiment import recommend, write_table
 
+    check_writable(args.output, (".csv", ".parquet"))  # before loading and scoring, not after
     users = None
     if args.users:
         frame = read_table(args.users)
         if "user_id" not in frame.columns:
             raise DataError(f"{args.users}: needs a user_id column; columns present: {list(frame.columns)}")
         users = frame["user_id"].to_numpy()
-    out = recommend(args.run_id, args.k, users, args.tracking_uri)
+    out = recommend(args.run_id, args.k, users, args.tracking_uri, history=args.history)
     write_table(out, args.output)
     print(f"wrote {len(out)} rows for {out['user_id'].nunique()} users to {args.output}")
     return 0
@@ -74,13 +76,13 @@ def _recommend(args) -> int:
 def _compare(args) -> int:
     from .compare import ComparisonSpec, run_comparison, table, to_json
 
+    if args.output:  # before hours of training, not after
+        check_writable(args.output, (".md", ".txt"))
     spec = ComparisonSpec.load(args.spec)
     results = run_comparison(spec, args.tracking_uri)
     text = table(results)
     print(text)
     if args.output:
-        from .io import atomic_write
-
         atomic_write(args.output, lambda tmp: Path(tmp).write_text(text + "\n"))
         atomic_write(Path(args.output).with_suffix(".json"), lambda tmp: Path(tmp).write_text(to_json(results)))
     return 0
@@ -123,12 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--k", type=int, default=10)
     rec.add_argument("--output", required=True, help="CSV or parquet (user_id,item_id,rank,score)")
     rec.add_argument("--users", help="CSV/parquet with a user_id column (default: every user with test items)")
+    rec.add_argument("--history", choices=["test", "all"], default="test", help=(
+        "test (default): the test-phase view used for offline evaluation, the user tower's history and the "
+        "masked items are train + validation; all: the serving view, every known event of the user, test "
+        "included, is both the tower's history and masked"))
     rec.add_argument("--tracking-uri")
     rec.set_defaults(func=_recommend)
 
     compare = commands.add_parser("compare", help="variants of a config over several seeds: MLflow runs and a table")
     compare.add_argument("--spec", required=True, help="comparison YAML (name, base, seeds, set, variants)")
-    compare.add_argument("--output", help="write the markdown table here (and the raw figures beside it as .json)")
+    compare.add_argument("--output", help="write the markdown table here (.md or .txt; the raw figures go beside it as .json)")
     compare.add_argument("--tracking-uri")
     compare.set_defaults(func=_compare)
     return parser
@@ -137,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # force: an imported dependency has already given the root logger a handler, which would make basicConfig a no-op
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
     try:
         return args.func(args)
     except (DataError, ConfigError, TrackingError, FileNotFoundError, ValueError) as e:
