@@ -43,24 +43,24 @@ def test_missing_column_is_named():
 
 
 def test_null_ids_are_named_with_rows():
-    with pytest.raises(DataError, match=r"'user_id' has 1 null value\(s\), e.g. at rows \[1\]"):
+    with pytest.raises(DataError, match=r"^events: column 'user_id' has 1 null value\(s\); first at data row 2: nan$"):
         Interactions.from_frames(frame([[1, "a", 1], [None, "b", 2]]), ITEMS)
 
 
 def test_unparseable_timestamp_is_named():
-    with pytest.raises(DataError, match=r"'timestamp' has 1 unparseable value\(s\), e.g. \['yesterday'\]"):
+    with pytest.raises(DataError, match=r"^events: column 'timestamp' has 1 unparseable value\(s\); first at data row 2: 'yesterday'$"):
         Interactions.from_frames(frame([[1, "a", "2020-01-01"], [1, "b", "yesterday"]]), ITEMS)
 
 
 def test_negative_weight_is_refused():
     events = frame([[1, "a", 1, 1.0], [1, "b", 2, -2.0]], ("user_id", "item_id", "timestamp", "weight"))
-    with pytest.raises(DataError, match=r"'weight' has 1 negative value\(s\), e.g. \[-2.0\]"):
+    with pytest.raises(DataError, match=r"^events: column 'weight' has 1 negative value\(s\); first at data row 2: -2.0$"):
         Interactions.from_frames(events, ITEMS)
 
 
 def test_unknown_items_error_names_count_and_examples():
     events = frame([[1, "a", 1], [1, "q", 2], [2, "r", 3]])
-    with pytest.raises(DataError, match=r"2 item\(s\) .* absent from the item metadata, e.g. \['q', 'r'\]"):
+    with pytest.raises(DataError, match=r"2 item\(s\) .* absent from the item metadata \(items\), e.g. \['q', 'r'\]; first at data row 2: 'q'"):
         Interactions.from_frames(events, ITEMS)
 
 

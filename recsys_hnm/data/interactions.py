@@ -52,6 +52,21 @@ def _examples(values, n: int = 5) -> list:
     return pd.unique(np.asarray(values))[:n].tolist()
 
 
+def _plain(value):
+    """A numpy scalar as the plain Python value, so messages show ``5`` and not ``np.int64(5)``."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _bad_values(what: str, column: str, mask, values, problem: str, hint: str = "") -> DataError:
+    """One-line error naming the source, column, count, first data row (1-based) and its value."""
+    pos = np.flatnonzero(np.asarray(mask))
+    first = int(pos[0])
+    value = _plain(np.asarray(values, dtype=object)[first])
+    return DataError(
+        f"{what}: column {column!r} has {len(pos)} {problem} value(s); first at data row {first + 1}: {value!r}{hint}"
+    )
+
+
 def _require_columns(frame: pd.DataFrame, columns: list[str], what: str) -> None:
     missing = [c for c in columns if c not in frame.columns]
     if missing:
@@ -59,27 +74,83 @@ def _require_columns(frame: pd.DataFrame, columns: list[str], what: str) -> None
 
 
 def _require_no_nulls(frame: pd.DataFrame, column: str, what: str) -> None:
-    nulls = frame[column].isna()
+    nulls = frame[column].isna().to_numpy()
     if nulls.any():
-        rows = frame.index[nulls][:5].tolist()
-        raise DataError(f"{what}: column {column!r} has {int(nulls.sum())} null value(s), e.g. at rows {rows}")
+        raise _bad_values(what, column, nulls, frame[column].to_numpy(), "null")
 
 
-def parse_timestamps(values: pd.Series, what: str) -> np.ndarray:
-    """Seconds since the epoch (float64) from numbers (taken as seconds) or date strings."""
-    if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
-        return values.to_numpy(dtype=np.float64)
+# Kinds of raw id columns: ids of different kinds cannot be matched (is 12 the same user as "12"?).
+_ID_KINDS = {"integer": "integers", "floating": "floats", "string": "text", "boolean": "booleans"}
+
+
+def _id_kind(values: np.ndarray, what: str, column: str) -> str:
+    """The kind of a raw id column (integers, floats, text...); a column mixing kinds is an error."""
+    kind = pd.api.types.infer_dtype(values, skipna=True)
+    if kind.startswith("mixed"):
+        types = pd.Series(values).map(lambda v: type(_plain(v)).__name__)  # error path only
+        firsts = types.drop_duplicates()
+        shown = ", ".join(f"data row {i + 1}: {_plain(values[i])!r} ({t})" for i, t in firsts.iloc[:2].items())
+        raise DataError(f"{what}: column {column!r} mixes value types ({shown}); give ids of one type")
+    return _ID_KINDS.get(kind, kind)
+
+
+def _check_same_kind(column: str, kinds: list[tuple[str, str]]) -> None:
+    """Raw ids of ``column`` must be of one kind in every source, e.g. not ints in one file and text in another."""
+    seen = {}
+    for what, kind in kinds:
+        seen.setdefault(kind, what)
+    if len(seen) > 1:
+        shown = ", ".join(f"{kind} in {what}" for kind, what in seen.items())
+        raise DataError(
+            f"column {column!r} has ids of different types across files ({shown}); "
+            "ids cannot be matched across types: write them with one type in every file"
+        )
+
+
+# Numeric timestamps are Unix seconds. Beyond +-MAX_SECONDS (year 2200 / 1740) they are taken as
+# a finer unit given by mistake and refused, not silently read as seconds in the far future.
+MAX_SECONDS = 7_258_118_400.0  # 2200-01-01T00:00:00Z
+_FINER_UNITS = (("milliseconds", 1e3), ("microseconds", 1e6), ("nanoseconds", 1e9))
+
+
+def parse_timestamps(values, what: str, column: str = "timestamp") -> np.ndarray:
+    """Seconds since the epoch (float64), by one rule for every source.
+
+    Numbers (numeric columns, and number strings in text columns) are Unix seconds; datetime
+    columns are taken as they are; other strings are parsed as dates (ISO 8601 and the like;
+    times without an offset are UTC). Numbers beyond year 2200 (or before 1740) as seconds are
+    refused: they are milliseconds, microseconds or nanoseconds given by mistake.
+    """
+    values = pd.Series(values).reset_index(drop=True)
+    if pd.api.types.is_bool_dtype(values):
+        raise DataError(f"{what}: column {column!r} holds true/false values, not times")
     if pd.api.types.is_datetime64_any_dtype(values):
-        parsed = values
+        numbers = pd.Series(np.nan, index=values.index)
+    elif pd.api.types.is_numeric_dtype(values):
+        numbers = values.astype(np.float64)
     else:
-        parsed = pd.to_datetime(values, errors="coerce", format="mixed")
-        bad = parsed.isna() & values.notna()
+        numbers = pd.to_numeric(values, errors="coerce")
+    seconds = numbers.to_numpy(dtype=np.float64, copy=True)
+    is_number = ~np.isnan(seconds)
+    if not is_number.all():
+        dates = values[~is_number]
+        parsed = pd.to_datetime(dates, errors="coerce", format="mixed", utc=True)
+        bad = (parsed.isna() & dates.notna()).to_numpy()
         if bad.any():
-            examples = _examples(values[bad])
-            raise DataError(f"{what}: column 'timestamp' has {int(bad.sum())} unparseable value(s), e.g. {examples}")
-    if getattr(parsed.dt, "tz", None) is not None:
-        parsed = parsed.dt.tz_convert("UTC").dt.tz_localize(None)
-    return parsed.astype("datetime64[ns]").to_numpy().astype(np.int64) / 1e9
+            mask = np.zeros(len(values), bool)
+            mask[np.flatnonzero(~is_number)[bad]] = True
+            raise _bad_values(what, column, mask, values.to_numpy(), "unparseable")
+        seconds[~is_number] = ((parsed - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(seconds=1)).to_numpy(np.float64)
+    out_of_range = is_number & ~(np.abs(np.where(is_number, seconds, 0.0)) <= MAX_SECONDS)
+    if out_of_range.any():
+        example = seconds[np.flatnonzero(out_of_range)[0]]
+        if not np.isfinite(example):
+            hint = ": not a finite number of seconds"
+        else:
+            unit = next((u for u, f in _FINER_UNITS if abs(example) / f <= MAX_SECONDS), "a unit finer than seconds")
+            hint = f": after year 2200 (or before 1740) as Unix seconds, it looks like {unit}; give seconds since the epoch"
+        raise _bad_values(what, column, out_of_range, values.to_numpy(), "out-of-range", hint)
+    return seconds
 
 
 @dataclass
@@ -143,78 +214,100 @@ class Interactions:
         unknown_items: UnknownItemPolicy = "error",
         source: str = "events",
         keep_columns: tuple[str, ...] = (),
+        items_source: str = "items",
     ) -> "Interactions":
         """Validate and id-map an event frame and an item frame.
 
-        events: columns ``user_id``, ``item_id``, optional ``timestamp`` (seconds or date
-        strings), ``weight`` (>= 0) and ``basket_id``.
+        events: columns ``user_id``, ``item_id``, optional ``timestamp`` (see
+        ``parse_timestamps``: numbers are Unix seconds, strings are dates), ``weight`` (>= 0)
+        and ``basket_id``.
         items: columns ``item_id`` and ``category``; one row per (item, category) pair, or
         several categories in one cell separated by ``|``.
         duplicates: events of the same (user, item) pair. ``first`` keeps the earliest (the
         usual choice for implicit feedback, so no pair lands in two split phases), ``last`` the
         latest, ``keep`` all of them (repeat purchases); removed rows are counted in the report.
+        Events are ordered by time, then user index, then item index (input order only among
+        events equal in all three), so the result does not depend on the order of input rows.
         unknown_items: items of the events absent from the item frame: ``error``, or give
         them the category ``unknown``.
         keep_columns: further event columns to carry through unchanged (e.g. a fixed split's phase).
+        source, items_source: names of the inputs (file paths) used in error messages, which
+        also give the 1-based data row and the value.
         """
-        what = source
-        if len(events) == 0:
-            raise DataError(f"{what}: no events (the frame is empty)")
-        _require_columns(events, ["user_id", "item_id"], what)
-        for col in ["user_id", "item_id"]:
-            _require_no_nulls(events, col, what)
+        return cls.from_parts(
+            [(source, events)], items, duplicates=duplicates, unknown_items=unknown_items,
+            keep_columns=keep_columns, items_source=items_source,
+        )
+
+    @classmethod
+    def from_parts(
+        cls,
+        parts: list[tuple[str, pd.DataFrame]],
+        items: pd.DataFrame | None = None,
+        *,
+        duplicates: DuplicatePolicy = "first",
+        unknown_items: UnknownItemPolicy = "error",
+        keep_columns: tuple[str, ...] = (),
+        items_source: str = "items",
+    ) -> "Interactions":
+        """Like ``from_frames`` for events given in several parts, e.g. one frame per file.
+
+        ``parts`` is a list of (source name, event frame). Each part is validated on its own, so
+        an error names its source and the data row within it; timestamps are parsed per part by
+        the same rule. The parts must agree on the optional columns (``timestamp``,
+        ``basket_id``) and on the type of their ids; they are then concatenated in the given order.
+        """
         if duplicates not in ("first", "last", "keep"):
             raise DataError(f"duplicates must be 'first', 'last' or 'keep', not {duplicates!r}")
         if unknown_items not in ("error", "unknown_category"):
             raise DataError(f"unknown_items must be 'error' or 'unknown_category', not {unknown_items!r}")
-        report: dict[str, int] = {"events_in": len(events)}
+        if not parts:
+            raise DataError("no event sources given")
+        names = [what for what, _ in parts]
+        cleaned, kinds = zip(*(_clean_events(events, what, keep_columns) for what, events in parts))
+        for col in ("timestamp", "basket_raw"):
+            has = [col in c.columns for c in cleaned]
+            if any(has) and not all(has):
+                name = "basket_id" if col == "basket_raw" else col
+                with_, without = [n for n, h in zip(names, has) if h], [n for n, h in zip(names, has) if not h]
+                raise DataError(f"column {name!r} is in {with_} but missing from {without}; give it in every file or in none")
+        for col, name in (("user_raw", "user_id"), ("item_raw", "item_id"), ("basket_raw", "basket_id")):
+            if col in cleaned[0].columns:
+                _check_same_kind(name, [(what, k[col]) for what, k in zip(names, kinds)])
+        if items is not None and len(items) and "item_id" in items.columns:
+            _require_no_nulls(items, "item_id", items_source)
+            item_kinds = [(what, k["item_raw"]) for what, k in zip(names, kinds)]
+            items_kind = _id_kind(items["item_id"].to_numpy(), items_source, "item_id")
+            _check_same_kind("item_id", item_kinds + [(items_source, items_kind)])
 
-        frame = pd.DataFrame({"user_raw": events["user_id"].to_numpy(), "item_raw": events["item_id"].to_numpy()})
-        _require_columns(events, list(keep_columns), what)
-        for col in keep_columns:
-            frame[col] = events[col].to_numpy()
-        if "timestamp" in events.columns:
-            _require_no_nulls(events, "timestamp", what)
-            frame["timestamp"] = parse_timestamps(events["timestamp"].reset_index(drop=True), what)
-        if "weight" in events.columns:
-            _require_no_nulls(events, "weight", what)
-            weight = pd.to_numeric(events["weight"], errors="coerce").to_numpy(dtype=np.float64)
-            if np.isnan(weight).any():
-                raise DataError(f"{what}: column 'weight' has non-numeric values, e.g. {_examples(events['weight'][np.isnan(weight)])}")
-            if (weight < 0).any():
-                raise DataError(f"{what}: column 'weight' has {(weight < 0).sum()} negative value(s), e.g. {_examples(weight[weight < 0])}")
-            frame["weight"] = weight
-        else:
-            frame["weight"] = 1.0
-        if "basket_id" in events.columns:
-            _require_no_nulls(events, "basket_id", what)
-            frame["basket"] = pd.factorize(events["basket_id"].to_numpy())[0].astype(np.int64)
+        frame = pd.concat(
+            [c.assign(_part=np.int64(i)) for i, c in enumerate(cleaned)], ignore_index=True
+        ) if len(cleaned) > 1 else cleaned[0].assign(_part=np.int64(0))
+        report: dict[str, int] = {"events_in": len(frame)}
+        # Deduplication never removes a user or item entirely, so the maps can be built first.
+        users = IdMap(np.sort(pd.unique(frame["user_raw"].to_numpy())))
+        items_map = IdMap(np.sort(pd.unique(frame["item_raw"].to_numpy())))
+        frame["user"] = users.to_index(frame["user_raw"], "user")
+        frame["item"] = items_map.to_index(frame["item_raw"], "item")
+        if "basket_raw" in frame.columns:
+            frame["basket"] = pd.factorize(frame["basket_raw"].to_numpy(), sort=True)[0].astype(np.int64)
 
-        # Duplicates: keep a deterministic order (by time if any, then input order).
+        # One deterministic order: time, then user, then item; only exact ties keep input order.
         if "timestamp" in frame.columns:
-            frame = frame.sort_values("timestamp", kind="stable", ignore_index=True)
+            order = np.lexsort((frame["item"].to_numpy(), frame["user"].to_numpy(), frame["timestamp"].to_numpy()))
+            frame = frame.iloc[order].reset_index(drop=True)
         if duplicates != "keep":
-            dup = frame.duplicated(["user_raw", "item_raw"], keep=duplicates)
+            dup = frame.duplicated(["user", "item"], keep=duplicates)
             report["duplicate_events_removed"] = int(dup.sum())
             if dup.any():
-                log.info("%s: removed %d repeated (user, item) events (duplicates=%r)", what, dup.sum(), duplicates)
+                log.info("%s: removed %d repeated (user, item) events (duplicates=%r)", ", ".join(names), dup.sum(), duplicates)
                 frame = frame[~dup].reset_index(drop=True)
 
-        users = IdMap(np.sort(pd.unique(frame["user_raw"])))
-        item_ids = np.sort(pd.unique(frame["item_raw"]))
-        items_map = IdMap(item_ids)
-        categories, item_categories = _category_structure(items, items_map, unknown_items, report, what)
-
-        out = pd.DataFrame(
-            {
-                "user": users.to_index(frame["user_raw"], "user"),
-                "item": items_map.to_index(frame["item_raw"], "item"),
-                "weight": frame["weight"].to_numpy(),
-            }
+        categories, item_categories = _category_structure(
+            items, items_map, unknown_items, report, items_source, frame, names
         )
-        for col in ("timestamp", "basket", *keep_columns):
-            if col in frame.columns:
-                out[col] = frame[col].to_numpy()
+        columns = ["user", "item", "weight", "timestamp", "basket", *keep_columns]
+        out = frame[[c for c in columns if c in frame.columns]].copy()
         report["events"] = len(out)
         return cls(out, users, items_map, categories, item_categories, report)
 
@@ -260,18 +353,61 @@ def to_csr(events: pd.DataFrame, n_users: int, n_items: int, values: str | None 
     return m
 
 
+def _clean_events(
+    events: pd.DataFrame, what: str, keep_columns: tuple[str, ...] = ()
+) -> tuple[pd.DataFrame, dict[str, str]]:
+    """One source's events validated on their own: ``user_raw``, ``item_raw``, ``weight``,
+    ``timestamp`` (seconds) and ``basket_raw`` where given, ``keep_columns`` and ``_row`` (the
+    1-based data row); and the kind of each raw id column. Errors name ``what``, the column,
+    the 1-based data row and the value."""
+    if len(events) == 0:
+        raise DataError(f"{what}: no events (empty: no data rows)")
+    _require_columns(events, ["user_id", "item_id"], what)
+    _require_columns(events, list(keep_columns), what)
+    frame = pd.DataFrame(index=pd.RangeIndex(len(events)))
+    kinds = {}
+    for col, raw in (("user_id", "user_raw"), ("item_id", "item_raw"), ("basket_id", "basket_raw")):
+        if col in events.columns:
+            _require_no_nulls(events, col, what)
+            values = events[col].to_numpy()
+            kinds[raw] = _id_kind(values, what, col)
+            frame[raw] = values
+    for col in keep_columns:
+        frame[col] = events[col].to_numpy()
+    if "timestamp" in events.columns:
+        _require_no_nulls(events, "timestamp", what)
+        frame["timestamp"] = parse_timestamps(events["timestamp"], what)
+    if "weight" in events.columns:
+        _require_no_nulls(events, "weight", what)
+        raw_weight = events["weight"].to_numpy()
+        weight = pd.to_numeric(events["weight"], errors="coerce").to_numpy(dtype=np.float64)
+        if np.isnan(weight).any():
+            raise _bad_values(what, "weight", np.isnan(weight), raw_weight, "non-numeric")
+        if (weight < 0).any():
+            raise _bad_values(what, "weight", weight < 0, raw_weight, "negative")
+        frame["weight"] = weight
+    else:
+        frame["weight"] = 1.0
+    frame["_row"] = np.arange(1, len(events) + 1)
+    return frame, kinds
+
+
 def _category_structure(
     items: pd.DataFrame | None,
     items_map: IdMap,
     unknown_items: UnknownItemPolicy,
     report: dict[str, int],
     what: str,
+    events: pd.DataFrame,
+    sources: list[str],
 ) -> tuple[IdMap, sp.csr_matrix]:
+    """Categories and the items x categories matrix. ``what`` names the item frame; ``events``
+    (with ``item``, ``_part`` and ``_row``) and ``sources`` locate an unknown item for the error."""
     n_items = len(items_map)
     if items is None:
         return IdMap(np.array([], dtype=object)), sp.csr_matrix((n_items, 0), dtype=np.float32)
-    _require_columns(items, ["item_id", "category"], "items")
-    _require_no_nulls(items, "item_id", "items")
+    _require_columns(items, ["item_id", "category"], what)
+    _require_no_nulls(items, "item_id", what)
     pairs = items[["item_id", "category"]].copy()
     no_category = pairs["category"].isna() | (pairs["category"].astype(str).str.strip() == "")
     report["item_rows_without_category"] = int(no_category.sum())
@@ -288,9 +424,13 @@ def _category_structure(
     if n_unknown:
         examples = _examples(items_map.raw[~in_meta])
         if unknown_items == "error":
+            unknown = events[~in_meta[events["item"].to_numpy()]]
+            first = unknown.iloc[np.lexsort((unknown["_row"].to_numpy(), unknown["_part"].to_numpy()))[0]]
             raise DataError(
-                f"{what}: {n_unknown} item(s) of the events are absent from the item metadata, e.g. "
-                f"{examples}; pass unknown_items='unknown_category' to give them the category {UNKNOWN_CATEGORY!r}"
+                f"{sources[int(first['_part'])]}: {n_unknown} item(s) of the events are absent from the item "
+                f"metadata ({what}), e.g. {examples}; first at data row {int(first['_row'])}: "
+                f"{_plain(first['item_raw'])!r} in column 'item_id'; pass unknown_items='unknown_category' "
+                f"to give them the category {UNKNOWN_CATEGORY!r}"
             )
         log.warning("%d item(s) absent from the item metadata get category %r, e.g. %s", n_unknown, UNKNOWN_CATEGORY, examples)
         extra = pd.DataFrame({"item_id": items_map.raw[~in_meta], "category": UNKNOWN_CATEGORY})

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .interactions import DataError, Interactions
+from .interactions import DataError, DuplicatePolicy, Interactions, UnknownItemPolicy
+from .splits import Split, fixed_split
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +39,57 @@ def read_table(path: str | Path, **kwargs) -> pd.DataFrame:
     if not path.is_file():
         raise DataError(f"file not found: {path}")
     suffix = "".join(path.suffixes[-2:]).lower()
-    if suffix.endswith(".parquet") or suffix.endswith(".pq"):
-        return pd.read_parquet(path)
-    if any(suffix.endswith(s) for s in (".csv", ".csv.gz", ".tsv", ".txt")):
-        return pd.read_csv(path, sep="\t" if ".tsv" in suffix else ",", **kwargs)
+    try:
+        if suffix.endswith(".parquet") or suffix.endswith(".pq"):
+            return pd.read_parquet(path)
+        if any(suffix.endswith(s) for s in (".csv", ".csv.gz", ".tsv", ".txt")):
+            return pd.read_csv(path, sep="\t" if ".tsv" in suffix else ",", **kwargs)
+    except pd.errors.EmptyDataError as e:
+        raise DataError(f"{path}: empty file (no header and no data rows)") from e
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError) as e:
+        raise DataError(f"{path}: cannot be read: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     raise DataError(f"{path}: unsupported file type (use .csv, .csv.gz, .tsv or .parquet)")
+
+
+def load_fixed_split(
+    train: str | Path,
+    valid: str | Path,
+    test: str | Path,
+    items: str | Path | None = None,
+    *,
+    duplicates: DuplicatePolicy = "first",
+    unknown_items: UnknownItemPolicy = "error",
+) -> tuple[Interactions, Split]:
+    """A split given as three event files (CSV or parquet; columns as for
+    ``Interactions.from_frames``) and optional item metadata, read into one ``Interactions``
+    with a ``phase`` column and its ``fixed_split``.
+
+    Each file is validated on its own: every error names the file, the column, the 1-based data
+    row (header not counted) and the value. Timestamps are parsed per file by one rule (numbers
+    are Unix seconds, strings are dates; milliseconds are refused). An empty file, or a phase
+    left empty once repeated (user, item) events are removed, is refused naming the file. The
+    files must agree on the optional columns (timestamp, basket_id) and on the type of their ids
+    (e.g. user ids all integers or all text). The split summary counts valid / test users
+    without training events and items never seen in training.
+    """
+    paths = {"train": train, "valid": valid, "test": test}
+    for phase, path in paths.items():
+        if path is None or str(path) == "":
+            raise DataError(f"fixed split: no {phase} file given")
+    parts = [(str(path), read_table(path).assign(phase=phase)) for phase, path in paths.items()]
+    item_frame = read_table(items) if items else None
+    data = Interactions.from_parts(
+        parts, item_frame, duplicates=duplicates, unknown_items=unknown_items,
+        keep_columns=("phase",), items_source=str(items),
+    )
+    split = fixed_split(data)
+    for phase, path in paths.items():
+        if len(split.phase(phase)) == 0:
+            raise DataError(
+                f"{path}: no {phase} events left: all were repeats of (user, item) pairs of earlier "
+                f"events, removed by duplicates={duplicates!r}"
+            )
+    return data, split
 
 
 def load_movielens(path: str | Path, *, min_rating: float | None = None, **options) -> Interactions:
@@ -51,11 +98,13 @@ def load_movielens(path: str | Path, *, min_rating: float | None = None, **optio
     interaction unless ``min_rating`` keeps only ratings >= it."""
     path = Path(path)
     if (path / "ratings.csv").is_file():
+        files = ("ratings.csv", "movies.csv")
         ratings = pd.read_csv(path / "ratings.csv")
         movies = pd.read_csv(path / "movies.csv")
         ratings = ratings.rename(columns={"userId": "user_id", "movieId": "item_id"})
         items = movies.rename(columns={"movieId": "item_id", "genres": "category"})
     elif (path / "ratings.dat").is_file():
+        files = ("ratings.dat", "movies.dat")
         ratings = pd.read_csv(
             path / "ratings.dat", sep="::", engine="python", header=None,
             names=["user_id", "item_id", "rating", "timestamp"],
@@ -65,6 +114,7 @@ def load_movielens(path: str | Path, *, min_rating: float | None = None, **optio
             names=["item_id", "title", "category"], encoding="latin-1",
         )
     elif (path / "u.data").is_file():
+        files = ("u.data", "u.item")
         ratings = pd.read_csv(
             path / "u.data", sep="\t", header=None, names=["user_id", "item_id", "rating", "timestamp"]
         )
@@ -83,7 +133,10 @@ def load_movielens(path: str | Path, *, min_rating: float | None = None, **optio
         ratings = ratings[ratings["rating"] >= min_rating]
         log.info("min_rating=%s kept %d of %d ratings", min_rating, len(ratings), before)
     events = ratings[["user_id", "item_id", "timestamp"]].copy()
-    data = Interactions.from_frames(events, items[["item_id", "category"]], source=str(path), **options)
+    data = Interactions.from_frames(
+        events.reset_index(drop=True), items[["item_id", "category"]],
+        source=str(path / files[0]), items_source=str(path / files[1]), **options,
+    )
     if min_rating is not None:
         data.report["ratings_below_min_rating"] = int(before - len(ratings))
     return data
@@ -103,7 +156,9 @@ def load_table(
     items = None
     if items_path is not None:
         items = _rename(read_table(items_path), item_columns, items_path)
-    return Interactions.from_frames(events, items, source=str(events_path), **options)
+    return Interactions.from_frames(
+        events, items, source=str(events_path), items_source=str(items_path), **options
+    )
 
 
 def _rename(frame: pd.DataFrame, mapping: dict[str, str] | None, path) -> pd.DataFrame:

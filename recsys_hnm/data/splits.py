@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import cached_property
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .interactions import DataError, Interactions, to_csr
+from .interactions import DataError, Interactions, parse_timestamps, to_csr
 
 PHASES = ("train", "valid", "test")
 
@@ -59,6 +60,8 @@ class Split:
         return pd.concat([self.train, self.valid]).sort_values(_order(self.data), kind="stable")
 
     def summary(self) -> dict:
+        """Phase sizes and users, and the split's report: cold-start users and items of valid and
+        test (``*_users_without_train_events``, ``*_items_not_in_train``) and known repeats."""
         out = {name: len(self.phase(name)) for name in PHASES}
         out.update({f"{name}_users": int(self.phase(name)["user"].nunique()) for name in PHASES})
         out.update(self.report)
@@ -92,6 +95,15 @@ def _make(data: Interactions, phase_of: pd.Series, report: dict[str, int]) -> Sp
             users, items = part["user"].to_numpy().copy(), part["item"].to_numpy().copy()
             repeats = int((np.asarray(split.known(name)[users, items]).ravel() > 0).sum())
         report[f"{name}_events_already_known"] = repeats
+    # Cold start: valid / test users without any training event, and items never trained on.
+    train_users = np.zeros(data.n_users, bool)
+    train_users[split.train["user"].to_numpy()] = True
+    train_items = np.zeros(data.n_items, bool)
+    train_items[split.train["item"].to_numpy()] = True
+    for name in ("valid", "test"):
+        part = split.phase(name)
+        report[f"{name}_users_without_train_events"] = int((~train_users[part["user"].unique()]).sum())
+        report[f"{name}_items_not_in_train"] = int((~train_items[part["item"].unique()]).sum())
     return split
 
 
@@ -151,11 +163,7 @@ def time_split(data: Interactions, valid_start, test_start) -> Split:
         raise DataError(f"time_split: valid_start ({valid_start}) is after test_start ({test_start})")
     ts = data.events["timestamp"].to_numpy()
     phase = np.where(ts < cuts[0], 0, np.where(ts < cuts[1], 1, 2)).astype(np.int8)
-    split = _make(data, pd.Series(phase, index=data.events.index), {})
-    train_users = np.zeros(data.n_users, bool)
-    train_users[split.train["user"].to_numpy()] = True
-    split.report["test_users_without_training_events"] = int((~train_users[split.test["user"].unique()]).sum())
-    return split
+    return _make(data, pd.Series(phase, index=data.events.index), {})
 
 
 def fixed_split(data: Interactions, column: str = "phase") -> Split:
@@ -170,12 +178,12 @@ def fixed_split(data: Interactions, column: str = "phase") -> Split:
 
 
 def _to_seconds(value, name: str) -> float:
-    if isinstance(value, (int, float, np.number)):
-        return float(value)
-    try:
-        return pd.Timestamp(value).value / 1e9
-    except (ValueError, TypeError) as e:
-        raise DataError(f"time_split: {name}={value!r} is not a time") from e
+    """A cut point by the rule of ``parse_timestamps``: numbers are Unix seconds, strings dates."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        raise DataError(f"time_split: {name} is not given")
+    if isinstance(value, (pd.Timestamp, datetime)):
+        value = pd.Timestamp(value).isoformat()
+    return float(parse_timestamps(pd.Series([value], dtype=object), "time_split", name)[0])
 
 
 def _position_from_start(user: np.ndarray) -> np.ndarray:
