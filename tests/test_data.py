@@ -156,6 +156,40 @@ def test_leave_last_out_on_synthetic_every_test_event_is_users_latest():
     assert (train_max[valid.index] <= valid).all()
 
 
+def test_leave_last_out_breaks_time_ties_by_item_id_and_counts_them():
+    # user 1: three events in its last second; user 2: valid shares its second with training;
+    # user 3: no ties
+    events = frame([
+        [1, "a", 1], [1, "d", 5], [1, "b", 5], [1, "c", 5],
+        [2, "c", 1], [2, "a", 2], [2, "b", 2], [2, "d", 3],
+        [3, "a", 1], [3, "b", 2], [3, "c", 3],
+    ])
+    data = Interactions.from_frames(events, ITEMS)
+    split = leave_last_out(data)
+    raw = lambda p, u: sorted(data.items.to_raw(split.phase(p).loc[split.phase(p)["user"] == data.users.to_index([u])[0], "item"]))
+    assert (raw("test", 1), raw("valid", 1), raw("train", 1)) == (["d"], ["c"], ["a", "b"])
+    assert (raw("test", 2), raw("valid", 2), raw("train", 2)) == (["d"], ["b"], ["a", "c"])
+    summary = split.summary()
+    assert summary["users_last_timestamp_tied"] == 1
+    assert summary["users_valid_test_same_timestamp"] == 1
+    assert summary["users_train_valid_same_timestamp"] == 2  # user 1 (b, c at 5) and user 2 (a, b at 2)
+
+
+@pytest.mark.parametrize("make_split", [leave_last_out, lambda d: ratio_split(d, (0.6, 0.2, 0.2))])
+def test_splits_do_not_depend_on_input_row_order(make_split):
+    events, items = synthetic_frames(80, 150, 3000, seed=5)
+    events["timestamp"] = (events["timestamp"] // 86400) * 86400  # many events per user per day
+    reference = make_split(Interactions.from_frames(events, items))
+    raw = lambda split, p: split.phase(p).assign(
+        user=split.data.users.to_raw(split.phase(p)["user"]), item=split.data.items.to_raw(split.phase(p)["item"])
+    )[["user", "item", "timestamp"]].reset_index(drop=True)
+    for seed in (1, 2):
+        shuffled = make_split(Interactions.from_frames(events.sample(frac=1.0, random_state=seed), items))
+        for p in ("train", "valid", "test"):
+            pd.testing.assert_frame_equal(raw(shuffled, p), raw(reference, p))
+        assert shuffled.summary() == reference.summary()
+
+
 def test_ratio_split_by_time_and_random():
     data = synthetic(50, 100, 2000, seed=2)
     by_time = ratio_split(data, (0.8, 0.1, 0.1), by_time=True)

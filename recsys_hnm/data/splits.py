@@ -61,7 +61,8 @@ class Split:
 
     def summary(self) -> dict:
         """Phase sizes and users, and the split's report: cold-start users and items of valid and
-        test (``*_users_without_train_events``, ``*_items_not_in_train``) and known repeats."""
+        test (``*_users_without_train_events``, ``*_items_not_in_train``), known repeats, and
+        for leave-last-out the timestamp ties its tie rule decided."""
         out = {name: len(self.phase(name)) for name in PHASES}
         out.update({f"{name}_users": int(self.phase(name)["user"].nunique()) for name in PHASES})
         out.update(self.report)
@@ -69,11 +70,13 @@ class Split:
 
 
 def _order(data: Interactions) -> list[str]:
-    return ["timestamp"] if data.has_time else []
+    """Time order of events; events at the same time are ordered by item index (the sort order
+    of the raw item ids), so the order never depends on the order of the input rows."""
+    return ["timestamp", "item"] if data.has_time else []
 
 
 def _sorted(data: Interactions) -> pd.DataFrame:
-    """Events by user, then time (input order breaks ties), keeping the original row labels."""
+    """Events by user, then time, then item index (see ``_order``), keeping the row labels."""
     keys = ["user"] + _order(data)
     return data.events.sort_values(keys, kind="stable")
 
@@ -110,6 +113,15 @@ def _make(data: Interactions, phase_of: pd.Series, report: dict[str, int]) -> Sp
 def leave_last_out(data: Interactions, min_events: int = 3) -> Split:
     """Per user, the last event by time is test, the one before it validation.
 
+    Tie rule: events of a user at the same timestamp are ordered by item index, i.e. by raw item
+    id (ids are sorted when mapped), so among events in the user's last second the largest item
+    id is test. The split does not depend on the order of the input rows. The report counts
+    the ties the rule decided: ``users_last_timestamp_tied`` (users whose last timestamp is
+    shared by several events), ``users_valid_test_same_timestamp`` (the same among users that
+    get valid and test events: their valid and test events share a timestamp) and
+    ``users_train_valid_same_timestamp`` (the valid event shares its timestamp with a training
+    event).
+
     Users with fewer than ``min_events`` events keep all of them in training (counted).
     """
     if not data.has_time:
@@ -125,6 +137,11 @@ def leave_last_out(data: Interactions, min_events: int = 3) -> Split:
     phase[eligible & (pos_from_end == 0)] = 2
     phase[eligible & (pos_from_end == 1)] = 1
     report = {"users_too_short_for_valid_test": int(((counts > 0) & (counts < min_events)).sum())}
+    ts = ordered["timestamp"].to_numpy()
+    same_as_next = np.r_[(user[1:] == user[:-1]) & (ts[1:] == ts[:-1]), False]
+    report["users_last_timestamp_tied"] = int((same_as_next & (pos_from_end == 1)).sum())
+    report["users_valid_test_same_timestamp"] = int((eligible & same_as_next & (pos_from_end == 1)).sum())
+    report["users_train_valid_same_timestamp"] = int((eligible & same_as_next & (pos_from_end == 2)).sum())
     return _make(data, pd.Series(phase, index=ordered.index), report)
 
 
