@@ -16,6 +16,7 @@ from recsys_hnm.data import (
     load_movielens,
     load_retail,
     load_table,
+    Split,
     ratio_split,
     synthetic,
     synthetic_frames,
@@ -121,11 +122,41 @@ def test_date_string_timestamps_parse_to_seconds():
 
 # --- splits -----------------------------------------------------------------------------------
 
-def _phases_disjoint(split):
-    seen = [set(zip(split.phase(p)["user"], split.phase(p)["item"], split.phase(p)["timestamp"])) for p in ("train", "valid", "test")]
-    total = sum(len(split.phase(p)) for p in ("train", "valid", "test"))
-    assert total == len(split.data.events)
-    assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
+def _check_partition(split, in_time_order=True):
+    """Every event row is in exactly one phase, unchanged; and, for splits by time, per user no
+    valid or test event comes before a train event (nor test before valid) in the order
+    (timestamp, item index) the tie rule defines."""
+    data = split.data
+    labels = np.concatenate([split.phase(p).index.to_numpy() for p in ("train", "valid", "test")])
+    assert len(labels) == len(np.unique(labels)), "an event is in two phases"
+    assert set(labels) == set(data.events.index), "an event is in no phase"
+    for p in ("train", "valid", "test"):
+        part = split.phase(p)
+        assert part.equals(data.events.loc[part.index]), f"{p} events differ from the data's"
+    if in_time_order:
+        key = lambda part: part["timestamp"].to_numpy() * (data.n_items + 1) + part["item"].to_numpy()
+        for earlier, later in (("train", "valid"), ("valid", "test"), ("train", "test")):
+            a, b = split.phase(earlier), split.phase(later)
+            last = pd.Series(key(a), index=a["user"].to_numpy()).groupby(level=0).max()
+            first = pd.Series(key(b), index=b["user"].to_numpy()).groupby(level=0).min()
+            common = last.index.intersection(first.index)
+            assert (last[common] < first[common]).all(), f"a {later} event precedes a {earlier} event"
+
+
+def test_partition_check_catches_broken_splits():
+    data = Interactions.from_frames(frame([[1, "a", 1], [1, "b", 2], [1, "c", 3], [1, "d", 4]]), ITEMS)
+    split = leave_last_out(data)
+    _check_partition(split)
+    ev = data.events
+    broken = [
+        Split(data, ev.iloc[:2], ev.iloc[2:3], ev.iloc[2:4]),  # an event in two phases
+        Split(data, ev.iloc[:2], ev.iloc[2:3], ev.iloc[:0]),  # an event lost
+        Split(data, ev.iloc[1:3], ev.iloc[:1], ev.iloc[3:]),  # valid before train
+        Split(data, ev.iloc[:2], ev.iloc[2:3], ev.iloc[3:].assign(timestamp=9.0)),  # event changed
+    ]
+    for bad in broken:
+        with pytest.raises(AssertionError):
+            _check_partition(bad)
 
 
 def test_leave_last_out_takes_last_by_time():
@@ -137,7 +168,7 @@ def test_leave_last_out_takes_last_by_time():
     assert raw("test") == ["d"] and raw("valid") == ["c"]
     assert sorted(raw("train")) == ["a", "a", "b", "b"]  # user 2 has too few events: all train
     assert split.report["users_too_short_for_valid_test"] == 1
-    _phases_disjoint(split)
+    _check_partition(split)
     # known items: train before valid; train + valid before test
     u1 = data.users.to_index([1])[0]
     assert set(data.items.to_raw(split.known("test")[u1].indices)) == {"a", "b", "c"}
@@ -147,7 +178,7 @@ def test_leave_last_out_takes_last_by_time():
 def test_leave_last_out_on_synthetic_every_test_event_is_users_latest():
     data = synthetic(100, 200, 3000, seed=1)
     split = leave_last_out(data)
-    _phases_disjoint(split)
+    _check_partition(split)
     latest = data.events.groupby("user")["timestamp"].max()
     test = split.test.set_index("user")["timestamp"]
     assert (test == latest[test.index]).all()
@@ -173,6 +204,7 @@ def test_leave_last_out_breaks_time_ties_by_item_id_and_counts_them():
     assert summary["users_last_timestamp_tied"] == 1
     assert summary["users_valid_test_same_timestamp"] == 1
     assert summary["users_train_valid_same_timestamp"] == 2  # user 1 (b, c at 5) and user 2 (a, b at 2)
+    _check_partition(split)
 
 
 @pytest.mark.parametrize("make_split", [leave_last_out, lambda d: ratio_split(d, (0.6, 0.2, 0.2))])
@@ -193,7 +225,7 @@ def test_splits_do_not_depend_on_input_row_order(make_split):
 def test_ratio_split_by_time_and_random():
     data = synthetic(50, 100, 2000, seed=2)
     by_time = ratio_split(data, (0.8, 0.1, 0.1), by_time=True)
-    _phases_disjoint(by_time)
+    _check_partition(by_time)
     assert abs(len(by_time.train) / len(data.events) - 0.8) < 0.03
     tmax = by_time.train.groupby("user")["timestamp"].max()
     tmin = by_time.test.groupby("user")["timestamp"].min()
@@ -202,7 +234,7 @@ def test_ratio_split_by_time_and_random():
     r1 = ratio_split(data, (0.8, 0.1, 0.1), by_time=False, seed=3)
     r2 = ratio_split(data, (0.8, 0.1, 0.1), by_time=False, seed=3)
     r3 = ratio_split(data, (0.8, 0.1, 0.1), by_time=False, seed=4)
-    _phases_disjoint(r1)
+    _check_partition(r1, in_time_order=False)
     assert r1.test.index.equals(r2.test.index) and not r1.test.index.equals(r3.test.index)
     with pytest.raises(DataError, match="summing to 1"):
         ratio_split(data, (0.8, 0.3, 0.1))
@@ -213,7 +245,7 @@ def test_time_split_cuts_globally():
     ts = data.events["timestamp"]
     a, b = ts.quantile(0.8), ts.quantile(0.9)
     split = time_split(data, a, b)
-    _phases_disjoint(split)
+    _check_partition(split)
     assert split.train["timestamp"].max() < a <= split.valid["timestamp"].min()
     assert split.valid["timestamp"].max() < b <= split.test["timestamp"].min()
     with pytest.raises(DataError, match="after test_start"):
