@@ -1,5 +1,9 @@
-"""Fixed splits read from files: per-file validation, one timestamp rule."""
+"""Fixed splits read from files: per-file validation, one timestamp rule, fingerprints."""
 
+import subprocess
+import sys
+
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -204,3 +208,50 @@ def test_summary_counts_cold_start_users_and_items(files):
     assert summary["valid_items_not_in_train"] == 1
     assert summary["test_users_without_train_events"] == 1
     assert summary["test_items_not_in_train"] == 3
+
+
+# --- fingerprint --------------------------------------------------------------------------------------
+
+def test_fingerprint_is_stable_across_reads_and_processes(files):
+    first = load(files)[0].fingerprint()
+    assert load(files)[0].fingerprint() == first
+    assert len(first) == 64 and int(first, 16) >= 0
+    code = (
+        "import sys; from recsys_hnm.data import load_fixed_split; "
+        "print(load_fixed_split(*sys.argv[1:]).__getitem__(0).fingerprint())"
+    )
+    paths = [str(files[k]) for k in ("train", "valid", "test", "items")]
+    out = subprocess.run([sys.executable, "-c", code, *paths], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == first
+
+
+def test_fingerprint_changes_with_any_content(files, tmp_path):
+    base = load(files)[0].fingerprint()
+    renamed = write(tmp_path, "r_train.csv", HEADER + "1,10,100\n1,11,200\n2,10,150\n2,12,250\n33,11,120\n")
+    moved = write(tmp_path, "m_train.csv", HEADER + "1,10,100\n1,11,201\n2,10,150\n2,12,250\n3,11,120\n")
+    recat = write(tmp_path, "r_items.csv", "item_id,category\n10,a\n11,b\n12,a\n13,c\n14,c\n15,d\n")
+    # the same pair moved from valid to test changes only the phase column
+    valid = write(tmp_path, "p_valid.csv", HEADER + "1,12,300\n")
+    test = write(tmp_path, "p_test.csv", HEADER + "2,13,300\n1,13,400\n2,14,400\n4,15,400\n")
+    prints = {
+        base,
+        load(files, train=renamed)[0].fingerprint(),
+        load(files, train=moved)[0].fingerprint(),
+        load(files, items=recat)[0].fingerprint(),
+        load(files, valid=valid, test=test)[0].fingerprint(),
+    }
+    assert len(prints) == 5
+    # text ids vs integer ids with the same digits are different data
+    ints = Interactions.from_frames(pd.DataFrame({"user_id": [1], "item_id": [2]}))
+    text = Interactions.from_frames(pd.DataFrame({"user_id": ["1"], "item_id": ["2"]}))
+    assert ints.fingerprint() != text.fingerprint()
+
+
+def test_fingerprint_ignores_input_row_order():
+    rng = np.random.default_rng(0)
+    events = pd.DataFrame({
+        "user_id": rng.integers(0, 20, 300), "item_id": rng.integers(0, 50, 300), "timestamp": rng.integers(0, 30, 300),
+    })
+    a = Interactions.from_frames(events)
+    b = Interactions.from_frames(events.sample(frac=1.0, random_state=1))
+    assert a.fingerprint() == b.fingerprint()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from typing import Literal
@@ -311,6 +312,23 @@ class Interactions:
         report["events"] = len(out)
         return cls(out, users, items_map, categories, item_categories, report)
 
+    def fingerprint(self) -> str:
+        """SHA-256 (hex) of the content: raw user and item ids in index order, every event column
+        (user, item, weight, timestamp, basket, phase... in row order), the category names and
+        the item-category structure. Equal data gives the same digest in every process (no
+        Python ``hash``); renaming one id, changing one event or one category changes it."""
+        h = hashlib.sha256()
+        _hash_array(h, "users", self.users.raw)
+        _hash_array(h, "items", self.items.raw)
+        for col in sorted(self.events.columns):
+            _hash_array(h, f"events.{col}", self.events[col].to_numpy())
+        _hash_array(h, "categories", self.categories.raw)
+        ic = self.item_categories.tocsr()
+        ic.sort_indices()
+        _hash_array(h, "item_categories.indptr", ic.indptr)
+        _hash_array(h, "item_categories.indices", ic.indices)
+        return h.hexdigest()
+
     def describe(self) -> dict:
         """Summary figures: sizes, density, categories, time range."""
         n_events = len(self.events)
@@ -390,6 +408,24 @@ def _clean_events(
         frame["weight"] = 1.0
     frame["_row"] = np.arange(1, len(events) + 1)
     return frame, kinds
+
+
+def _hash_array(h, name: str, values: np.ndarray) -> None:
+    """Feed one named array into ``h`` by value: numbers as fixed-width little-endian bytes, other
+    values as UTF-8 text with their lengths, so no two different arrays give the same bytes."""
+    values = np.asarray(values)
+    if values.dtype.kind in "ib":
+        kind, data = "int", values.astype("<i8").tobytes()
+    elif values.dtype.kind == "u":
+        kind, data = "uint", values.astype("<u8").tobytes()
+    elif values.dtype.kind == "f":
+        kind, data = "float", values.astype("<f8").tobytes()
+    else:
+        text = pd.Series(values, dtype=object).astype(str)
+        kind = "text:" + pd.api.types.infer_dtype(values, skipna=False)
+        data = text.str.len().to_numpy().astype("<i8").tobytes() + "".join(text.tolist()).encode("utf-8")
+    h.update(f"{name}|{kind}|{len(values)}|{len(data)}|".encode())
+    h.update(data)
 
 
 def _category_structure(
