@@ -278,7 +278,11 @@ def load_run(run_id: str, uri: str | None = None) -> LoadedRun:
     uri = tracking_uri(uri)
     get_run(run_id, uri)
     with tempfile.TemporaryDirectory() as tmp:
-        config = config_from_dict(yaml.safe_load(download(run_id, "config.yaml", uri, tmp).read_text()))
+        path = download(run_id, "config.yaml", uri, tmp)
+        try:
+            config = config_from_dict(yaml.safe_load(path.read_text()), logged=True)
+        except (yaml.YAMLError, ConfigError) as e:
+            raise TrackingError(f"run {run_id}: its config.yaml cannot be read ({str(e).splitlines()[0]})") from e
         weights = load_torch_file(download(run_id, "model.pt", uri, tmp))
     data, split = load_data(config)
     model = build_model(config, data)

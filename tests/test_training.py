@@ -65,26 +65,41 @@ def test_resume_refuses_a_different_config(synthetic_files, tmp_path):
         train(small_config(synthetic_files, tmp_path, name="never-ran"), resume=True)
 
 
-def test_recommend_never_returns_known_items(synthetic_files, tmp_path):
+def test_recommend_views_and_users(synthetic_files, tmp_path, capsys):
     config = small_config(synthetic_files, tmp_path, train={"epochs": 1})
     run_id = train(config).run_id
-    recs = recommend(run_id, 20, uri=config.tracking.uri)
     loaded = load_run(run_id, config.tracking.uri)
-    known = loaded.split.known("test")
-    u = loaded.data.users.to_index(recs["user_id"])
-    i = loaded.data.items.to_index(recs["item_id"])
-    assert np.asarray(known[u, i]).ravel().sum() == 0
+    split = loaded.split
+
+    def pairs(recs):
+        return loaded.data.users.to_index(recs["user_id"]), loaded.data.items.to_index(recs["item_id"])
+
+    # test view (default): train + valid items are masked, test items may come back
+    recs = recommend(run_id, 20, uri=config.tracking.uri)
+    u, i = pairs(recs)
+    assert np.asarray(split.known("test")[u, i]).ravel().sum() == 0
     assert recs.groupby("user_id")["rank"].apply(list).map(lambda r: r == list(range(1, 21))).all()
-    assert recs["user_id"].nunique() == len(loaded.split.test["user"].unique())
-    # CLI: given users, parquet output, and a clear error for an unknown user
+    assert recs["user_id"].nunique() == len(split.test["user"].unique())
+    assert np.asarray(split.matrix("test")[u, i]).ravel().sum() > 0  # the view evaluation scores
+    # serving view: nothing the user has, test items included
+    served = recommend(run_id, 20, uri=config.tracking.uri, history="all")
+    u, i = pairs(served)
+    everything = split.known("test") + split.matrix("test")
+    assert np.asarray(everything[u, i]).ravel().sum() == 0
+    # requested users: duplicates served once; unknown and non-numeric ids reported, the rest served
+    known_ids = recs["user_id"].unique()[:2].tolist()
+    out = recommend(run_id, 5, [known_ids[0], known_ids[0], 999999, known_ids[1]], uri=config.tracking.uri)
+    assert out["user_id"].tolist() == [known_ids[0]] * 5 + [known_ids[1]] * 5
+    assert out.attrs["unknown_users"] == [999999]
     users = tmp_path / "users.csv"
-    pd.DataFrame({"user_id": recs["user_id"].unique()[:3]}).to_csv(users, index=False)
-    out = tmp_path / "recs.parquet"
-    args = ["recommend", "--run-id", run_id, "--k", "5", "--output", str(out), "--users", str(users), "--tracking-uri", config.tracking.uri]
+    users.write_text("user_id\n" + "\n".join(map(str, known_ids)) + "\nnot-a-user\n")
+    out_path = tmp_path / "recs.parquet"
+    args = ["recommend", "--run-id", run_id, "--k", "5", "--output", str(out_path), "--users", str(users), "--tracking-uri", config.tracking.uri]
     assert main(args) == 0
-    assert len(pd.read_parquet(out)) == 15
+    assert sorted(pd.read_parquet(out_path)["user_id"].unique().tolist()) == sorted(known_ids)
     pd.DataFrame({"user_id": [999999]}).to_csv(users, index=False)
-    assert main(args) == 2
+    assert main(args) == 2  # nobody to serve
+    assert "none of the 1 requested user ids" in capsys.readouterr().err
 
 
 def test_cli_train_prints_run_id_last_and_evaluate_prints_json(synthetic_files, tmp_path, capsys):

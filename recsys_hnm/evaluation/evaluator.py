@@ -50,8 +50,10 @@ class Evaluator:
     def evaluate(self, scorer: Scorer, per_user: bool = False) -> dict:
         kmax = max(self.ks)
         with torch.no_grad():
-            top, _ = self.top_k(scorer, self.users, kmax)
-            hits = self.relevant.contains(self.users, top)
+            top, scores = self.top_k(scorer, self.users, kmax)
+            hits = self.relevant.contains(self.users, top) & torch.isfinite(scores)  # masked items never hit
+            if hits.shape[1] < kmax:  # K beyond the catalog: the missing ranks are misses
+                hits = torch.nn.functional.pad(hits, (0, kmax - hits.shape[1]))
             values = ranking_metrics(hits, self.n_relevant, self.ks)
         if per_user:
             return values

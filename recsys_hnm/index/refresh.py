@@ -95,7 +95,7 @@ class IndexRefresh(Callback):
         if model.item_bias is not None:
             # score x T = u . v + b T = [u, 1] . [v, b T]: a maximum inner product search. Item
             # anchors look for look-alikes, so their extra coordinate is 0 (no bias).
-            bias_t = model.item_bias.detach().numpy()[:, None] / float(model.scale)
+            bias_t = model.item_bias.detach().numpy()[:, None] / float(model.scale.detach())
             items = np.hstack([items, bias_t]).astype(np.float32)
             anchors = np.hstack([anchors, np.full((len(anchors), 1), 1.0 if self.sampler.anchor == "user" else 0.0, np.float32)])
         return items, anchors

@@ -26,4 +26,4 @@ def user_embeddings(model: TwoTower, features: FeatureBuilder, chunk: int = 8192
 def model_scorer(model: TwoTower, features: FeatureBuilder) -> Scorer:
     """Scores = user . item / temperature (+ item bias), from embeddings computed once."""
     bias = model.item_bias.detach() if model.item_bias is not None else None
-    return embedding_scorer(user_embeddings(model, features), item_embeddings(model, features), float(model.scale), bias)
+    return embedding_scorer(user_embeddings(model, features), item_embeddings(model, features), float(model.scale.detach()), bias)

@@ -97,6 +97,6 @@ def load_torch_file(path: str | Path):
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{path}: holds objects other than tensors, refused (weights_only load)") from e
-    except (RuntimeError, EOFError, ValueError, OSError) as e:
+    except (RuntimeError, EOFError, ValueError, OSError, KeyError) as e:  # KeyError: bytes that look like a pickle opcode
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"{path}: empty, truncated or not a torch file ({reason})") from e

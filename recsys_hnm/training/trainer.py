@@ -119,9 +119,8 @@ class Trainer:
     def train_step(self, users: torch.Tensor, pos_items: torch.Tensor) -> StepOutput:
         ctx = Context(users, pos_items)
         blocks = self.sampler.sample(ctx, self.generator)
-        rank_items = self.diagnostics.rank_items() if self.diagnostics is not None else None
         # Each distinct item goes through the item tower once per step.
-        parts = [pos_items] + [b.items.reshape(-1) for b in blocks] + ([rank_items] if rank_items is not None else [])
+        parts = [pos_items] + [b.items.reshape(-1) for b in blocks]
         unique, inverse = torch.unique(torch.cat(parts), return_inverse=True)
         item_emb = self.model.item_embeddings(self.features.item_features(unique))
         user_emb = self.model.user_embeddings(self.features.user_features(users, exclude=pos_items))
@@ -146,12 +145,18 @@ class Trainer:
         loss.backward()
         self.optimizer.step()
         if self.diagnostics is not None:
-            sample_scores = None
-            if rank_items is not None:
-                rows = min(self.diagnostics.rank_rows, len(users))
-                sample_scores = (user_emb[:rows] @ item_emb[inverse[offsets[-2]:]].T).detach()
-            self.diagnostics.update(ctx, blocks, neg_cos, sample_scores)
+            self.diagnostics.update(ctx, blocks, neg_cos, self._rank_sample_scores(user_emb))
         return StepOutput(float(loss.detach()), blocks, neg_cos)
+
+    @torch.no_grad()
+    def _rank_sample_scores(self, user_emb: torch.Tensor) -> torch.Tensor | None:
+        """Scores of the first rows against the diagnostics' uniform item sample, computed apart
+        from the training step so that diagnostics never change what training computes."""
+        items = self.diagnostics.rank_items()
+        if items is None:
+            return None
+        rows = min(self.diagnostics.rank_rows, len(user_emb))
+        return user_emb[:rows].detach() @ self.model.item_embeddings(self.features.item_features(items)).T
 
     # -- evaluation -----------------------------------------------------------------------------
 
