@@ -20,8 +20,8 @@ import yaml
 
 from .config import ConfigError, ExperimentConfig, config_from_dict
 from .data import (
-    DataError, Interactions, Split, copurchase_graph, fixed_split, leave_last_out, load_dataset, ratio_split,
-    read_table, time_split,
+    DataError, Interactions, Split, copurchase_graph, leave_last_out, load_dataset, load_fixed_split, ratio_split,
+    time_split,
 )
 from .evaluation import Evaluator, popularity_scorer
 from .evaluation.evaluator import mask_known, top_k
@@ -46,13 +46,7 @@ def load_data(config: ExperimentConfig) -> tuple[Interactions, Split]:
     d = config.data
     options = {"duplicates": d.duplicates, "unknown_items": d.unknown_items}
     if d.train:
-        frames = []
-        for phase, path in (("train", d.train), ("valid", d.valid), ("test", d.test)):
-            frame = read_table(path)
-            frames.append(frame.assign(phase=phase))
-        items = read_table(d.items) if d.items else None
-        data = Interactions.from_frames(pd.concat(frames, ignore_index=True), items, source=d.train, keep_columns=("phase",), **options)
-        return data, fixed_split(data)
+        return load_fixed_split(d.train, d.valid, d.test, d.items, **options)
     data = load_dataset(d.dataset, min_rating=d.min_rating, **options)
     if d.split == "leave_last_out":
         split = leave_last_out(data)
@@ -173,6 +167,7 @@ def train(config: ExperimentConfig, *, resume: bool = False, extra_callbacks=Non
             mlflow.log_params(config.flat())
             mlflow.log_text(yaml.safe_dump(config.to_dict(), sort_keys=False), "config.yaml")
             mlflow.log_dict({"data": data.report, "split": split.summary()}, "data_report.json")
+            mlflow.set_tag("data_fingerprint", data.fingerprint())
         model = build_model(config, data)
         features = FeatureBuilder(split.history("train"), data.n_users, data.item_categories, config.model.history_len)
         evaluator = Evaluator(split, "valid", config.eval.ks, config.eval.chunk_size)
@@ -276,7 +271,7 @@ class LoadedRun:
 
 def load_run(run_id: str, uri: str | None = None) -> LoadedRun:
     uri = tracking_uri(uri)
-    get_run(run_id, uri)
+    logged = get_run(run_id, uri)
     with tempfile.TemporaryDirectory() as tmp:
         path = download(run_id, "config.yaml", uri, tmp)
         try:
@@ -285,6 +280,11 @@ def load_run(run_id: str, uri: str | None = None) -> LoadedRun:
             raise TrackingError(f"run {run_id}: its config.yaml cannot be read ({str(e).splitlines()[0]})") from e
         weights = load_torch_file(download(run_id, "model.pt", uri, tmp))
     data, split = load_data(config)
+    fingerprint = logged.data.tags.get("data_fingerprint")
+    if fingerprint is not None and fingerprint != data.fingerprint():
+        # e.g. a renamed id shifts every index: the weights would score other users' histories
+        where = config.data.train or config.data.dataset
+        raise TrackingError(f"run {run_id}: its input data ({where}) changed since the run was trained; refusing to use it")
     model = build_model(config, data)
     try:
         model.load_state_dict(weights)

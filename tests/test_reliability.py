@@ -6,7 +6,6 @@ import signal
 import tempfile
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -189,3 +188,18 @@ def test_mostpop_at_test_counts_train_and_validation(tiny):
     assert np.array_equal(counts, expected)
     assert np.array_equal(phase_counts(split, "valid"), np.bincount(split.train.drop_duplicates(["user", "item"])["item"], minlength=data.n_items))
     assert popularity_scorer(counts)(torch.tensor([0, 1])).shape == (2, data.n_items)
+
+
+def test_a_run_refuses_input_files_that_changed(synthetic_files, tmp_path):
+    files = {k: tmp_path / p.name for k, p in synthetic_files.items()}
+    for k, p in synthetic_files.items():
+        files[k].write_bytes(p.read_bytes())
+    config = small_config(files, tmp_path, train={"epochs": 1})
+    run_id = train(config).run_id
+    assert load_run(run_id, config.tracking.uri).model is not None  # unchanged files: fine
+    lines = files["train"].read_text().splitlines()
+    first_user = lines[1].split(",")[0]
+    renamed = [lines[0]] + [",".join(["999999" if f == first_user and i == 0 else f for i, f in enumerate(line.split(","))]) for line in lines[1:]]
+    files["train"].write_text("\n".join(renamed) + "\n")
+    with pytest.raises(Exception, match="input data .* changed since the run was trained"):
+        load_run(run_id, config.tracking.uri)
