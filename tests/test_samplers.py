@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
-from scipy.stats import chisquare
+from scipy.stats import chi2, chisquare
 
 from conftest import small_config
 from recsys_hnm.config import ConfigError
@@ -105,6 +105,22 @@ def test_category_sampler_stays_in_the_positives_categories_and_falls_back(data)
     assert cat.log_prob(_one_context(3), torch.tensor([4])).exp().item() == pytest.approx(1 / 6)
 
 
+@pytest.mark.xfail(strict=True, raises=ValueError, reason="CategorySampler(alpha > 0) refuses a category whose items all have count 0 "
+                   "(SegmentedAlias: 'segment(s) have entries but zero total weight') instead of leaving it unused")
+def test_category_with_alpha_tolerates_a_category_without_training_events():
+    # Counts come from the training events, so with a leave-last-out or fixed split a category
+    # whose (>= 2) items were only bought in valid/test has count 0 everywhere. No training
+    # positive can pick it (a positive has count >= 1), so it should simply never be drawn; today
+    # build_sampler turns the construction error into "sampler.category: 1 segment(s) have
+    # entries but zero total weight" and the run cannot start.
+    ic = sp.csr_matrix(np.array([[1, 0], [1, 0], [0, 1], [0, 1]], dtype=float))
+    counts = np.array([5.0, 3.0, 0.0, 0.0])
+    cat = CategorySampler(ic, UniformSampler(4, shared=False), counts, alpha=0.5)
+    q = cat.log_prob(_one_context(0), torch.arange(4)).exp()[0]
+    assert q.tolist() == pytest.approx([math.sqrt(5) / (math.sqrt(5) + math.sqrt(3)), math.sqrt(3) / (math.sqrt(5) + math.sqrt(3)), 0, 0])
+    assert set(cat.sample(_one_context(0, 50), 10, torch.Generator().manual_seed(0)).unique().tolist()) <= {0, 1}
+
+
 def test_copurchase_sampler_uses_co_counts_and_falls_back():
     graph = sp.csr_matrix(np.array([[0, 3, 1, 0], [3, 0, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]], dtype=float))
     cp = CopurchaseSampler(graph, UniformSampler(4, shared=False), beta=1.0)
@@ -143,31 +159,235 @@ def _mixture(data, logq="mixture", known=None, in_batch=False, policy="mask"):
     return MixtureSampler(components, weights, 20, known, logq=logq, known_policy=policy)
 
 
-def test_mixture_draws_match_the_mixture_log_q(data):
-    mix = _mixture(data)
-    gen = torch.Generator().manual_seed(3)
-    pos = int(np.argmax(data.item_popularity))
-    ctx = _one_context(pos, 2000)
-    blocks = mix.sample(ctx, gen)
-    assert [b.n for b in blocks] == [4, 6, 4, 6]  # fixed by the weights, not random
-    draws = torch.cat([b.per_row_items(len(ctx)) for b in blocks], 1)
-    # log_q is the log expected count of the item per row: exp(log_q) / 20 is the proposal
-    lp = mix._log_q(_one_context(pos), torch.arange(data.n_items)[None], [])[0] - math.log(20)
-    assert _fits(draws, lp, data.n_items) > 1e-3
-    # every block carries that same mixture correction for its items
+# -- mixtures over several contexts, against a brute-force reference -----------------------------
+#
+# A hand-built catalog small enough to enumerate: the reference below recomputes every source's
+# distribution from these dicts with plain loops (not from the samplers' tables).
+
+N_ITEMS = 10
+CATS = {0: [0, 1, 2, 3], 1: [3, 4, 5], 2: [6], 3: [7, 8]}  # category 2 = {6} is unusable; 9 has none
+COUNTS = np.array([50, 20, 10, 5, 30, 1, 0, 8, 3, 12], dtype=np.float64)  # item 6 never bought
+EDGES = {(0, 1): 3.0, (0, 4): 1.0, (1, 2): 2.0, (3, 7): 5.0, (4, 5): 1.0, (8, 9): 2.0}  # 6 has none
+POP_ALPHA, CAT_ALPHA, CP_BETA, FB_POP_ALPHA = 0.75, 0.5, 0.5, 1.0
+# six rows: two share a positive (3), 6 falls back in category and copurchase, 9 only in category
+POSITIVES = [0, 3, 6, 7, 3, 9]
+WEIGHTS = {"uniform": 1.0, "popularity": 2.0, "category": 3.0, "copurchase": 2.0}
+NUM_NEGATIVES = 64  # -> uniform 8, popularity 16, category 24, copurchase 16
+
+
+def _ref_uniform(pos):
+    return np.full(N_ITEMS, 1.0 / N_ITEMS)
+
+
+def _ref_popularity(pos, alpha=POP_ALPHA):
+    w = np.array([c ** alpha if c > 0 else 0.0 for c in COUNTS])
+    return w / w.sum()
+
+
+def _ref_category(pos):
+    """1/|U(pos)| sum over usable categories c of pos of w_j / W_c, w = count ** alpha; uniform
+    fallback when pos has no usable category."""
+    usable = [c for c, members in CATS.items() if len(members) >= 2 and pos in members]
+    if not usable:
+        return _ref_uniform(pos)
+    q = np.zeros(N_ITEMS)
+    for c in usable:
+        total = sum(COUNTS[i] ** CAT_ALPHA for i in CATS[c])
+        for j in CATS[c]:
+            q[j] += COUNTS[j] ** CAT_ALPHA / total / len(usable)
+    return q
+
+
+def _ref_copurchase(pos):
+    """G[pos, j] ** beta normalised over pos's neighbours; popularity (alpha 1) fallback."""
+    w = np.zeros(N_ITEMS)
+    for (a, b), count in EDGES.items():
+        if a == pos:
+            w[b] = count ** CP_BETA
+        if b == pos:
+            w[a] = count ** CP_BETA
+    if w.sum() == 0:
+        return _ref_popularity(pos, FB_POP_ALPHA)
+    return w / w.sum()
+
+
+REF = {"uniform": _ref_uniform, "popularity": _ref_popularity, "category": _ref_category, "copurchase": _ref_copurchase}
+
+
+def _ref_expected_counts(positives, counts, in_batch):
+    """[B, N_ITEMS] expected number of times each item is among row b's candidates."""
+    out = np.zeros((len(positives), N_ITEMS))
+    for b, pos in enumerate(positives):
+        for name, n in counts.items():
+            out[b] += n * REF[name](pos)
+        if in_batch:
+            for p in positives:  # the batch's positives, once each
+                out[b, p] += 1.0
+    return out
+
+
+def test_the_reference_itself_on_hand_computed_values():
+    # guards the brute force against a slip: a few probabilities worked out by hand
+    assert _ref_category(3)[4] == pytest.approx(0.5 * math.sqrt(30) / (math.sqrt(5) + math.sqrt(30) + 1))
+    assert _ref_category(3)[3] == pytest.approx(
+        0.5 * math.sqrt(5) / (math.sqrt(50) + math.sqrt(20) + math.sqrt(10) + math.sqrt(5))
+        + 0.5 * math.sqrt(5) / (math.sqrt(5) + math.sqrt(30) + 1))
+    assert _ref_category(6).tolist() == [0.1] * 10 and _ref_category(9).tolist() == [0.1] * 10
+    assert _ref_copurchase(0)[1] == pytest.approx(math.sqrt(3) / (math.sqrt(3) + 1))
+    assert _ref_copurchase(6)[0] == pytest.approx(50 / 139) and _ref_copurchase(6)[6] == 0
+    assert _ref_popularity(0)[6] == 0
+    e = _ref_expected_counts([0, 3], {"uniform": 4}, in_batch=True)
+    assert e[1].tolist() == pytest.approx([1.4, 0.4, 0.4, 1.4, 0.4, 0.4, 0.4, 0.4, 0.4, 0.4])
+
+
+def _small_catalog():
+    ic = sp.lil_matrix((N_ITEMS, len(CATS)))
+    for c, members in CATS.items():
+        for i in members:
+            ic[i, c] = 1.0
+    g = np.zeros((N_ITEMS, N_ITEMS))
+    for (a, b), count in EDGES.items():
+        g[a, b] = g[b, a] = count
+    return ic.tocsr(), sp.csr_matrix(g)
+
+
+# shared sources (one draw for the batch) beside per-row ones; all per row; all shared
+LAYOUTS = {
+    "mixed": dict(shared=True, sources=("uniform", "popularity", "category", "copurchase"), in_batch=True),
+    "per_row": dict(shared=False, sources=("uniform", "popularity", "category", "copurchase"), in_batch=False),
+    "shared": dict(shared=True, sources=("uniform", "popularity"), in_batch=True),
+}
+# draws per source, by hand: 64 split 1:2:3:2, or 1:2 (21.33, 42.67 -> the remainder to popularity)
+HAND_COUNTS = {
+    "mixed": {"uniform": 8, "popularity": 16, "category": 24, "copurchase": 16},
+    "per_row": {"uniform": 8, "popularity": 16, "category": 24, "copurchase": 16},
+    "shared": {"uniform": 21, "popularity": 43},
+}
+
+
+def _small_mixture(layout: str, logq="mixture") -> MixtureSampler:
+    spec = LAYOUTS[layout]
+    ic, graph = _small_catalog()
+    components = {
+        "in_batch": InBatchSampler(N_ITEMS),
+        "uniform": UniformSampler(N_ITEMS, shared=spec["shared"]),
+        "popularity": PopularitySampler(COUNTS, POP_ALPHA, shared=spec["shared"]),
+        "category": CategorySampler(ic, UniformSampler(N_ITEMS, shared=False), COUNTS, alpha=CAT_ALPHA),
+        "copurchase": CopurchaseSampler(graph, PopularitySampler(COUNTS, FB_POP_ALPHA, shared=False), beta=CP_BETA),
+    }
+    weights = {k: (w if k in spec["sources"] else 0.0) for k, w in WEIGHTS.items()}
+    weights["in_batch"] = 1.0 if spec["in_batch"] else 0.0
+    return MixtureSampler(components, weights, NUM_NEGATIVES, logq=logq)
+
+
+def _small_context() -> Context:
+    return Context(torch.arange(len(POSITIVES)), torch.tensor(POSITIVES))
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_mixture_log_q_matches_a_brute_force_reference_per_row(layout):
+    mix = _small_mixture(layout)
+    ctx = _small_context()
+    B = len(ctx)
+    expected = _ref_expected_counts(POSITIVES, HAND_COUNTS[layout], LAYOUTS[layout]["in_batch"])
+    assert expected.sum(1) == pytest.approx(NUM_NEGATIVES + (B if LAYOUTS[layout]["in_batch"] else 0))
+    # rows really differ where a source depends on the positive (3 appears twice: 5 contexts)
+    distinct = 5 if "category" in LAYOUTS[layout]["sources"] else 1
+    assert len({tuple(np.round(r, 9)) for r in expected}) == distinct
+    blocks = mix.sample(ctx, torch.Generator().manual_seed(1))
+    sizes = dict(HAND_COUNTS[layout], **({"in_batch": B} if LAYOUTS[layout]["in_batch"] else {}))
+    assert {mix.names[b.source]: b.n for b in blocks} == sizes
+    kinds = {b.shared for b in blocks}
+    assert kinds == {"mixed": {True, False}, "per_row": {False}, "shared": {True}}[layout]
     for b in blocks:
-        items = b.per_row_items(len(ctx))
-        assert torch.allclose(b.log_q, (lp + math.log(20))[items], atol=1e-5)
+        items = b.per_row_items(B).numpy()
+        assert b.log_q.shape == (B, b.n)
+        want = np.log(expected[np.arange(B)[:, None], items])
+        np.testing.assert_allclose(b.log_q.numpy(), want, atol=2e-5, rtol=0)
+    # the correction of every catalog item, through both candidate layouts of the mixture
+    # (shared [N] and per-row [B, N] items reach different code in each source)
+    catalog = torch.arange(N_ITEMS)
+    with np.errstate(divide="ignore"):
+        want = np.log(expected)
+    for candidates in (catalog, catalog.expand(B, -1)):
+        got = mix._log_q(ctx, candidates, []).numpy()
+        np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
 
 
-def test_per_source_and_no_correction(data):
-    gen = torch.Generator().manual_seed(3)
-    ctx = _one_context(int(np.argmax(data.item_popularity)), 8)
-    per = _mixture(data, "per_source").sample(ctx, gen)
-    uni = per[0]
-    assert torch.allclose(uni.log_q, torch.full_like(uni.log_q, math.log(4 / data.n_items)))
-    none = _mixture(data, "none").sample(ctx, gen)
-    assert all((b.log_q == 0).all() for b in none)
+@pytest.mark.parametrize("layout", ["mixed", "per_row"])
+def test_per_source_log_q_matches_the_drawing_sources_reference(layout):
+    mix = _small_mixture(layout, logq="per_source")
+    ctx = _small_context()
+    B = len(ctx)
+    for b in mix.sample(ctx, torch.Generator().manual_seed(2)):
+        name = mix.names[b.source]
+        items = b.per_row_items(B).numpy()
+        if name == "in_batch":  # B draws of the batch frequency: the item's count among positives
+            want = np.log(np.bincount(POSITIVES, minlength=N_ITEMS)[items].astype(float))
+        else:
+            q = np.stack([REF[name](p) for p in POSITIVES])
+            want = np.log(HAND_COUNTS[layout][name] * q[np.arange(B)[:, None], items])
+        np.testing.assert_allclose(b.log_q.numpy(), want, atol=2e-5, rtol=0)
+
+
+def test_no_correction_changes_only_the_correction():
+    # 'none' is zeros by construction; what can break is that the mode changes the draws or the
+    # masks, or returns a correction of the wrong shape.
+    ctx = _small_context()
+    runs = {m: _small_mixture("mixed", logq=m).sample(ctx, torch.Generator().manual_seed(4)) for m in ("mixture", "per_source", "none")}
+    for blocks in zip(*runs.values()):
+        assert all(torch.equal(blocks[0].items, x.items) and torch.equal(blocks[0].invalid, x.invalid) for x in blocks)
+        none = blocks[-1]
+        assert none.log_q.shape == (len(ctx), none.n) and (none.log_q == 0).all()
+        assert not (blocks[0].log_q == 0).all()
+
+
+def _empirical(mix: MixtureSampler, ctx: Context, batches: int, seed: int):
+    """Counts of each item among each row's candidates over ``batches`` seeded batches, and the
+    log_q the blocks attached to each (row, item) (nan where never drawn)."""
+    B = len(ctx)
+    counts = np.zeros((B, N_ITEMS))
+    log_q = np.full((B, N_ITEMS), np.nan)
+    gen = torch.Generator().manual_seed(seed)
+    rows = np.arange(B)[:, None]
+    for _ in range(batches):
+        for b in mix.sample(ctx, gen):
+            items = b.per_row_items(B).numpy()
+            lq = b.log_q.numpy()
+            r = np.broadcast_to(rows, items.shape)
+            np.add.at(counts, (r, items), 1)
+            seen = log_q[r, items]
+            known = ~np.isnan(seen)
+            # one context, one correction: the same (row, item) always carries the same log_q
+            np.testing.assert_allclose(lq[known], seen[known], atol=1e-6, rtol=0)
+            log_q[r, items] = lq
+    return counts, log_q
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_mixture_log_q_matches_the_empirical_draw_frequencies(layout):
+    """exp(log_q) is the expected count of the item among the row's candidates per batch; over T
+    batches the observed count has mean T exp(log_q) and variance at most that (a sum of
+    binomials; in-batch draws are fixed), so z = (obs - T E) / sqrt(T E) is within a few units."""
+    mix = _small_mixture(layout)
+    ctx = _small_context()
+    T = 600
+    counts, log_q = _empirical(mix, ctx, T, seed=7)
+    per_row = NUM_NEGATIVES + (len(ctx) if LAYOUTS[layout]["in_batch"] else 0)
+    assert (counts.sum(1) == T * per_row).all()
+    drawn = counts > 0
+    assert (~np.isnan(log_q) == drawn).all()
+    E = np.exp(log_q[drawn])
+    # the corrections are expected counts: over a row's items they add up to its candidates
+    # (undrawn items could only hold a sliver of mass after T batches)
+    assert np.nansum(np.exp(log_q), 1) == pytest.approx(per_row, rel=1e-3)
+    assert (np.nansum(np.exp(log_q), 1) <= per_row * (1 + 1e-5)).all()
+    z = np.zeros_like(counts)
+    z[drawn] = (counts[drawn] - T * E) / np.sqrt(T * E)
+    assert np.abs(z).max() < 5.0, f"max |z| = {np.abs(z).max():.1f}"
+    # per row (shared draws correlate the rows, so no pooled statistic): a chi-square bound
+    for b in range(len(ctx)):
+        assert (z[b] ** 2).sum() < chi2.ppf(1 - 1e-6 / len(ctx), drawn[b].sum()), f"row {b}"
 
 
 def test_known_positives_never_count_in_the_loss(data):
@@ -178,21 +398,71 @@ def test_known_positives_never_count_in_the_loss(data):
     train = split.train.iloc[:256]
     ctx = Context(torch.tensor(train["user"].to_numpy()), torch.tensor(train["item"].to_numpy()))
     blocks = mix.sample(ctx, gen)
+    dense = split.matrix("train").toarray()
     hits = 0
     for b in blocks:
         items = b.per_row_items(len(ctx))
-        dense = split.matrix("train").toarray()
         is_known = torch.from_numpy(dense[ctx.users[:, None].numpy(), items.contiguous().numpy()] > 0)
-        assert (b.invalid[is_known]).all()
-        assert (b.invalid[items == ctx.pos_items[:, None]]).all()
+        is_hit = items == ctx.pos_items[:, None]
+        assert torch.equal(b.invalid, is_known | is_hit)  # masked exactly when known or the positive
         hits += int(is_known.sum())
     assert hits > 0  # the in-batch and popular sources do hit known items here
-    # masked logits get no gradient and do not change the loss
-    logits = torch.randn(len(ctx), blocks[0].n, requires_grad=True)
-    pos = torch.zeros(len(ctx), requires_grad=True)
-    loss = sampled_softmax(pos, logits, blocks[0].log_q, blocks[0].invalid)
-    loss.backward()
-    assert (logits.grad[blocks[0].invalid] == 0).all()
+
+
+# -- sampled softmax on a hand-built example ------------------------------------------------------
+#
+# row 0: positive 2.0; negatives 1.0 (q: log 2), 0.0 (log 1), 3.0 (log 0.5, masked)
+# row 1: positive 0.5; negatives 0.0 (log 4), -1.0 (log 0.25, masked), 2.0 (log 8)
+# corrected negatives are logit - log_q, masked ones leave the softmax:
+#   Z0 = e^2 + e^1 / 2 + e^0          loss0 = log Z0 - 2   = 0.277082...
+#   Z1 = e^0.5 + e^0 / 4 + e^2 / 8    loss1 = log Z1 - 0.5 = 0.537571...
+
+POS = [2.0, 0.5]
+NEG = [[1.0, 0.0, 3.0], [0.0, -1.0, 2.0]]
+LOG_Q = [[math.log(2), 0.0, math.log(0.5)], [math.log(4), math.log(0.25), math.log(8)]]
+INVALID = [[False, False, True], [False, True, False]]
+Z0 = math.exp(2) + math.exp(1) / 2 + 1
+Z1 = math.exp(0.5) + 1 / 4 + math.exp(2) / 8
+LOSS0, LOSS1 = math.log(Z0) - 2, math.log(Z1) - 0.5
+
+
+def _softmax_inputs():
+    pos = torch.tensor(POS, dtype=torch.float64, requires_grad=True)
+    neg = torch.tensor(NEG, dtype=torch.float64, requires_grad=True)
+    return pos, neg, torch.tensor(LOG_Q, dtype=torch.float64), torch.tensor(INVALID)
+
+
+def test_sampled_softmax_value_by_hand():
+    pos, neg, log_q, invalid = _softmax_inputs()
+    assert (LOSS0, LOSS1) == pytest.approx((0.2770823, 0.5375710), abs=1e-6)
+    assert sampled_softmax(pos, neg, log_q, invalid).item() == pytest.approx((LOSS0 + LOSS1) / 2, rel=1e-12)
+    weights = torch.tensor([1.0, 3.0], dtype=torch.float64)
+    assert sampled_softmax(pos, neg, log_q, invalid, weights).item() == pytest.approx((LOSS0 + 3 * LOSS1) / 4, rel=1e-12)
+    # without the correction and the mask: the plain softmax over all four logits
+    plain = [math.log(math.exp(2) + math.exp(1) + 1 + math.exp(3)) - 2, math.log(math.exp(0.5) + 1 + math.exp(-1) + math.exp(2)) - 0.5]
+    assert sampled_softmax(pos, neg).item() == pytest.approx(sum(plain) / 2, rel=1e-12)
+    # a shared [N] correction broadcasts over the rows
+    shared = torch.tensor(LOG_Q[0], dtype=torch.float64)
+    row1 = math.log(math.exp(0.5) + 1 / 2 + math.exp(-1) + math.exp(2) * 2) - 0.5
+    assert sampled_softmax(pos, neg, shared).item() == pytest.approx(
+        (math.log(math.exp(2) + math.exp(1) / 2 + 1 + math.exp(3) * 2) - 2 + row1) / 2, rel=1e-12)
+
+
+def test_sampled_softmax_gradient_by_hand_masked_negatives_get_none():
+    pos, neg, log_q, invalid = _softmax_inputs()
+    sampled_softmax(pos, neg, log_q, invalid).backward()
+    # d mean-loss / d logit = softmax share / B; -1 / B more for the positive
+    want_neg = [[math.exp(1) / 2 / Z0 / 2, 1 / Z0 / 2, 0.0], [1 / 4 / Z1 / 2, 0.0, math.exp(2) / 8 / Z1 / 2]]
+    want_pos = [(math.exp(2) / Z0 - 1) / 2, (math.exp(0.5) / Z1 - 1) / 2]
+    assert neg.grad.tolist() == [pytest.approx(r, rel=1e-10, abs=1e-15) for r in want_neg]
+    assert pos.grad.tolist() == pytest.approx(want_pos, rel=1e-10)
+    assert (neg.grad[invalid] == 0).all()
+    assert (neg.grad[~invalid] > 1e-3).all()  # the valid ones do get a gradient
+    # and the masked logits do not move the loss at all
+    pos2, neg2, _, _ = _softmax_inputs()
+    with torch.no_grad():
+        neg2[invalid] += 100.0
+    assert sampled_softmax(pos2, neg2, log_q, invalid).item() == pytest.approx((LOSS0 + LOSS1) / 2, rel=1e-12)
 
 
 def test_redraw_removes_known_positives_from_per_row_sources(data):
