@@ -11,7 +11,7 @@ from pathlib import Path
 from .config import ConfigError, load_config
 from .data import DataError, copurchase_graph, describe_graph, load_dataset, load_table
 from .io import atomic_write, check_writable
-from .tracking import TrackingError
+from .tracking import Terminated, TrackingError
 
 
 def _describe(args) -> int:
@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--valid", help="external validation events")
     train.add_argument("--test", help="external test events")
     train.add_argument("--items", help="item metadata (item_id,category; several categories separated by |)")
-    train.add_argument("--resume", action="store_true", help="continue from the config's last checkpoint and MLflow run")
+    train.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_ID",
+                       help="continue a run from its checkpoint: RUN_ID, or without it the most recently checkpointed run of this config's name")
     train.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.set_defaults(func=_train)
@@ -150,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, ConfigError, TrackingError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, Terminated) as e:  # the run is already marked KILLED
+        print(f"interrupted ({type(e).__name__})", file=sys.stderr)
+        return 130 if isinstance(e, KeyboardInterrupt) else 143
 
 
 if __name__ == "__main__":

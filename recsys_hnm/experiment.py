@@ -145,17 +145,22 @@ def latest_checkpoint(config: ExperimentConfig) -> Path:
     return found[-1]
 
 
-def train(config: ExperimentConfig, *, resume: bool = False, extra_callbacks=None) -> TrainResult:
-    """Train, evaluate and track one experiment; returns its MLflow run id and test metrics."""
+def train(config: ExperimentConfig, *, resume: bool | str = False, extra_callbacks=None) -> TrainResult:
+    """Train, evaluate and track one experiment; returns its MLflow run id and test metrics.
+
+    ``resume``: True continues the most recently checkpointed run of this config's name, a run
+    id continues that run; its checkpoint must have been written for the same config (only
+    ``train.epochs`` may grow)."""
     torch.set_num_threads(config.train.num_threads)
     state = None
     run_id = None
     if resume:
-        ckpt = latest_checkpoint(config)
+        ckpt = latest_checkpoint(config) if resume is True else checkpoint_path(config, resume)
         state = load_checkpoint(ckpt)
         saved = state["extra"]["config"]
         _check_same_config(saved, config, ckpt)
         run_id = state["extra"]["run_id"]
+        get_run(run_id, tracking_uri(config.tracking.uri))  # a resume against another store is refused by name
     data, split = load_data(config)
     sampler = build_sampler(config, data, split)  # refuses what the data cannot serve, before any run
     tags = {"dataset": config.data.dataset or config.data.train, "sampler_mix": describe_mix(config),

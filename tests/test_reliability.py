@@ -161,6 +161,12 @@ def test_each_run_keeps_its_own_checkpoint(synthetic_files, tmp_path):
     before = crashed.read_bytes()
     other = train(small_config(synthetic_files, tmp_path, train={"epochs": 1}))  # same name, new run
     assert checkpoint_path(config, other.run_id) != crashed and crashed.read_bytes() == before
+    # the interrupted run is still resumable by its id; another store does not know it
+    crashed_id = crashed.parent.name
+    elsewhere = small_config(synthetic_files, tmp_path, train={"epochs": 3}, tracking={"uri": f"sqlite:///{tmp_path / 'other' / 'mlflow.db'}"})
+    with pytest.raises(ConfigError, match="was written for tracking.uri="):
+        train(elsewhere, resume=crashed_id)
+    assert train(config, resume=crashed_id).run_id == crashed_id
 
 
 class Term(Callback):
@@ -203,3 +209,29 @@ def test_a_run_refuses_input_files_that_changed(synthetic_files, tmp_path):
     files["train"].write_text("\n".join(renamed) + "\n")
     with pytest.raises(Exception, match="input data .* changed since the run was trained"):
         load_run(run_id, config.tracking.uri)
+
+
+def _start_run_on(uri, queue):
+    from recsys_hnm.tracking import tracked_run
+
+    try:
+        with tracked_run(uri, "race") as run:
+            queue.put(run.info.run_id)
+    except Exception as e:  # reported to the parent, which fails the test
+        queue.put(f"error: {e}")
+
+
+def test_two_runs_starting_together_on_a_fresh_store_both_succeed(tmp_path):
+    import multiprocessing as mp
+
+    uri = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_start_run_on, args=(uri, queue)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert all(not r.startswith("error") for r in results), results
+    assert len(set(results)) == 2
