@@ -105,8 +105,6 @@ def test_category_sampler_stays_in_the_positives_categories_and_falls_back(data)
     assert cat.log_prob(_one_context(3), torch.tensor([4])).exp().item() == pytest.approx(1 / 6)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="CategorySampler(alpha > 0) refuses a category whose items all have count 0 "
-                   "(SegmentedAlias: 'segment(s) have entries but zero total weight') instead of leaving it unused")
 def test_category_with_alpha_tolerates_a_category_without_training_events():
     # Counts come from the training events, so with a leave-last-out or fixed split a category
     # whose (>= 2) items were only bought in valid/test has count 0 everywhere. No training

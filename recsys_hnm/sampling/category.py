@@ -12,7 +12,7 @@ from .tables import SegmentedAlias
 
 
 class CategorySampler:
-    """Per draw, one of the positive's usable categories (those with at least two items) is
+    """Per draw, one of the positive's usable categories (those with at least two drawable items) is
     chosen uniformly, then an item within it, uniformly (alpha = 0) or by count ** alpha from a
     per-category alias table. Rows whose positive has no usable category draw from
     ``fallback``; ``fallback_rows`` tells which, so they are counted.
@@ -30,20 +30,23 @@ class CategorySampler:
             raise ValueError("the category sampler needs item categories, and this data has none")
         if alpha < 0:
             raise ValueError(f"category alpha must be >= 0, not {alpha}")
-        usable = np.asarray(ic.sum(axis=0)).ravel() >= 2
-        if not usable.any():
-            raise ValueError("the category sampler needs a category with two or more items, and none has")
-        ic = (ic @ sp.diags(usable.astype(np.float32))).tocsr()
-        ic.eliminate_zeros()
-        ic.sort_indices()
-        ci = ic.T.tocsr()
-        ci.sort_indices()
         if alpha > 0:
             if counts is None:
                 raise ValueError("category sampling with alpha > 0 needs item counts")
             w_item = np.maximum(np.asarray(counts, np.float64), 0.0) ** alpha
         else:
             w_item = np.ones(n_items)
+        # usable: two or more items that can be drawn (weight > 0); with alpha > 0 an item never
+        # seen in training cannot, so a category of such items goes unused instead of failing
+        drawable = ic.T @ (w_item > 0).astype(np.float32)
+        usable = np.asarray(drawable).ravel() >= 2
+        if not usable.any():
+            raise ValueError("the category sampler needs a category with two or more drawable items, and none has")
+        ic = (ic @ sp.diags(usable.astype(np.float32))).tocsr()
+        ic.eliminate_zeros()
+        ic.sort_indices()
+        ci = ic.T.tocsr()
+        ci.sort_indices()
         self.within = SegmentedAlias(ci.indptr, ci.indices, w_item[ci.indices])
         self.w_item = torch.from_numpy(w_item)
         totals = self.within.totals
