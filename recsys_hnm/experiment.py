@@ -23,8 +23,7 @@ from .data import (
     DataError, Interactions, Split, copurchase_graph, leave_last_out, load_dataset, load_fixed_split, ratio_split,
     time_split,
 )
-from .evaluation import Evaluator, popularity_scorer
-from .evaluation.evaluator import mask_known, top_k
+from .evaluation import Evaluator, mask_known, phase_counts, popularity_scorer, top_k
 from .index.ann_sampler import AnnSampler
 from .index.refresh import IndexRefresh
 from .io import atomic_write
@@ -216,11 +215,6 @@ def train(config: ExperimentConfig, *, resume: bool | str = False, extra_callbac
                 mlflow.log_artifact(str(path) + ".json", "index")
         return TrainResult(run_id, test, mostpop, history)
 
-
-def phase_counts(split: Split, phase: str) -> np.ndarray:
-    """Item counts of everything a model may see at ``phase`` (train; train + valid for test):
-    MostPop's scores, from the same information the model has."""
-    return np.asarray(split.known(phase).sum(0)).ravel()
 
 
 def _check_same_config(saved: dict, config: ExperimentConfig, path: Path) -> None:

@@ -7,7 +7,7 @@ from mlflow.tracking import MlflowClient
 from recsys_hnm.config import ConfigError, config_from_dict
 from recsys_hnm.experiment import train
 from recsys_hnm.index import (
-    AnnoyItemIndex, AnnSampler, ExactIndex, IndexFileError, IndexRefresh, load_index, make_index, recall_at_k,
+    AnnoyItemIndex, AnnSampler, ExactIndex, IndexFileError, IndexRefresh, load_index, recall_at_k,
     resolve_window,
 )
 from recsys_hnm.io import atomic_write

@@ -13,8 +13,8 @@ from mlflow.tracking import MlflowClient
 from conftest import small_config
 from recsys_hnm.config import ConfigError
 from recsys_hnm.data import leave_last_out, synthetic
-from recsys_hnm.evaluation import popularity_scorer
-from recsys_hnm.experiment import checkpoint_path, load_run, phase_counts, train
+from recsys_hnm.evaluation import phase_counts, popularity_scorer
+from recsys_hnm.experiment import checkpoint_path, load_run, train
 from recsys_hnm.index import load_index
 from recsys_hnm.models import FeatureBuilder, TowerSizes, TwoTower, item_embeddings
 from recsys_hnm.sampling import InBatchSampler, KnownPositives, MixtureSampler, UniformSampler

@@ -82,6 +82,12 @@ def mask_known(scores: torch.Tensor, known: sp.csr_matrix, users: torch.Tensor) 
     scores[torch.from_numpy(row_ids(sub.indptr)), torch.from_numpy(sub.indices.astype(np.int64))] = float("-inf")
 
 
+def phase_counts(split: Split, phase: str) -> np.ndarray:
+    """Per item, the number of users who had it before ``phase`` (train; train + valid for
+    test): MostPop's scores from the same information the model has at that phase."""
+    return np.asarray(split.known(phase).sum(0)).ravel()
+
+
 def popularity_scorer(counts: np.ndarray) -> Scorer:
     """MostPop: the same item counts for every user (ties: lower item index first, see
     ``top_k``). Give it the counts of what the model may see at the phase: train for validation,
