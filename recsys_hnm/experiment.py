@@ -33,7 +33,9 @@ from .sampling import (
     UniformSampler,
 )
 from .sampling.diagnostics import NegativeDiagnostics
-from .tracking import MlflowLogger, TrackingError, download, get_run, git_commit, log_metrics, tracked_run, tracking_uri
+from .tracking import (
+    MlflowLogger, TrackingError, download, get_run, git_commit, log_metrics, log_per_user, tracked_run, tracking_uri,
+)
 from .training import Checkpoint, EarlyStopping, Trainer, load_checkpoint, load_torch_file
 
 log = logging.getLogger(__name__)
@@ -200,7 +202,9 @@ def train(config: ExperimentConfig, *, resume: bool | str = False, extra_callbac
                 raise ConfigError(f"checkpoint {ckpt} does not match this config: {e}") from e
         history = trainer.fit()
         test_eval = Evaluator(split, "test", config.eval.ks, config.eval.chunk_size)
-        test = trainer.evaluate(test_eval, features.with_history(split.history("test")))
+        per_user = test_eval.per_user(model_scorer(model, features.with_history(split.history("test"))))
+        test = {k: float(per_user[k].mean()) for k in per_user.columns if k != "user"}
+        log_per_user(per_user, "test", data.users)
         mostpop = test_eval.evaluate(popularity_scorer(phase_counts(split, "test")))
         log_metrics(test, prefix="test.")
         log_metrics(mostpop, prefix="mostpop.test.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import torch
 
@@ -46,6 +47,12 @@ class Evaluator:
             items.append(top_items)
             scores.append(top_scores)
         return torch.cat(items), torch.cat(scores)
+
+    def per_user(self, scorer: Scorer) -> pd.DataFrame:
+        """One row per evaluated user: ``user`` (index) and every metric: what paired
+        comparisons between runs (bootstrap over users) are computed from."""
+        values = self.evaluate(scorer, per_user=True)
+        return pd.DataFrame({"user": self.users.numpy(), **{k: v.numpy() for k, v in values.items()}})
 
     def evaluate(self, scorer: Scorer, per_user: bool = False) -> dict:
         kmax = max(self.ks)

@@ -128,6 +128,20 @@ def metric_name(key: str) -> str:
     return key.replace("@", "_at_")
 
 
+PER_USER_ARTIFACT = "per_user_{phase}.parquet"
+
+
+def log_per_user(frame, phase: str, users=None) -> None:
+    """Per-user metrics of the active run (raw ``user_id`` added when ``users``, an IdMap, is
+    given), as the artifact that paired comparisons read."""
+    if users is not None:
+        frame = frame.assign(user_id=users.to_raw(frame["user"].to_numpy()))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / PER_USER_ARTIFACT.format(phase=phase)
+        frame.to_parquet(path, index=False)
+        mlflow.log_artifact(str(path))
+
+
 class MlflowLogger(Callback):
     """Logs each epoch's logs (train loss, validation metrics, epoch time, negative
     diagnostics) with the epoch as step."""
