@@ -74,6 +74,8 @@ def _recommend(args) -> int:
 
 
 def _compare(args) -> int:
+    if args.experiment:
+        return _compare_experiment(args)
     from .compare import ComparisonSpec, run_comparison, table, to_json
 
     if args.output:  # before hours of training, not after
@@ -85,6 +87,25 @@ def _compare(args) -> int:
     if args.output:
         atomic_write(args.output, lambda tmp: Path(tmp).write_text(text + "\n"))
         atomic_write(Path(args.output).with_suffix(".json"), lambda tmp: Path(tmp).write_text(to_json(results)))
+    return 0
+
+
+def _compare_experiment(args) -> int:
+    from .compare import compare_runs, comparison_markdown, experiment_runs, plot_validation
+
+    if args.output:
+        check_writable(args.output, (".md", ".csv"))
+    records = experiment_runs(args.experiment, args.tracking_uri)
+    frame = compare_runs(records, args.metric, args.baseline)
+    text = comparison_markdown(frame, baseline=args.baseline, metric=args.metric)
+    print(text)
+    if args.output:
+        out = Path(args.output)
+        if out.suffix == ".csv":
+            atomic_write(out, lambda tmp: frame.to_csv(tmp, index=False))
+        else:
+            atomic_write(out, lambda tmp: Path(tmp).write_text(text + "\n"))
+        plot_validation(records, out.with_suffix(".png"), args.metric, args.tracking_uri)
     return 0
 
 
@@ -134,8 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     rec.set_defaults(func=_recommend)
 
     compare = commands.add_parser("compare", help="variants of a config over several seeds: MLflow runs and a table")
-    compare.add_argument("--spec", required=True, help="comparison YAML (name, base, seeds, set, variants)")
-    compare.add_argument("--output", help="write the markdown table here (.md or .txt; the raw figures go beside it as .json)")
+    source = compare.add_mutually_exclusive_group(required=True)
+    source.add_argument("--spec", help="comparison YAML (name, base, seeds, set, variants): train them, then tabulate")
+    source.add_argument("--experiment", help="tabulate the finished runs of this MLflow experiment (no training)")
+    compare.add_argument("--metric", default="ndcg@10", help="metric of the paired comparison (default: %(default)s)")
+    compare.add_argument("--baseline", help="variant to compare against: relative change with a paired 95%% bootstrap CI over test users")
+    compare.add_argument("--output", help="write the table here (--spec: .md/.txt, raw figures beside it as .json; "
+                                          "--experiment: .md or .csv, and the validation curves beside it as .png)")
     compare.add_argument("--tracking-uri")
     compare.set_defaults(func=_compare)
     return parser

@@ -81,7 +81,8 @@ def run_comparison(spec: ComparisonSpec, tracking_uri: str | None = None) -> dic
         for seed in spec.seeds:
             # json.dumps quotes the text values, so YAML reads them back as the same strings
             overrides = [*spec.overrides, *sets, f"train.seed={seed}", f"name={spec.name}-{_slug(variant)}-s{seed}",
-                         f"tracking.experiment={json.dumps(spec.name)}", f"tracking.run_name={json.dumps(f'{variant}-s{seed}')}"]
+                         f"tracking.experiment={json.dumps(spec.name)}", f"tracking.run_name={json.dumps(f'{variant}-s{seed}')}",
+                         f"tracking.tags={json.dumps({'variant': variant})}"]
             if tracking_uri:
                 overrides.append(f"tracking.uri={json.dumps(tracking_uri)}")
             try:
@@ -118,3 +119,166 @@ def table(results: dict) -> str:
 
 def to_json(results: dict) -> str:
     return json.dumps(results, indent=1)
+
+
+# -- comparing the runs of an experiment ------------------------------------------------------------
+
+def paired_bootstrap(variant: np.ndarray, baseline: np.ndarray, n_boot: int = 2000, seed: int = 0,
+                     chunk: int = 100) -> tuple[float, float, float]:
+    """Relative change of the mean, mean(variant) / mean(baseline) - 1, and its 95% bootstrap CI,
+    resampling users (rows paired: the same user in both arrays)."""
+    variant, baseline = np.asarray(variant, np.float64), np.asarray(baseline, np.float64)
+    if variant.shape != baseline.shape or variant.ndim != 1 or not len(variant):
+        raise ValueError(f"paired arrays must be 1-D, non-empty and of one length, not {variant.shape} and {baseline.shape}")
+    rng = np.random.default_rng(seed)
+    n = len(variant)
+    ratios = []
+    for start in range(0, n_boot, chunk):  # [chunk, n] resample indices at a time bounds memory
+        idx = rng.integers(0, n, (min(chunk, n_boot - start), n))
+        ratios.append(variant[idx].mean(1) / baseline[idx].mean(1) - 1.0)
+    ratios = np.concatenate(ratios)
+    lo, hi = np.percentile(ratios, [2.5, 97.5])
+    return float(variant.mean() / baseline.mean() - 1.0), float(lo), float(hi)
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    variant: str
+    metrics: dict[str, float]
+    per_user: "object | None" = None  # DataFrame of per-user test metrics, when logged
+
+
+def variant_of(run) -> str:
+    """The ``variant`` tag (set by compare and pipelines), a baseline's ``model`` tag, else the
+    run name without its ``-s<seed>`` suffix."""
+    tags = run.data.tags
+    if "variant" in tags:
+        return tags["variant"]
+    if tags.get("baseline") == "true":
+        return tags.get("model", run.info.run_name)
+    return re.sub(r"-s\d+$", "", run.info.run_name or run.info.run_id)
+
+
+def experiment_runs(experiment: str, uri: str | None = None) -> list[RunRecord]:
+    """The FINISHED runs of ``experiment``, with their per-user test metrics where logged."""
+    import tempfile
+
+    import mlflow
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    from .tracking import PER_USER_ARTIFACT, TrackingError, tracking_uri
+
+    uri = tracking_uri(uri)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise TrackingError(f"experiment {experiment!r} not found in the tracking store {uri}")
+    runs = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'", max_results=50_000)
+    records = []
+    name = PER_USER_ARTIFACT.format(phase="test")
+    with tempfile.TemporaryDirectory() as tmp:
+        for run in runs:
+            per_user = None
+            if any(a.path == name for a in client.list_artifacts(run.info.run_id)):
+                path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=name, dst_path=tmp, tracking_uri=uri)
+                per_user = pd.read_parquet(path)
+            records.append(RunRecord(run.info.run_id, variant_of(run), dict(run.data.metrics), per_user))
+    if not records:
+        raise TrackingError(f"experiment {experiment!r} has no finished runs")
+    return records
+
+
+def compare_runs(records: list[RunRecord], metric: str = "ndcg@10", baseline: str | None = None,
+                 metrics=("ndcg@10", "map@10", "recall@10"), n_boot: int = 2000):
+    """One row per variant: mean ± sd over its runs (seeds) of each test metric, and against
+    ``baseline``: the relative change of ``metric`` with a paired 95% bootstrap CI over test
+    users (each user's metric averaged over the variant's seeds first), training time and the
+    false-negative rate of each negative source."""
+    import pandas as pd
+
+    from .tracking import metric_name
+
+    by_variant: dict[str, list[RunRecord]] = {}
+    for r in records:
+        by_variant.setdefault(r.variant, []).append(r)
+    if baseline is not None and baseline not in by_variant:
+        raise ValueError(f"baseline variant {baseline!r} is not among the runs: {sorted(by_variant)}")
+    if metric not in metrics:
+        metrics = (metric, *metrics)
+
+    def user_means(runs: list[RunRecord]):
+        frames = [r.per_user.set_index("user_id")[metric] for r in runs if r.per_user is not None]
+        return pd.concat(frames, axis=1).mean(axis=1) if frames else None
+
+    base_users = user_means(by_variant[baseline]) if baseline else None
+    rows = []
+    for variant, runs in sorted(by_variant.items()):
+        row = {"variant": variant, "runs": len(runs)}
+        for m in metrics:
+            v = np.array([r.metrics.get(metric_name(f"test.{m}"), np.nan) for r in runs])
+            row[m] = float(np.nanmean(v)) if np.isfinite(v).any() else np.nan
+            row[f"{m} sd"] = float(np.nanstd(v, ddof=1)) if np.isfinite(v).sum() > 1 else 0.0
+        if base_users is not None:
+            users = user_means(runs)
+            if users is not None and variant != baseline:
+                both = pd.concat([users, base_users], axis=1, join="inner").to_numpy()
+                row["change"], row["ci_low"], row["ci_high"] = paired_bootstrap(both[:, 0], both[:, 1], n_boot)
+                row["paired_users"] = len(both)
+        train_s = [r.metrics["train_s"] for r in runs if "train_s" in r.metrics]
+        if train_s:
+            row["train_s"] = float(np.mean(train_s))
+        for key in sorted({k for r in runs for k in r.metrics if k.startswith("neg.") and k.endswith(".false_negative_rate")}):
+            row[key.removesuffix(".false_negative_rate").replace("neg.", "fnr.")] = float(np.mean([r.metrics[key] for r in runs if key in r.metrics]))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def comparison_markdown(frame, metrics=("ndcg@10", "map@10", "recall@10"), baseline: str | None = None, metric: str = "ndcg@10") -> str:
+    """The comparison as a markdown table: mean ± sd, then the change against the baseline."""
+    head = ["variant", "runs", *metrics]
+    if baseline:
+        head.append(f"{metric} vs {baseline} (95% CI)")
+    if "train_s" in frame:
+        head.append("train s")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, r in frame.iterrows():
+        cells = [str(r["variant"]), str(int(r["runs"]))] + [f"{r[m]:.4f} ± {r[f'{m} sd']:.4f}" for m in metrics]
+        if baseline:
+            has = "change" in r and np.isfinite(r.get("change", np.nan))
+            cells.append(f"{r['change']:+.1%} [{r['ci_low']:+.1%}, {r['ci_high']:+.1%}]" if has else "—")
+        if "train_s" in frame:
+            cells.append(f"{r['train_s']:.0f}" if np.isfinite(r.get("train_s", np.nan)) else "—")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_validation(records: list[RunRecord], path: str | Path, metric: str = "ndcg@10", uri: str | None = None) -> None:
+    """PNG of the validation ``metric`` per epoch, one line per run, one colour per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from mlflow.tracking import MlflowClient
+
+    from .io import atomic_write
+    from .tracking import metric_name, tracking_uri
+
+    client = MlflowClient(tracking_uri(uri))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colours: dict[str, str] = {}
+    for r in records:
+        history = client.get_metric_history(r.run_id, metric_name(f"valid.{metric}"))
+        if not history:
+            continue  # baselines have no epochs
+        steps = sorted(history, key=lambda m: m.step)
+        first = r.variant not in colours
+        colour = colours.setdefault(r.variant, f"C{len(colours) % 10}")
+        ax.plot([m.step for m in steps], [m.value for m in steps], color=colour, alpha=0.8, label=r.variant if first else None)
+    ax.set(xlabel="epoch", ylabel=f"validation {metric}", title="validation curves per variant (one line per seed)")
+    if colours:
+        ax.legend()
+    fig.tight_layout()
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)

@@ -129,6 +129,7 @@ class TrackingConfig:
     uri: str | None = None  # default: sqlite:///mlruns/mlflow.db (or MLFLOW_TRACKING_URI)
     experiment: str = "recsys-hnm"
     run_name: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)  # extra run tags, e.g. variant (set by compare)
 
 
 @dataclass

@@ -165,7 +165,8 @@ def train(config: ExperimentConfig, *, resume: bool | str = False, extra_callbac
     data, split = load_data(config)
     sampler = build_sampler(config, data, split)  # refuses what the data cannot serve, before any run
     tags = {"dataset": config.data.dataset or config.data.train, "sampler_mix": describe_mix(config),
-            "logq": config.sampler.logq, "git_commit": git_commit(), "config_name": config.name}
+            "logq": config.sampler.logq, "git_commit": git_commit(), "config_name": config.name, "model": "two_tower",
+            **config.tracking.tags}
     with tracked_run(config.tracking.uri, config.tracking.experiment, config.tracking.run_name or config.name, run_id, None if run_id else tags) as run:
         run_id = run.info.run_id
         ckpt = checkpoint_path(config, run_id)
@@ -201,6 +202,7 @@ def train(config: ExperimentConfig, *, resume: bool | str = False, extra_callbac
             except (RuntimeError, KeyError, ValueError) as e:
                 raise ConfigError(f"checkpoint {ckpt} does not match this config: {e}") from e
         history = trainer.fit()
+        log_metrics({"train_s": sum(h["epoch_s"] for h in trainer.history)})
         test_eval = Evaluator(split, "test", config.eval.ks, config.eval.chunk_size)
         per_user = test_eval.per_user(model_scorer(model, features.with_history(split.history("test"))))
         test = {k: float(per_user[k].mean()) for k in per_user.columns if k != "user"}
