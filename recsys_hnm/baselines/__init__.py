@@ -1,0 +1,10 @@
+"""Strong simple baselines (MostPop, ItemKNN, EASE, ALS) tuned on validation and scored by the
+same evaluator, split and masking as the two-tower model."""
+
+from .models import ALS, BASELINES, DEFAULT_GRIDS, EASE, Baseline, ItemKNN, MostPop, make_baseline
+from .tuning import fit_final, grid_points, run_baseline, tune
+
+__all__ = [
+    "ALS", "BASELINES", "DEFAULT_GRIDS", "EASE", "Baseline", "ItemKNN", "MostPop", "fit_final", "grid_points",
+    "make_baseline", "run_baseline", "tune",
+]

@@ -1,0 +1,102 @@
+"""Baselines scored like the two-tower model: the same split, evaluator and masking.
+
+Hyperparameters are chosen on validation only (fit on ``split.known("valid")`` = train), then
+the chosen model is refit on ``split.known("test")`` (train + valid: all a model may see at
+test time) and evaluated once on test.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+from ..data.splits import Split
+from ..evaluation.evaluator import Evaluator
+from ..evaluation.metrics import METRICS
+from .models import BASELINES, DEFAULT_GRIDS, Baseline, make_baseline
+
+
+def grid_points(name: str, grid: dict | None = None) -> list[dict]:
+    """Every combination of ``grid`` (default: ``DEFAULT_GRIDS[name]``), in the grid's order; a
+    scalar value is one option. Unknown names and hyperparameters are refused before any fit."""
+    if name not in BASELINES:
+        raise ValueError(f"unknown baseline {name!r}; choose one of {sorted(BASELINES)}")
+    grid = DEFAULT_GRIDS.get(name, {}) if grid is None else grid
+    options = {k: list(v) if isinstance(v, (list, tuple)) else [v] for k, v in grid.items()}
+    for key, values in options.items():
+        if not values:
+            raise ValueError(f"baseline {name!r}: grid entry {key!r} has no values")
+    points = [dict(zip(options, combo)) for combo in itertools.product(*options.values())]
+    make_baseline(name, **points[0])  # refuses unknown hyperparameters now, not after fits
+    return points
+
+
+def check_metric(metric: str, ks) -> None:
+    m, _, k = metric.partition("@")
+    if m not in METRICS or not k.isdigit() or int(k) not in {int(x) for x in ks}:
+        raise ValueError(f"metric {metric!r} must be one of {list(METRICS)} @ a K in {list(ks)}")
+
+
+def fit_timed(name: str, params: dict, matrix) -> tuple[Baseline, float]:
+    start = time.perf_counter()
+    model = make_baseline(name, **params).fit(matrix)
+    return model, time.perf_counter() - start
+
+
+def tune(name: str, split: Split, grid: dict | None = None, ks=(10, 20, 50), metric: str = "ndcg@10",
+         chunk_size: int = 1024) -> tuple[dict, list[dict]]:
+    """(best params, table): each grid point fit on train and evaluated on validation; the best
+    by ``metric`` on validation wins (the first in grid order among equals). Test is never read.
+    Table rows: ``{"params", "valid": {metric: value}, "fit_s"}``."""
+    check_metric(metric, ks)
+    points = grid_points(name, grid)
+    evaluator = Evaluator(split, "valid", ks, chunk_size)
+    train = split.known("valid")
+    table = []
+    for params in points:
+        model, fit_s = fit_timed(name, params, train)
+        table.append({"params": params, "valid": evaluator.evaluate(model.scorer()), "fit_s": fit_s})
+    best = max(range(len(table)), key=lambda i: (table[i]["valid"][metric], -i))
+    return dict(table[best]["params"]), table
+
+
+def fit_final(name: str, params: dict, split: Split) -> tuple[Baseline, float]:
+    """The chosen baseline refit on train + valid, what the model may see at test time."""
+    return fit_timed(name, params, split.known("test"))
+
+
+def run_baseline(config, name: str, grid: dict | None = None, uri: str | None = None) -> dict:
+    """Tune ``name`` on the config's validation split, evaluate it on test, and log one MLflow
+    run (name ``name``, tags ``model``, ``baseline=true``, ``dataset``, ``config_name``) in the
+    config's experiment: params ``baseline.*`` (the chosen hyperparameters), metrics ``valid.*``
+    (the chosen point) and ``test.*``, ``fit_s`` (the final fit), the tuning table as
+    ``tuning.json`` and per-user test metrics as ``per_user_test.parquet``. The selection metric
+    is ``train.monitor``, the Ks ``eval.ks``. Returns ``{"run_id", "params", "valid", "test"}``."""
+    import mlflow
+
+    from ..experiment import load_data  # lazy: the experiment module pulls in the whole stack
+    from ..tracking import git_commit, log_metrics, log_per_user, tracked_run
+
+    ks, chunk, metric = config.eval.ks, config.eval.chunk_size, config.train.monitor
+    check_metric(metric, ks)
+    grid_points(name, grid)  # a bad name or grid is refused before a run is created
+    data, split = load_data(config)
+    tags = {"model": name, "baseline": "true", "dataset": config.data.dataset or config.data.train,
+            "config_name": config.name, "git_commit": git_commit()}
+    with tracked_run(uri or config.tracking.uri, config.tracking.experiment, name, tags=tags) as run:
+        mlflow.set_tag("data_fingerprint", data.fingerprint())
+        flat = config.flat()
+        mlflow.log_params({k: v for k, v in flat.items() if k.startswith(("data.", "eval."))})
+        best, table = tune(name, split, grid, ks, metric, chunk)
+        mlflow.log_params({f"baseline.{k}": v for k, v in best.items()})
+        mlflow.log_params({"baseline.select_by": f"valid.{metric}", "baseline.grid_size": len(table)})
+        mlflow.log_dict({"metric": f"valid.{metric}", "best": best, "points": table}, "tuning.json")
+        valid = next(row["valid"] for row in table if row["params"] == best)
+        log_metrics(valid, prefix="valid.")
+        model, fit_s = fit_final(name, best, split)
+        per_user = Evaluator(split, "test", ks, chunk).per_user(model.scorer())
+        test = {k: float(per_user[k].mean()) for k in per_user.columns if k != "user"}
+        log_metrics(test, prefix="test.")
+        log_metrics({"fit_s": fit_s})
+        log_per_user(per_user, "test", data.users)
+        return {"run_id": run.info.run_id, "params": best, "valid": valid, "test": test}
