@@ -76,18 +76,30 @@ def _recommend(args) -> int:
 def _compare(args) -> int:
     if args.experiment:
         return _compare_experiment(args)
-    from .compare import ComparisonSpec, run_comparison, table, to_json
+    return _run_pipeline(args.spec, args)  # a spec: run what is not done yet, then tabulate
+
+
+def _pipeline(args) -> int:
+    return _run_pipeline(args.spec, args)
+
+
+def _run_pipeline(spec_path: str, args) -> int:
+    from .compare import ComparisonSpec
+    from .pipeline import run_pipeline
 
     if args.output:  # before hours of training, not after
         check_writable(args.output, (".md", ".txt"))
-    spec = ComparisonSpec.load(args.spec)
-    results = run_comparison(spec, args.tracking_uri)
-    text = table(results)
-    print(text)
-    if args.output:
-        atomic_write(args.output, lambda tmp: Path(tmp).write_text(text + "\n"))
-        atomic_write(Path(args.output).with_suffix(".json"), lambda tmp: Path(tmp).write_text(to_json(results)))
-    return 0
+    spec = ComparisonSpec.load(spec_path)
+    summary = run_pipeline(spec, args.tracking_uri, workers=getattr(args, "workers", 1), dry_run=getattr(args, "dry_run", False),
+                           baseline=args.baseline, output=args.output)
+    if "to_run" in summary:
+        print(f"{len(summary['planned'])} jobs, {len(summary['skipped'])} already finished; would run:")
+        print("\n".join(f"  {key}" for key in summary["to_run"]))
+        return 0
+    print(summary["table"])
+    print(f"ran {len(summary['ran'])}, skipped {len(summary['skipped'])} already finished, failed {len(summary['failed'])}"
+          + (f": {summary['failed']} (run the pipeline again to retry them)" if summary["failed"] else ""))
+    return 1 if summary["failed"] else 0
 
 
 def _compare_experiment(args) -> int:
@@ -154,14 +166,24 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--tracking-uri")
     rec.set_defaults(func=_recommend)
 
+    pipeline = commands.add_parser("pipeline", help="batch pipelines: variants x seeds and baselines as MLflow child runs")
+    psub = pipeline.add_subparsers(dest="pipeline_command", required=True)
+    prun = psub.add_parser("run", help="run what is not yet finished (FAILED and interrupted jobs run again), then tabulate")
+    prun.add_argument("spec", help="pipeline YAML (name, base, seeds, set, variants, baselines)")
+    prun.add_argument("--dry-run", action="store_true", help="list what would run, run nothing")
+    prun.add_argument("--workers", type=int, default=1, help="variants in parallel processes (default: %(default)s)")
+    prun.add_argument("--baseline", help="variant to compare against (paired bootstrap CI over test users)")
+    prun.add_argument("--output", help="also write the table here (.md/.txt) and the validation curves beside it (.png)")
+    prun.add_argument("--tracking-uri")
+    prun.set_defaults(func=_pipeline)
+
     compare = commands.add_parser("compare", help="variants of a config over several seeds: MLflow runs and a table")
     source = compare.add_mutually_exclusive_group(required=True)
-    source.add_argument("--spec", help="comparison YAML (name, base, seeds, set, variants): train them, then tabulate")
+    source.add_argument("--spec", help="a pipeline YAML: the same as `pipeline run SPEC`")
     source.add_argument("--experiment", help="tabulate the finished runs of this MLflow experiment (no training)")
     compare.add_argument("--metric", default="ndcg@10", help="metric of the paired comparison (default: %(default)s)")
     compare.add_argument("--baseline", help="variant to compare against: relative change with a paired 95%% bootstrap CI over test users")
-    compare.add_argument("--output", help="write the table here (--spec: .md/.txt, raw figures beside it as .json; "
-                                          "--experiment: .md or .csv, and the validation curves beside it as .png)")
+    compare.add_argument("--output", help="write the table here (.md, or .csv with --experiment) and the validation curves beside it (.png)")
     compare.add_argument("--tracking-uri")
     compare.set_defaults(func=_compare)
     return parser

@@ -1,9 +1,8 @@
-"""Sampler-mix comparisons: variants of one base config, each over several seeds, as MLflow runs
-in one experiment and a table of test metrics (mean and standard deviation over seeds)."""
+"""Comparisons: the spec of variants x seeds that a pipeline runs, and the table of an experiment's
+finished runs (mean ± sd over seeds, paired bootstrap CI over test users against a baseline)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -11,11 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ConfigError, check_name, load_config, read_yaml
-from .experiment import train
+from .config import ConfigError, check_name, read_yaml
 
 log = logging.getLogger(__name__)
-METRICS = ("ndcg@10", "map@10", "recall@10", "ndcg@50")
+TABLE_METRICS = ("ndcg@10", "map@10", "recall@10")
 
 
 @dataclass
@@ -25,13 +23,14 @@ class ComparisonSpec:
     seeds: list[int]
     variants: dict[str, list[str]]  # variant -> --set overrides
     overrides: list[str] = field(default_factory=list)  # applied to every variant
+    baselines: list[str] = field(default_factory=list)  # tuned on validation, run once each
 
     @classmethod
     def load(cls, path: str | Path) -> "ComparisonSpec":
         raw = read_yaml(path, "comparison spec")
-        unknown = set(raw) - {"name", "base", "seeds", "variants", "set"}
+        unknown = set(raw) - {"name", "base", "seeds", "variants", "set", "baselines"}
         if unknown:
-            raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}; known: base, name, seeds, set, variants")
+            raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}; known: base, baselines, name, seeds, set, variants")
         for key in ("name", "base", "variants"):
             if key not in raw:
                 raise ConfigError(f"{path}: missing key {key!r}")
@@ -66,59 +65,15 @@ class ComparisonSpec:
             other = slugs.setdefault(_slug(name), name)
             if other != name:
                 raise ConfigError(f"{path}: variants {other!r} and {name!r} give the same run name {_slug(name)!r}")
-        return cls(raw["name"], raw["base"], seeds, variants, list(raw.get("set", [])))
+        baselines = raw.get("baselines", [])
+        if not strings(baselines):
+            raise refuse("baselines", "a list of baseline names (mostpop, itemknn, ease, als)")
+        return cls(raw["name"], raw["base"], seeds, variants, list(raw.get("set", [])), list(baselines))
 
 
 def _slug(variant: str) -> str:
     """The variant label as a file-name-safe part of the run name (labels like '+ann[10,100)' are free text)."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", variant)
-
-
-def run_comparison(spec: ComparisonSpec, tracking_uri: str | None = None) -> dict:
-    """Every variant x seed, trained and tracked; returns {variant: {metric: [values]}}."""
-    configs = {}
-    for variant, sets in spec.variants.items():  # check every config before training any
-        for seed in spec.seeds:
-            # json.dumps quotes the text values, so YAML reads them back as the same strings
-            overrides = [*spec.overrides, *sets, f"train.seed={seed}", f"name={spec.name}-{_slug(variant)}-s{seed}",
-                         f"tracking.experiment={json.dumps(spec.name)}", f"tracking.run_name={json.dumps(f'{variant}-s{seed}')}",
-                         f"tracking.tags={json.dumps({'variant': variant})}"]
-            if tracking_uri:
-                overrides.append(f"tracking.uri={json.dumps(tracking_uri)}")
-            try:
-                config = load_config(spec.base, overrides)
-            except ConfigError as e:
-                raise ConfigError(f"variant {variant!r}: {e}") from e
-            missing = [m for m in METRICS if int(m.split("@")[1]) not in config.eval.ks]
-            if missing:  # the test metrics hold only the Ks of eval.ks
-                raise ConfigError(f"variant {variant!r}: eval.ks {config.eval.ks} lacks the K of {missing}, reported by the comparison table")
-            configs[variant, seed] = config
-    results: dict = {v: {m: [] for m in METRICS} for v in spec.variants}
-    results["MostPop"] = {m: [] for m in METRICS}
-    for (variant, seed), config in configs.items():
-        log.info("comparison %s: %s seed %d", spec.name, variant, seed)
-        out = train(config)
-        for m in METRICS:
-            results[variant][m].append(out.test[m])
-            if variant == next(iter(spec.variants)):
-                results["MostPop"][m].append(out.mostpop_test[m])
-    return results
-
-
-def table(results: dict) -> str:
-    """Markdown: mean ± sd over seeds for each variant."""
-    lines = ["| variant | " + " | ".join(METRICS) + " | seeds |", "|---|" + "---|" * (len(METRICS) + 1)]
-    for variant, metrics in results.items():
-        cells = []
-        for m in METRICS:
-            v = np.asarray(metrics[m])
-            cells.append(f"{v.mean():.4f} ± {v.std(ddof=1) if len(v) > 1 else 0:.4f}")
-        lines.append(f"| {variant} | " + " | ".join(cells) + f" | {len(metrics[METRICS[0]])} |")
-    return "\n".join(lines)
-
-
-def to_json(results: dict) -> str:
-    return json.dumps(results, indent=1)
 
 
 # -- comparing the runs of an experiment ------------------------------------------------------------
@@ -160,8 +115,9 @@ def variant_of(run) -> str:
     return re.sub(r"-s\d+$", "", run.info.run_name or run.info.run_id)
 
 
-def experiment_runs(experiment: str, uri: str | None = None) -> list[RunRecord]:
-    """The FINISHED runs of ``experiment``, with their per-user test metrics where logged."""
+def experiment_runs(experiment: str, uri: str | None = None, tag: tuple[str, str] | None = None) -> list[RunRecord]:
+    """The FINISHED runs of ``experiment`` (with ``tag`` = (key, value) if given; parent runs
+    left out), with their per-user test metrics where logged."""
     import tempfile
 
     import mlflow
@@ -175,7 +131,8 @@ def experiment_runs(experiment: str, uri: str | None = None) -> list[RunRecord]:
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise TrackingError(f"experiment {experiment!r} not found in the tracking store {uri}")
-    runs = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'", max_results=50_000)
+    query = "attributes.status = 'FINISHED'" + (f" and tags.`{tag[0]}` = '{tag[1]}'" if tag else "")
+    runs = [r for r in client.search_runs([exp.experiment_id], query, max_results=50_000) if r.data.tags.get("role") != "parent"]
     records = []
     name = PER_USER_ARTIFACT.format(phase="test")
     with tempfile.TemporaryDirectory() as tmp:
@@ -191,7 +148,7 @@ def experiment_runs(experiment: str, uri: str | None = None) -> list[RunRecord]:
 
 
 def compare_runs(records: list[RunRecord], metric: str = "ndcg@10", baseline: str | None = None,
-                 metrics=("ndcg@10", "map@10", "recall@10"), n_boot: int = 2000):
+                 metrics=TABLE_METRICS, n_boot: int = 2000):
     """One row per variant: mean ± sd over its runs (seeds) of each test metric, and against
     ``baseline``: the relative change of ``metric`` with a paired 95% bootstrap CI over test
     users (each user's metric averaged over the variant's seeds first), training time and the
@@ -235,7 +192,7 @@ def compare_runs(records: list[RunRecord], metric: str = "ndcg@10", baseline: st
     return pd.DataFrame(rows)
 
 
-def comparison_markdown(frame, metrics=("ndcg@10", "map@10", "recall@10"), baseline: str | None = None, metric: str = "ndcg@10") -> str:
+def comparison_markdown(frame, metrics=TABLE_METRICS, baseline: str | None = None, metric: str = "ndcg@10") -> str:
     """The comparison as a markdown table: mean ± sd, then the change against the baseline."""
     head = ["variant", "runs", *metrics]
     if baseline:

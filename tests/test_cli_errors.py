@@ -117,10 +117,10 @@ def test_compare_refuses_a_table_metric_missing_from_eval_ks_before_training(tmp
     # the dataset does not exist: were the check left to after training, loading it would fail first
     write(tmp_path / "base.yaml", "name: base\ndata: {dataset: no-such-dataset}\n")
     path = write(tmp_path / "spec.yaml", f"name: s\nbase: {tmp_path / 'base.yaml'}\nvariants:\n  full: []\n"
-                                         "  '+short ks': ['eval.ks=[10, 20]']\n")
+                                         "  '+short ks': ['eval.ks=[20, 50]']\n")
     assert main(["compare", "--spec", path]) == 2
     err = capsys.readouterr().err
-    assert "variant '+short ks'" in err and "eval.ks" in err and "ndcg@50" in err
+    assert "variant '+short ks'" in err and "eval.ks" in err and "ndcg@10" in err
 
 
 @pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated", b"not a torch file"], ids=["empty", "truncated", "garbage"])

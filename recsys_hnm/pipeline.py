@@ -1,0 +1,152 @@
+"""Batch pipelines: a base config x variants x seeds (and baselines), as MLflow child runs under one
+parent run, resumable: what already FINISHED is skipped, what failed or was interrupted runs again.
+
+    recsys-hnm pipeline run pipelines/movielens_ablation.yaml [--dry-run] [--workers N]
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import tempfile
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from .compare import TABLE_METRICS, ComparisonSpec, _slug, compare_runs, comparison_markdown, experiment_runs, plot_validation
+from .config import ConfigError, ExperimentConfig, load_config
+from .io import atomic_write
+from .tracking import TrackingError, experiment_id, tracking_uri
+
+log = logging.getLogger(__name__)
+
+PARENT_TAG, KEY_TAG = "pipeline", "pipeline.key"
+
+
+@dataclass
+class Job:
+    key: str  # unique within the pipeline: what "already done" is matched on
+    variant: str
+    config: ExperimentConfig
+    baseline: str | None = None  # a baseline's name, else a two-tower training
+
+
+def plan(spec: ComparisonSpec, uri: str | None = None) -> list[Job]:
+    """Every job of the pipeline, each config checked before anything runs."""
+    jobs = []
+    for variant, sets in spec.variants.items():
+        for seed in spec.seeds:
+            jobs.append(Job(f"{variant}/s{seed}", variant, _config(spec, variant, [*sets, f"train.seed={seed}"], seed, uri)))
+    for name in spec.baselines:
+        jobs.append(Job(f"baseline:{name}", name, _config(spec, name, [], None, uri), baseline=name))
+    return jobs
+
+
+def _config(spec: ComparisonSpec, variant: str, sets: list[str], seed: int | None, uri: str | None) -> ExperimentConfig:
+    suffix = f"-s{seed}" if seed is not None else ""
+    overrides = [*spec.overrides, *sets, f"name={spec.name}-{_slug(variant)}{suffix}",
+                 f"tracking.experiment={json.dumps(spec.name)}", f"tracking.run_name={json.dumps(variant + suffix)}"]
+    if uri:
+        overrides.append(f"tracking.uri={json.dumps(uri)}")
+    try:
+        config = load_config(spec.base, overrides)
+    except ConfigError as e:
+        raise ConfigError(f"variant {variant!r}: {e}") from e
+    missing = [m for m in TABLE_METRICS if int(m.split("@")[1]) not in config.eval.ks]
+    if missing:  # the test metrics hold only the Ks of eval.ks
+        raise ConfigError(f"variant {variant!r}: eval.ks {config.eval.ks} lacks the K of {missing}, reported by the comparison table")
+    return config
+
+
+def finished_keys(experiment: str, uri: str) -> set[str]:
+    """Keys of the pipeline's child runs that FINISHED: they are not run again."""
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return set()
+    runs = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'", max_results=50_000)
+    return {r.data.tags[KEY_TAG] for r in runs if KEY_TAG in r.data.tags}
+
+
+def parent_run(spec: ComparisonSpec, uri: str) -> str:
+    """The pipeline's parent run, reused when the pipeline runs again (so it resumes)."""
+    client = MlflowClient(uri)
+    exp_id = experiment_id(spec.name, uri)
+    found = client.search_runs([exp_id], f"tags.{PARENT_TAG} = '{spec.name}' and tags.role = 'parent'", max_results=1)
+    if found:
+        client.update_run(found[0].info.run_id, "RUNNING")
+        return found[0].info.run_id
+    run = client.create_run(exp_id, run_name=spec.name, tags={PARENT_TAG: spec.name, "role": "parent"})
+    return run.info.run_id
+
+
+def run_job(job: Job, parent_id: str) -> str:
+    """One child run (in this process or a worker); returns its run id."""
+    job.config.tracking.tags = {**job.config.tracking.tags, "variant": job.variant, KEY_TAG: job.key,
+                                PARENT_TAG: job.config.tracking.experiment, "mlflow.parentRunId": parent_id}
+    if job.baseline is not None:
+        from .baselines import run_baseline
+
+        return run_baseline(job.config, job.baseline)["run_id"]
+    from .experiment import train
+
+    return train(job.config).run_id
+
+
+def run_pipeline(spec: ComparisonSpec, uri: str | None = None, *, workers: int = 1, dry_run: bool = False,
+                 baseline: str | None = None, output: str | Path | None = None) -> dict:
+    """Runs what is not yet done, then tabulates the experiment (``compare_runs``) into the parent
+    run (and ``output``). Returns {"planned", "skipped", "ran", "failed", "table"}."""
+    uri = tracking_uri(uri)
+    jobs = plan(spec, uri)
+    done = finished_keys(spec.name, uri)
+    todo = [j for j in jobs if j.key not in done]
+    summary = {"planned": [j.key for j in jobs], "skipped": [j.key for j in jobs if j.key in done], "ran": [], "failed": []}
+    if dry_run:
+        summary["to_run"] = [j.key for j in todo]
+        return summary
+    parent = parent_run(spec, uri)
+    if workers <= 1:
+        for job in todo:
+            _collect(summary, job, lambda job=job: run_job(job, parent))
+    else:
+        # spawn: a fresh interpreter per worker (no forked torch/MLflow state)
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(run_job, job, parent): job for job in todo}
+            for future in as_completed(futures):
+                _collect(summary, futures[future], future.result)
+    client = MlflowClient(uri)
+    try:  # the table covers every finished child, also those of earlier invocations
+        records = experiment_runs(spec.name, uri, tag=(PARENT_TAG, spec.name))
+    except TrackingError:  # nothing finished (yet): the parent says so and fails
+        summary["table"] = "(no finished runs)"
+        client.set_terminated(parent, "FAILED")
+        return summary
+    base = baseline if baseline in {r.variant for r in records} else None
+    frame = compare_runs(records, baseline=base)
+    summary["table"] = comparison_markdown(frame, baseline=base)
+    client.log_text(parent, summary["table"] + "\n", "comparison.md")
+    client.log_text(parent, frame.to_csv(index=False), "comparison.csv")
+    with tempfile.TemporaryDirectory() as tmp:
+        png = Path(tmp) / "validation_curves.png"
+        plot_validation(records, png, uri=uri)
+        client.log_artifact(parent, str(png))
+        if output:
+            atomic_write(Path(output).with_suffix(".png"), lambda t: Path(t).write_bytes(png.read_bytes()))
+    if output:
+        atomic_write(output, lambda tmp: Path(tmp).write_text(summary["table"] + "\n"))
+    client.set_tag(parent, "failed_jobs", str(len(summary["failed"])))
+    client.set_terminated(parent, "FAILED" if summary["failed"] else "FINISHED")  # re-run: it resumes
+    return summary
+
+
+def _collect(summary: dict, job: Job, result) -> None:
+    try:
+        result()
+        summary["ran"].append(job.key)
+    except Exception as e:  # the child run is already marked FAILED; the next invocation re-runs it
+        log.error("pipeline job %s failed: %s", job.key, e)
+        summary["failed"].append(job.key)

@@ -1,0 +1,70 @@
+"""Batch pipelines: parent and child runs, skipping what finished, re-running what failed, workers."""
+
+import yaml
+from mlflow.tracking import MlflowClient
+
+from conftest import small_config
+from recsys_hnm.cli import main
+from recsys_hnm.compare import ComparisonSpec
+from recsys_hnm.pipeline import run_pipeline
+from recsys_hnm.training import trainer as trainer_module
+
+
+def _spec(synthetic_files, tmp_path, variants, seeds=(0, 1)):
+    base = small_config(synthetic_files, tmp_path, train={"epochs": 1}).to_dict()
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    path = tmp_path / "pipe.yaml"
+    path.write_text(yaml.safe_dump({"name": "pipe", "base": str(tmp_path / "base.yaml"), "seeds": list(seeds), "variants": variants}))
+    return path
+
+
+def _children(uri):
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("pipe").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("role") == "parent"]
+    return parents, [r for r in runs if r.data.tags.get("role") != "parent"]
+
+
+def test_pipeline_runs_children_under_one_parent_and_resumes(synthetic_files, tmp_path, monkeypatch, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    path = _spec(synthetic_files, tmp_path, {"base": [], "bad": ["train.lr=0.0123"]})
+    real_epoch = trainer_module.Trainer.train_epoch
+
+    def failing_epoch(self, epoch):  # the "bad" variant fails inside its run
+        if self.optimizer.param_groups[0]["lr"] == 0.0123:
+            raise RuntimeError("variant made to fail")
+        return real_epoch(self, epoch)
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_epoch", failing_epoch)
+    assert main(["pipeline", "run", str(path), "--tracking-uri", uri, "--baseline", "base"]) == 1
+    parents, children = _children(uri)
+    assert len(parents) == 1 and parents[0].info.status == "FAILED"
+    assert sorted((r.data.tags["variant"], r.info.status) for r in children) == [
+        ("bad", "FAILED"), ("bad", "FAILED"), ("base", "FINISHED"), ("base", "FINISHED")]
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
+    # dry run: only the failed ones would run again
+    capsys.readouterr()
+    assert main(["pipeline", "run", str(path), "--tracking-uri", uri, "--dry-run"]) == 0
+    assert capsys.readouterr().out.split("would run:")[1].split() == ["bad/s0", "bad/s1"]
+    # fixed: the next invocation re-runs only the failed variant, under the same parent
+    monkeypatch.setattr(trainer_module.Trainer, "train_epoch", real_epoch)
+    summary = run_pipeline(ComparisonSpec.load(path), uri, baseline="base")
+    assert summary["ran"] == ["bad/s0", "bad/s1"] and summary["skipped"] == ["base/s0", "base/s1"]
+    parents, children = _children(uri)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sum(r.info.status == "FINISHED" for r in children) == 4
+    assert "| bad | 2 |" in summary["table"] and "vs base" in summary["table"]
+    artifacts = {a.path for a in MlflowClient(uri).list_artifacts(parents[0].info.run_id)}
+    assert {"comparison.md", "comparison.csv", "validation_curves.png"} <= artifacts
+    # nothing left: a third invocation runs nothing
+    assert run_pipeline(ComparisonSpec.load(path), uri)["ran"] == []
+
+
+def test_pipeline_with_two_workers_loses_no_run(synthetic_files, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    path = _spec(synthetic_files, tmp_path, {"a": [], "b": ["train.lr=0.01"]})
+    summary = run_pipeline(ComparisonSpec.load(path), uri, workers=2)
+    assert sorted(summary["ran"]) == ["a/s0", "a/s1", "b/s0", "b/s1"] and summary["failed"] == []
+    _, children = _children(uri)
+    assert len(children) == 4 and all(r.info.status == "FINISHED" for r in children)
+    assert all("test.ndcg_at_10" in r.data.metrics for r in children)
