@@ -190,15 +190,30 @@ def load_retail(
     )
 
 
-def load_dataset(name_or_path: str | Path, **options) -> Interactions:
-    """A shipped dataset by name (``ml-latest-small``) or a MovieLens folder by path."""
+def load_dataset(name_or_path: str | Path, *, min_rating: float | None = None, **options) -> Interactions:
+    """A shipped dataset by name (``ml-latest-small``) or a folder by path, recognised by its
+    files: MovieLens (ratings.csv, ratings.dat or u.data); retail baskets (transactions*.csv +
+    products.csv, Complete Journey columns); or generic events (events.csv[.gz] with
+    user_id,item_id[,timestamp] + optional items.csv[.gz] with item_id,category)."""
     key = str(name_or_path)
     if key in SHIPPED:
-        return load_movielens(SHIPPED[key], **options)
+        return load_movielens(SHIPPED[key], min_rating=min_rating, **options)
     path = Path(key)
     if path.is_dir():
-        return load_movielens(path, **options)
-    raise DataError(f"unknown dataset {key!r}: use one of {sorted(SHIPPED)} or a MovieLens folder path")
+        transactions = sorted(path.glob("transactions*.csv"))
+        events = _first(path, "events.csv", "events.csv.gz", "events.parquet")
+        if transactions:
+            return load_retail(transactions[0], _first(path, "products.csv"), **options)
+        if events is not None:
+            if min_rating is not None:
+                raise DataError(f"{path}: min_rating applies to MovieLens ratings, not to an events file")
+            return load_table(events, items_path=_first(path, "items.csv", "items.csv.gz", "items.parquet"), **options)
+        return load_movielens(path, min_rating=min_rating, **options)
+    raise DataError(f"unknown dataset {key!r}: use one of {sorted(SHIPPED)} or a dataset folder path")
+
+
+def _first(folder: Path, *names: str) -> Path | None:
+    return next((folder / n for n in names if (folder / n).is_file()), None)
 
 
 def download_movielens(name: str, dest: str | Path, sha256: str, *, url: str | None = None) -> Path:
