@@ -224,7 +224,7 @@ def test_tune_ties_keep_the_first_grid_point():
 # -- tracked run --------------------------------------------------------------------------------
 
 def test_run_baseline_logs_one_finished_run(synthetic_files, tmp_path):
-    config = small_config(synthetic_files, tmp_path)
+    config = small_config(synthetic_files, tmp_path, tracking={"tags": {"variant": "knn", "model": "not-this"}})
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     out = run_baseline(config, "itemknn", grid={"k": [10, 50]}, uri=uri)
     client = MlflowClient(uri)
@@ -234,7 +234,7 @@ def test_run_baseline_logs_one_finished_run(synthetic_files, tmp_path):
     assert run.info.run_id == out["run_id"] and run.info.status == "FINISHED" and run.info.run_name == "itemknn"
     tags = run.data.tags
     assert tags["model"] == "itemknn" and tags["baseline"] == "true" and tags["config_name"] == "test"
-    assert tags["dataset"] == str(synthetic_files["train"])
+    assert tags["dataset"] == str(synthetic_files["train"]) and tags["variant"] == "knn"  # config tags kept
     assert run.data.params["baseline.k"] == str(out["params"]["k"])
     metrics = run.data.metrics
     assert {"valid.ndcg_at_10", "test.ndcg_at_10", "test.recall_at_20", "fit_s"} <= set(metrics)

@@ -67,12 +67,13 @@ def fit_final(name: str, params: dict, split: Split) -> tuple[Baseline, float]:
 
 def run_baseline(config, name: str, grid: dict | None = None, uri: str | None = None) -> dict:
     """Tune ``name`` on the config's validation split, evaluate it on test, and log one MLflow
-    run (name ``name``, tags ``model``, ``baseline=true``, ``dataset``, ``config_name``) in the
-    config's experiment: params ``baseline.*`` (the chosen hyperparameters), metrics ``valid.*``
+    run (name ``tracking.run_name``, default ``name``; tags ``model``, ``baseline=true``,
+    ``dataset``, ``config_name`` and the config's ``tracking.tags``) in the config's experiment: params ``baseline.*`` (the chosen hyperparameters), metrics ``valid.*``
     (the chosen point) and ``test.*``, ``fit_s`` (the final fit), the tuning table as
     ``tuning.json`` and per-user test metrics as ``per_user_test.parquet``. The selection metric
     is ``train.monitor``, the Ks ``eval.ks``. Returns ``{"run_id", "params", "valid", "test"}``."""
     import mlflow
+    import torch
 
     from ..experiment import load_data  # lazy: the experiment module pulls in the whole stack
     from ..tracking import git_commit, log_metrics, log_per_user, tracked_run
@@ -80,10 +81,13 @@ def run_baseline(config, name: str, grid: dict | None = None, uri: str | None = 
     ks, chunk, metric = config.eval.ks, config.eval.chunk_size, config.train.monitor
     check_metric(metric, ks)
     grid_points(name, grid)  # a bad name or grid is refused before a run is created
+    torch.set_num_threads(config.train.num_threads)  # as train(): the same cores budget
     data, split = load_data(config)
-    tags = {"model": name, "baseline": "true", "dataset": config.data.dataset or config.data.train,
-            "config_name": config.name, "git_commit": git_commit()}
-    with tracked_run(uri or config.tracking.uri, config.tracking.experiment, name, tags=tags) as run:
+    # the config's extra tags (e.g. a pipeline's variant and parent run) first: ours stay honest
+    tags = {**getattr(config.tracking, "tags", {}), "model": name, "baseline": "true",
+            "dataset": config.data.dataset or config.data.train, "config_name": config.name, "git_commit": git_commit()}
+    run_name = config.tracking.run_name or name
+    with tracked_run(uri or config.tracking.uri, config.tracking.experiment, run_name, tags=tags) as run:
         mlflow.set_tag("data_fingerprint", data.fingerprint())
         flat = config.flat()
         mlflow.log_params({k: v for k, v in flat.items() if k.startswith(("data.", "eval."))})
