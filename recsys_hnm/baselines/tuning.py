@@ -68,9 +68,10 @@ def fit_final(name: str, params: dict, split: Split) -> tuple[Baseline, float]:
 def run_baseline(config, name: str, grid: dict | None = None, uri: str | None = None) -> dict:
     """Tune ``name`` on the config's validation split, evaluate it on test, and log one MLflow
     run (name ``tracking.run_name``, default ``name``; tags ``model``, ``baseline=true``,
-    ``dataset``, ``config_name`` and the config's ``tracking.tags``) in the config's experiment: params ``baseline.*`` (the chosen hyperparameters), metrics ``valid.*``
-    (the chosen point) and ``test.*``, ``fit_s`` (the final fit), the tuning table as
-    ``tuning.json`` and per-user test metrics as ``per_user_test.parquet``. The selection metric
+    ``dataset``, ``config_name`` and the config's ``tracking.tags``) in the config's experiment:
+    params ``baseline.*`` (the chosen hyperparameters), metrics ``valid.*`` (the chosen point) and
+    ``test.*``, ``fit_s`` (the final fit), the tuning table as ``tuning.json`` and per-user test
+    metrics as ``per_user_test.parquet``. The selection metric
     is ``train.monitor``, the Ks ``eval.ks``. Returns ``{"run_id", "params", "valid", "test"}``."""
     import mlflow
     import torch
