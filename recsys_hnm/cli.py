@@ -79,6 +79,20 @@ def _compare(args) -> int:
     return _run_pipeline(args.spec, args)  # a spec: run what is not done yet, then tabulate
 
 
+def _baseline(args) -> int:
+    from .baselines import run_baseline
+
+    overrides = list(args.set or [])
+    if args.tracking_uri:
+        overrides.append(f"tracking.uri={args.tracking_uri}")
+    config = load_config(args.config, overrides)
+    result = run_baseline(config, args.name)
+    at = [f"{m}@{k}" for k in config.eval.ks[:1] for m in ("ndcg", "map")]
+    print(json.dumps({"params": result["params"], **{phase: {m: round(result[phase][m], 4) for m in at} for phase in ("valid", "test")}}))
+    print(f"run_id={result['run_id']}")
+    return 0
+
+
 def _pipeline(args) -> int:
     return _run_pipeline(args.spec, args)
 
@@ -165,6 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
         "included, is both the tower's history and masked"))
     rec.add_argument("--tracking-uri")
     rec.set_defaults(func=_recommend)
+
+    baseline = commands.add_parser("baseline", help="a strong simple baseline on a config's data: tuned on validation, one MLflow run")
+    baseline.add_argument("--name", required=True, choices=["mostpop", "itemknn", "ease", "als"])
+    baseline.add_argument("--config", default="pipelines/quickstart.yaml", help="its data, split, eval and tracking (default: %(default)s)")
+    baseline.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
+    baseline.add_argument("--tracking-uri")
+    baseline.set_defaults(func=_baseline)
 
     pipeline = commands.add_parser("pipeline", help="batch pipelines: variants x seeds and baselines as MLflow child runs")
     psub = pipeline.add_subparsers(dest="pipeline_command", required=True)
