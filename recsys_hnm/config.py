@@ -47,6 +47,7 @@ class ModelConfig:
     learn_temperature: bool = False
     item_bias: bool = False
     history_len: int = 100
+    train_history: str = "all"  # all: every other training item of the user | causal: only items before the positive
 
 
 @dataclass
@@ -330,6 +331,7 @@ def validate(c: ExperimentConfig, check_run_name: bool = True) -> None:
         _positive(h, f"model.hidden[{i}]")
     s = c.sampler
     _positive(s.num_negatives, "sampler.num_negatives", strict=False)
+    _choice(m.train_history, ("all", "causal"), "model.train_history")
     _choice(s.logq, ("mixture", "per_source", "none"), "sampler.logq")
     _choice(s.known_positives, ("mask", "redraw"), "sampler.known_positives")
     for name, w in s.mixture.items():

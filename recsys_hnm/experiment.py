@@ -195,7 +195,7 @@ def train(config: ExperimentConfig, *, resume: bool | str = False, extra_callbac
         t = config.train
         trainer = Trainer(model, features, sampler, split.train, evaluator, epochs=t.epochs, batch_size=t.batch_size,
                           lr=t.lr, weight_decay=t.weight_decay, seed=t.seed, callbacks=callbacks,
-                          diagnostics=diagnostics, progress=t.progress)
+                          diagnostics=diagnostics, progress=t.progress, causal_history=config.model.train_history == "causal")
         if state is not None:
             try:
                 trainer.load_state_dict(state["trainer"])

@@ -5,6 +5,7 @@ tower can read the answer. The expected bags below are written out by hand.
 """
 
 import pandas as pd
+import pytest
 import scipy.sparse as sp
 import torch
 
@@ -88,3 +89,20 @@ def test_an_empty_bag_gives_a_finite_user_embedding():
     emb = model.user_embeddings(fb.user_features(torch.tensor([1, 3, 0]), exclude=torch.tensor([3, 0, 7])))
     assert torch.isfinite(emb).all()
     assert torch.allclose(emb.norm(dim=1), torch.ones(3), atol=1e-5)
+
+
+def test_causal_training_bags_hold_only_items_before_the_positive():
+    # user 0: items 5, 3, 7, 1 at times 4, 1, 3, 2 (rows out of time order on purpose); user 1: 2, 4
+    events = pd.DataFrame({"user": [0, 0, 1, 0, 0, 1], "item": [5, 3, 2, 7, 1, 4], "timestamp": [4, 1, 0, 3, 2, 1]})
+    fb = FeatureBuilder(events, 2, sp.csr_matrix((8, 1)), history_len=2)
+    positions = fb.event_positions(events)
+    assert positions.tolist() == [3, 0, 0, 2, 1, 1]
+    kjt = fb.user_features_before(torch.tensor(events["user"].to_numpy()), positions)
+    bags = [b.tolist() for b in torch.split(kjt["history"].values(), kjt["history"].lengths().tolist())]
+    # time order of user 0: 3 (t1), 1 (t2), 7 (t3), 5 (t4); last 2 strictly before each positive
+    assert bags == [[1, 7], [], [], [3, 1], [3], [2]]
+    for bag, (_, row) in zip(bags, events.iterrows()):  # nothing at or after the positive
+        later = set(events[(events.user == row.user) & (events.timestamp >= row.timestamp)]["item"])
+        assert not set(bag) & later
+    with pytest.raises(ValueError, match="causal histories need"):
+        fb.event_positions(events.iloc[:3])

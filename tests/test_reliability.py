@@ -235,3 +235,8 @@ def test_two_runs_starting_together_on_a_fresh_store_both_succeed(tmp_path):
         p.join(timeout=60)
     assert all(not r.startswith("error") for r in results), results
     assert len(set(results)) == 2
+
+
+def test_causal_training_history_trains_end_to_end(synthetic_files, tmp_path):
+    result = train(small_config(synthetic_files, tmp_path, train={"epochs": 2}, model={"train_history": "causal"}))
+    assert result.test["ndcg@10"] > result.mostpop_test["ndcg@10"]

@@ -26,6 +26,10 @@ class FeatureBuilder:
         self.n_users = n_users
         self.history_len = history_len
         self.history = _recent_items(history, n_users, history_len)
+        # every event in time order, per user: what a causal training bag is cut from
+        ordered = _time_ordered(history)
+        self.seq_items = torch.tensor(ordered["item"].to_numpy(np.int64))
+        self.seq_start = torch.from_numpy(np.r_[0, np.cumsum(np.bincount(ordered["user"].to_numpy(), minlength=n_users))[:-1]].astype(np.int64))
         cats = item_categories.tocsr()
         self.cat_indptr = torch.from_numpy(cats.indptr.astype(np.int64))
         self.cat_indices = torch.from_numpy(cats.indices.astype(np.int64))
@@ -46,6 +50,29 @@ class FeatureBuilder:
         lengths = keep.sum(1)
         return _kjt(len(users), {USER_ID: (torch.ones_like(users), users), HISTORY: (lengths, hist[keep])})
 
+    def event_positions(self, events: pd.DataFrame) -> torch.Tensor:
+        """Each event's position in its user's time-ordered history (aligned with ``events``'
+        rows): what ``user_features_before`` cuts at. ``events`` must be the history the
+        builder was made from (the training events)."""
+        ordered = _time_ordered(events)
+        user = ordered["user"].to_numpy()
+        first = np.r_[0, np.flatnonzero(user[1:] != user[:-1]) + 1]
+        pos_sorted = np.arange(len(user)) - np.repeat(first, np.diff(np.r_[first, len(user)]))
+        positions = np.empty(len(user), np.int64)
+        positions[events.index.get_indexer(ordered.index)] = pos_sorted
+        positions = torch.from_numpy(positions)
+        users = torch.from_numpy(events["user"].to_numpy(np.int64))
+        if len(events) != len(self.seq_items) or not torch.equal(self.seq_items[self.seq_start[users] + positions], torch.from_numpy(events["item"].to_numpy(np.int64))):
+            raise ValueError("causal histories need the training events to be the history this FeatureBuilder was built from")
+        return positions
+
+    def user_features_before(self, users: torch.Tensor, positions: torch.Tensor) -> KeyedJaggedTensor:
+        """User id and the bag of the last ``history_len`` items strictly before each row's
+        event: at training time a (user, positive) sees nothing at or after the positive."""
+        lengths = positions.clamp(max=self.history_len)
+        starts = self.seq_start[users] + positions - lengths
+        return _kjt(len(users), {USER_ID: (torch.ones_like(users), users), HISTORY: (lengths, self.seq_items[jagged_positions(starts, lengths)])})
+
     def item_features(self, items: torch.Tensor) -> KeyedJaggedTensor:
         starts = self.cat_indptr[items]
         lengths = self.cat_indptr[items + 1] - starts
@@ -59,10 +86,14 @@ def _kjt(batch: int, features: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> 
     return KeyedJaggedTensor.from_lengths_sync(keys=list(FEATURES), values=torch.cat(values), lengths=torch.cat(lengths))
 
 
+def _time_ordered(events: pd.DataFrame) -> pd.DataFrame:
+    keys = ["user", "timestamp"] if "timestamp" in events.columns else ["user"]
+    return events.sort_values(keys, kind="stable")
+
+
 def _recent_items(events: pd.DataFrame, n_users: int, length: int) -> torch.Tensor:
     """[n_users, length] of each user's last ``length`` items in time order, -1 padded."""
-    keys = ["user", "timestamp"] if "timestamp" in events.columns else ["user"]
-    ordered = events.sort_values(keys, kind="stable")
+    ordered = _time_ordered(events)
     user = ordered["user"].to_numpy()
     item = ordered["item"].to_numpy()
     ends = np.cumsum(np.bincount(user, minlength=n_users))

@@ -54,12 +54,16 @@ class Trainer:
         callbacks: list[Callback] | None = None,
         diagnostics: NegativeDiagnostics | None = None,
         progress: bool = True,
+        causal_history: bool = False,
     ):
         self.model = model
         self.features = features
         self.sampler = sampler
         self.users = torch.tensor(train_events["user"].to_numpy(np.int64))
         self.items = torch.tensor(train_events["item"].to_numpy(np.int64))
+        # causal: each (user, positive) sees only the items before the positive; otherwise every
+        # other training item of the user (the positive itself left out)
+        self.positions = features.event_positions(train_events) if causal_history else None
         self.evaluator = evaluator
         self.epochs = epochs
         self.batch_size = batch_size
@@ -110,20 +114,24 @@ class Trainer:
         total, count = 0.0, 0
         for start in bar:
             idx = order[start:start + self.batch_size]
-            out = self.train_step(self.users[idx], self.items[idx])
+            out = self.train_step(self.users[idx], self.items[idx], None if self.positions is None else self.positions[idx])
             total += out.loss * len(idx)
             count += len(idx)
             bar.set_postfix(loss=f"{out.loss:.4f}")
         return total / max(count, 1)
 
-    def train_step(self, users: torch.Tensor, pos_items: torch.Tensor) -> StepOutput:
+    def train_step(self, users: torch.Tensor, pos_items: torch.Tensor, positions: torch.Tensor | None = None) -> StepOutput:
         ctx = Context(users, pos_items)
         blocks = self.sampler.sample(ctx, self.generator)
         # Each distinct item goes through the item tower once per step.
         parts = [pos_items] + [b.items.reshape(-1) for b in blocks]
         unique, inverse = torch.unique(torch.cat(parts), return_inverse=True)
         item_emb = self.model.item_embeddings(self.features.item_features(unique))
-        user_emb = self.model.user_embeddings(self.features.user_features(users, exclude=pos_items))
+        if positions is not None:
+            user_features = self.features.user_features_before(users, positions)
+        else:
+            user_features = self.features.user_features(users, exclude=pos_items)
+        user_emb = self.model.user_embeddings(user_features)
         scale = self.model.scale
         offsets = np.cumsum([0] + [p.numel() for p in parts])
         pos_emb = item_emb[inverse[: offsets[1]]]
