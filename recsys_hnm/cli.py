@@ -36,6 +36,8 @@ def _train(args) -> int:
         overrides.append(f"tracking.uri={args.tracking_uri}")
     if args.no_progress:
         overrides.append("train.progress=false")
+    if args.register:
+        overrides.append(f"tracking.register={json.dumps(args.register)}")
     external = {"train": args.train, "valid": args.valid, "test": args.test, "items": args.items}
     for key, value in external.items():
         if value:
@@ -161,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue a run from its checkpoint: RUN_ID, or without it the most recently checkpointed run of this config's name")
     train.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.add_argument("--register", metavar="NAME", help="register the logged recommender (MLflow pyfunc) in the model registry")
     train.set_defaults(func=_train)
 
     evaluate = commands.add_parser("evaluate", help="test metrics of a run, as JSON")

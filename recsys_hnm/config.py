@@ -131,6 +131,7 @@ class TrackingConfig:
     experiment: str = "recsys-hnm"
     run_name: str | None = None
     tags: dict[str, str] = field(default_factory=dict)  # extra run tags, e.g. variant (set by compare)
+    register: str | None = None  # register the logged recommender model under this name
 
 
 @dataclass

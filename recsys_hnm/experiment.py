@@ -33,6 +33,7 @@ from .sampling import (
     UniformSampler,
 )
 from .sampling.diagnostics import NegativeDiagnostics
+from .serving import log_recommender
 from .tracking import (
     MlflowLogger, TrackingError, download, get_run, git_commit, log_metrics, log_per_user, tracked_run, tracking_uri,
 )
@@ -212,6 +213,9 @@ def train(config: ExperimentConfig, *, resume: bool | str = False, extra_callbac
         log_metrics(mostpop, prefix="mostpop.test.")
         mlflow.set_tag("best_epoch", str(early.best_epoch))
         _log_model(model)
+        # the serving view: every known event of a user is its history and masked
+        log_recommender(model, features.with_history(serving_history(split)), data, (split.known("test") + split.matrix("test")).tocsr(),
+                        registered_name=config.tracking.register)
         _log_plot(history, config.train.monitor)
         if refresh is not None:
             with tempfile.TemporaryDirectory() as tmp:
@@ -221,6 +225,12 @@ def train(config: ExperimentConfig, *, resume: bool | str = False, extra_callbac
                 mlflow.log_artifact(str(path) + ".json", "index")
         return TrainResult(run_id, test, mostpop, history)
 
+
+
+def serving_history(split: Split) -> pd.DataFrame:
+    """Every known event (train, validation, test) in time order: the serving view's history."""
+    keys = ["user", "timestamp"] if split.data.has_time else ["user"]
+    return pd.concat([split.history("test"), split.test]).sort_values(keys, kind="stable")
 
 
 def _check_same_config(saved: dict, config: ExperimentConfig, path: Path) -> None:
@@ -341,8 +351,7 @@ def recommend(run_id: str, k: int, users=None, uri: str | None = None, history: 
         idx = torch.from_numpy(found[found >= 0])
     features, masked = run.features, split.known("test")
     if history == "all":
-        events = pd.concat([split.history("test"), split.test]).sort_values(["user", "timestamp"] if data.has_time else ["user"], kind="stable")
-        features = run.features.with_history(events)
+        features = run.features.with_history(serving_history(split))
         masked = (masked + split.matrix("test")).tocsr()
     scorer = model_scorer(run.model, features)
     items, scores = [], []
