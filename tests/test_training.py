@@ -24,7 +24,9 @@ def test_training_beats_mostpop_and_is_tracked(synthetic_files, tmp_path):
     assert run.data.metrics["test.ndcg_at_10"] == pytest.approx(result.test["ndcg@10"])
     assert "mostpop.test.ndcg_at_10" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
-    assert {"config.yaml", "model.pt", "metrics.png", "data_report.json", "per_user_test.parquet", "recommender"} <= artifacts
+    assert {"config.yaml", "model.pt", "metrics.png", "data_report.json", "per_user_test.parquet"} <= artifacts
+    (logged,) = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{result.run_id}'")
+    assert logged.name == "recommender"  # the serving pyfunc
     # the logged model reproduces the logged test metrics
     again = evaluate_run(result.run_id, config.tracking.uri)
     assert again["ndcg@10"] == pytest.approx(result.test["ndcg@10"], abs=1e-6)
