@@ -116,6 +116,7 @@ class TrainConfig:
     patience: int = 3  # early stopping: epochs without improvement of monitor; 0 = off
     monitor: str = "ndcg@10"
     checkpoint_dir: str = "mlruns/checkpoints"
+    refit: bool = False  # after selection on validation, train afresh on train + valid for the best epoch count
     progress: bool = True
 
 

@@ -176,34 +176,29 @@ def train(config: ExperimentConfig, *, resume: bool | str = False, extra_callbac
             mlflow.log_text(yaml.safe_dump(config.to_dict(), sort_keys=False), "config.yaml")
             mlflow.log_dict({"data": data.report, "split": split.summary()}, "data_report.json")
             mlflow.set_tag("data_fingerprint", data.fingerprint())
-        model = build_model(config, data)
-        features = FeatureBuilder(split.history("train"), data.n_users, data.item_categories, config.model.history_len)
-        evaluator = Evaluator(split, "valid", config.eval.ks, config.eval.chunk_size)
-        diagnostics = NegativeDiagnostics(sampler.names, heldout_positives(split), data.n_items, seed=config.train.seed)
         early = EarlyStopping(f"valid.{config.train.monitor}", config.train.patience)
         # order matters: logs are complete before MLflow sees them, and checkpointed state is final
         callbacks = [early, MlflowLogger(), Checkpoint(ckpt, {"run_id": run_id, "config": config.to_dict()}), *(extra_callbacks or [])]
-        refresh = None
-        if "ann" in sampler.components:
-            a = config.sampler.ann
-            refresh = IndexRefresh(
-                sampler.components["ann"], sampler, exclude=split.matrix("train"), backend=a.backend,
-                refresh_every=a.refresh_every, warmup_epochs=a.warmup_epochs, ramp_epochs=a.ramp_epochs,
-                index_path=ckpt.parent / "items.index", n_trees=a.n_trees, search_k=a.search_k, n_jobs=a.n_jobs,
-                recall_sample=a.recall_sample, seed=config.train.seed,
-            )
-            callbacks.insert(0, refresh)
-        t = config.train
-        trainer = Trainer(model, features, sampler, split.train, evaluator, epochs=t.epochs, batch_size=t.batch_size,
-                          lr=t.lr, weight_decay=t.weight_decay, seed=t.seed, callbacks=callbacks,
-                          diagnostics=diagnostics, progress=t.progress, causal_history=config.model.train_history == "causal")
+        trainer, refresh = build_trainer(config, data, split, sampler, callbacks, ckpt.parent / "items.index")
         if state is not None:
             try:
                 trainer.load_state_dict(state["trainer"])
             except (RuntimeError, KeyError, ValueError) as e:
                 raise ConfigError(f"checkpoint {ckpt} does not match this config: {e}") from e
         history = trainer.fit()
-        log_metrics({"train_s": sum(h["epoch_s"] for h in trainer.history)})
+        train_s = sum(h["epoch_s"] for h in trainer.history)
+        mlflow.set_tag("best_epoch", str(early.best_epoch))
+        if config.train.refit:
+            # model selection is done: train afresh on train + valid for the selected epochs
+            epochs = early.best_epoch + 1 if early.best_epoch >= 0 else config.train.epochs
+            refit = refit_split(split)
+            trainer, refresh = build_trainer(config, data, refit, build_sampler(config, data, refit), [], ckpt.parent / "items.index",
+                                             epochs=epochs, validate=False)
+            trainer.fit()
+            train_s += sum(h["epoch_s"] for h in trainer.history)
+            log_metrics({"refit.epochs": epochs, "refit.train_loss": trainer.history[-1]["train_loss"]})
+        model, features = trainer.model, trainer.features
+        log_metrics({"train_s": train_s})
         test_eval = Evaluator(split, "test", config.eval.ks, config.eval.chunk_size)
         per_user = test_eval.per_user(model_scorer(model, features.with_history(split.history("test"))))
         test = {k: float(per_user[k].mean()) for k in per_user.columns if k != "user"}
@@ -211,7 +206,6 @@ def train(config: ExperimentConfig, *, resume: bool | str = False, extra_callbac
         mostpop = test_eval.evaluate(popularity_scorer(phase_counts(split, "test")))
         log_metrics(test, prefix="test.")
         log_metrics(mostpop, prefix="mostpop.test.")
-        mlflow.set_tag("best_epoch", str(early.best_epoch))
         _log_model(model)
         # the serving view: every known event of a user is its history and masked
         log_recommender(model, features.with_history(serving_history(split)), data, (split.known("test") + split.matrix("test")).tocsr(),
@@ -225,6 +219,39 @@ def train(config: ExperimentConfig, *, resume: bool | str = False, extra_callbac
                 mlflow.log_artifact(str(path) + ".json", "index")
         return TrainResult(run_id, test, mostpop, history)
 
+
+
+def build_trainer(config: ExperimentConfig, data: Interactions, split: Split, sampler: MixtureSampler, callbacks: list,
+                  index_path: Path, *, epochs: int | None = None, validate: bool = True) -> tuple[Trainer, IndexRefresh | None]:
+    """A fresh model and its Trainer on ``split.train`` (with the index refresh callback first
+    when the mix has ANN negatives); ``validate=False`` trains without validation (refit)."""
+    model = build_model(config, data)
+    features = FeatureBuilder(split.history("train"), data.n_users, data.item_categories, config.model.history_len)
+    evaluator = Evaluator(split, "valid", config.eval.ks, config.eval.chunk_size) if validate else None
+    diagnostics = NegativeDiagnostics(sampler.names, heldout_positives(split), data.n_items, seed=config.train.seed)
+    refresh = None
+    if "ann" in sampler.components:
+        a = config.sampler.ann
+        refresh = IndexRefresh(
+            sampler.components["ann"], sampler, exclude=split.matrix("train"), backend=a.backend,
+            refresh_every=a.refresh_every, warmup_epochs=a.warmup_epochs, ramp_epochs=a.ramp_epochs,
+            index_path=index_path, n_trees=a.n_trees, search_k=a.search_k, n_jobs=a.n_jobs,
+            recall_sample=a.recall_sample, seed=config.train.seed,
+        )
+        callbacks = [refresh, *callbacks]
+    t = config.train
+    trainer = Trainer(model, features, sampler, split.train, evaluator, epochs=epochs or t.epochs, batch_size=t.batch_size,
+                      lr=t.lr, weight_decay=t.weight_decay, seed=t.seed, callbacks=callbacks,
+                      diagnostics=diagnostics, progress=t.progress, causal_history=config.model.train_history == "causal")
+    return trainer, refresh
+
+
+def refit_split(split: Split) -> Split:
+    """Train + validation as the training phase (validation left empty), test unchanged: the
+    split a selected config is refit on."""
+    keys = ["user", "timestamp"] if split.data.has_time else ["user"]
+    train = pd.concat([split.train, split.valid]).sort_values(keys, kind="stable")
+    return Split(split.data, train, split.valid.iloc[:0], split.test, dict(split.report))
 
 
 def serving_history(split: Split) -> pd.DataFrame:

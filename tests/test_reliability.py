@@ -240,3 +240,17 @@ def test_two_runs_starting_together_on_a_fresh_store_both_succeed(tmp_path):
 def test_causal_training_history_trains_end_to_end(synthetic_files, tmp_path):
     result = train(small_config(synthetic_files, tmp_path, train={"epochs": 2}, model={"train_history": "causal"}))
     assert result.test["ndcg@10"] > result.mostpop_test["ndcg@10"]
+
+
+def test_refit_on_train_and_validation_for_the_selected_epochs(synthetic_files, tmp_path):
+    from recsys_hnm.experiment import evaluate_run
+
+    config = small_config(synthetic_files, tmp_path, train={"epochs": 3, "refit": True})
+    result = train(config)
+    run = MlflowClient(config.tracking.uri).get_run(result.run_id)
+    best = int(run.data.tags["best_epoch"])
+    assert run.data.metrics["refit.epochs"] == best + 1
+    # the logged model is the refit one: evaluating it again gives the logged test metrics
+    assert evaluate_run(result.run_id, config.tracking.uri)["ndcg@10"] == pytest.approx(result.test["ndcg@10"], abs=1e-6)
+    plain = train(small_config(synthetic_files, tmp_path / "plain", train={"epochs": 3}))
+    assert plain.test != result.test  # trained on more data, it is another model

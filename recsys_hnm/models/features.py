@@ -61,8 +61,8 @@ class FeatureBuilder:
         positions = np.empty(len(user), np.int64)
         positions[events.index.get_indexer(ordered.index)] = pos_sorted
         positions = torch.from_numpy(positions)
-        users = torch.from_numpy(events["user"].to_numpy(np.int64))
-        if len(events) != len(self.seq_items) or not torch.equal(self.seq_items[self.seq_start[users] + positions], torch.from_numpy(events["item"].to_numpy(np.int64))):
+        users = torch.tensor(events["user"].to_numpy(np.int64))
+        if len(events) != len(self.seq_items) or not torch.equal(self.seq_items[self.seq_start[users] + positions], torch.tensor(events["item"].to_numpy(np.int64))):
             raise ValueError("causal histories need the training events to be the history this FeatureBuilder was built from")
         return positions
 

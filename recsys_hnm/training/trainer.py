@@ -44,7 +44,7 @@ class Trainer:
         features: FeatureBuilder,
         sampler: MixtureSampler,
         train_events: pd.DataFrame,
-        evaluator: Evaluator,
+        evaluator: Evaluator | None,
         *,
         epochs: int = 20,
         batch_size: int = 1024,
@@ -90,9 +90,10 @@ class Trainer:
             if self.model.temperature_at_bound():
                 log.warning("epoch %d: the learned temperature sits at a bound (%.4g); its gradient is zero there", epoch, self.model.temperature)
             logs["epoch_s"] = time.perf_counter() - start
-            start = time.perf_counter()
-            logs.update({f"valid.{k}": v for k, v in self.evaluate().items()})
-            logs["eval_s"] = time.perf_counter() - start
+            if self.evaluator is not None:  # None: no validation (a refit on train + valid)
+                start = time.perf_counter()
+                logs.update({f"valid.{k}": v for k, v in self.evaluate().items()})
+                logs["eval_s"] = time.perf_counter() - start
             if self.diagnostics is not None:
                 logs.update(self.diagnostics.results())
             self.history.append(logs)
