@@ -24,14 +24,17 @@ class ComparisonSpec:
     variants: dict[str, list[str]]  # variant -> --set overrides
     overrides: list[str] = field(default_factory=list)  # applied to every variant
     baselines: list[str] = field(default_factory=list)  # tuned on validation, run once each
+    search: dict | None = None  # an Optuna search section (recsys_hnm.search), run before the variants
 
     @classmethod
     def load(cls, path: str | Path) -> "ComparisonSpec":
         raw = read_yaml(path, "comparison spec")
-        unknown = set(raw) - {"name", "base", "seeds", "variants", "set", "baselines"}
+        unknown = set(raw) - {"name", "base", "seeds", "variants", "set", "baselines", "search"}
         if unknown:
-            raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}; known: base, baselines, name, seeds, set, variants")
-        for key in ("name", "base", "variants"):
+            raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}; known: base, baselines, name, search, seeds, set, variants")
+        if "variants" not in raw and "search" not in raw:
+            raise ConfigError(f"{path}: needs variants, a search section, or both")
+        for key in ("name", "base"):
             if key not in raw:
                 raise ConfigError(f"{path}: missing key {key!r}")
 
@@ -51,10 +54,12 @@ class ComparisonSpec:
             raise refuse("seeds", "a non-empty list of distinct integers")
         if not strings(raw.get("set", [])):
             raise refuse("set", "a list of KEY=VALUE strings")
-        if not (isinstance(raw["variants"], dict) and raw["variants"]):
+        if "variants" in raw and not (isinstance(raw["variants"], dict) and raw["variants"]):
             raise refuse("variants", "a non-empty mapping of variant name to a list of KEY=VALUE strings")
+        if "search" in raw and not isinstance(raw["search"], dict):
+            raise refuse("search", "a mapping (metric, trials/minutes, space)")
         variants = {}
-        for name, sets in raw["variants"].items():
+        for name, sets in raw.get("variants", {}).items():
             if not strings(sets or []):
                 raise ConfigError(f"{path}: variants.{name}: expected a list of KEY=VALUE strings, got {sets!r}")
             variants[str(name)] = list(sets or [])
@@ -68,7 +73,7 @@ class ComparisonSpec:
         baselines = raw.get("baselines", [])
         if not strings(baselines):
             raise refuse("baselines", "a list of baseline names (mostpop, itemknn, ease, als)")
-        return cls(raw["name"], raw["base"], seeds, variants, list(raw.get("set", [])), list(baselines))
+        return cls(raw["name"], raw["base"], seeds, variants, list(raw.get("set", [])), list(baselines), raw.get("search"))
 
 
 def _slug(variant: str) -> str:
@@ -132,7 +137,8 @@ def experiment_runs(experiment: str, uri: str | None = None, tag: tuple[str, str
     if exp is None:
         raise TrackingError(f"experiment {experiment!r} not found in the tracking store {uri}")
     query = "attributes.status = 'FINISHED'" + (f" and tags.`{tag[0]}` = '{tag[1]}'" if tag else "")
-    runs = [r for r in client.search_runs([exp.experiment_id], query, max_results=50_000) if r.data.tags.get("role") != "parent"]
+    runs = [r for r in client.search_runs([exp.experiment_id], query, max_results=50_000)
+            if r.data.tags.get("role") != "parent" and "search.trial" not in r.data.tags and r.data.tags.get("search.superseded") != "true"]
     records = []
     name = PER_USER_ARTIFACT.format(phase="test")
     with tempfile.TemporaryDirectory() as tmp:

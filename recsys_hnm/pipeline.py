@@ -102,6 +102,11 @@ def run_pipeline(spec: ComparisonSpec, uri: str | None = None, *, workers: int =
     run (and ``output``). Returns {"planned", "skipped", "ran", "failed", "table"}."""
     uri = tracking_uri(uri)
     jobs = plan(spec, uri)
+    if spec.search is not None and not dry_run:
+        from .search import run_search
+
+        best = run_search(spec.search, spec.base, spec.name, uri, spec.seeds, spec.overrides)
+        log.info("search: best %s=%.4f with %s", best.get("metric"), best["best_value"], best["best_params"])
     done = finished_keys(spec.name, uri)
     todo = [j for j in jobs if j.key not in done]
     summary = {"planned": [j.key for j in jobs], "skipped": [j.key for j in jobs if j.key in done], "ran": [], "failed": []}

@@ -68,3 +68,17 @@ def test_pipeline_with_two_workers_loses_no_run(synthetic_files, tmp_path):
     _, children = _children(uri)
     assert len(children) == 4 and all(r.info.status == "FINISHED" for r in children)
     assert all("test.ndcg_at_10" in r.data.metrics for r in children)
+
+
+def test_a_pipeline_with_a_search_section_tabulates_the_best_config_only(synthetic_files, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    path = _spec(synthetic_files, tmp_path, {"base": []}, seeds=(0,))
+    raw = yaml.safe_load(path.read_text())
+    raw["search"] = {"trials": 2, "seed": 0, "pruner": False,
+                     "space": {"train.lr": {"type": "float", "low": 0.001, "high": 0.02, "log": True}}}
+    path.write_text(yaml.safe_dump(raw))
+    summary = run_pipeline(ComparisonSpec.load(path), uri)
+    assert "| search-best | 1 |" in summary["table"] and "| base | 1 |" in summary["table"]
+    assert "trial-" not in summary["table"]
+    _, children = _children(uri)
+    assert sum("search.trial" in r.data.tags for r in children) == 2
