@@ -157,8 +157,8 @@ def compare_runs(records: list[RunRecord], metric: str = "ndcg@10", baseline: st
                  metrics=TABLE_METRICS, n_boot: int = 2000):
     """One row per variant: mean ± sd over its runs (seeds) of each test metric, and against
     ``baseline``: the relative change of ``metric`` with a paired 95% bootstrap CI over test
-    users (each user's metric averaged over the variant's seeds first), training time and the
-    false-negative rate of each negative source."""
+    users (each user's metric averaged over the variant's seeds first), training time (a
+    baseline's final fit) and the false-negative rate of each negative source."""
     import pandas as pd
 
     from .tracking import metric_name
@@ -177,7 +177,7 @@ def compare_runs(records: list[RunRecord], metric: str = "ndcg@10", baseline: st
 
     base_users = user_means(by_variant[baseline]) if baseline else None
     rows = []
-    for variant, runs in sorted(by_variant.items()):
+    for variant, runs in sorted(by_variant.items(), key=lambda kv: (kv[0] != baseline, kv[0])):  # the baseline first
         row = {"variant": variant, "runs": len(runs)}
         for m in metrics:
             v = np.array([r.metrics.get(metric_name(f"test.{m}"), np.nan) for r in runs])
@@ -189,7 +189,7 @@ def compare_runs(records: list[RunRecord], metric: str = "ndcg@10", baseline: st
                 both = pd.concat([users, base_users], axis=1, join="inner").to_numpy()
                 row["change"], row["ci_low"], row["ci_high"] = paired_bootstrap(both[:, 0], both[:, 1], n_boot)
                 row["paired_users"] = len(both)
-        train_s = [r.metrics["train_s"] for r in runs if "train_s" in r.metrics]
+        train_s = [r.metrics.get("train_s", r.metrics.get("fit_s")) for r in runs if {"train_s", "fit_s"} & r.metrics.keys()]
         if train_s:
             row["train_s"] = float(np.mean(train_s))
         for key in sorted({k for r in runs for k in r.metrics if k.startswith("neg.") and k.endswith(".false_negative_rate")}):
