@@ -32,8 +32,8 @@ class ComparisonSpec:
         unknown = set(raw) - {"name", "base", "seeds", "variants", "set", "baselines", "search"}
         if unknown:
             raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}; known: base, baselines, name, search, seeds, set, variants")
-        if "variants" not in raw and "search" not in raw:
-            raise ConfigError(f"{path}: needs variants, a search section, or both")
+        if not {"variants", "search", "baselines"} & raw.keys():
+            raise ConfigError(f"{path}: needs variants, baselines or a search section")
         for key in ("name", "base"):
             if key not in raw:
                 raise ConfigError(f"{path}: missing key {key!r}")
