@@ -82,7 +82,7 @@ def build_sampler(config: ExperimentConfig, data: Interactions, split: Split) ->
         "uniform": lambda: UniformSampler(data.n_items, shared=False),
         "popularity": lambda: PopularitySampler(counts, s.popularity.alpha, shared=False),
     }
-    components: dict = {"in_batch": InBatchSampler(data.n_items), "uniform": UniformSampler(data.n_items, shared=s.uniform.shared)}
+    components: dict = {"in_batch": InBatchSampler(counts), "uniform": UniformSampler(data.n_items, shared=s.uniform.shared)}
     if "popularity" in wanted:
         components["popularity"] = PopularitySampler(counts, s.popularity.alpha, shared=s.popularity.shared)
     if "category" in wanted:
