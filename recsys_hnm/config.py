@@ -47,6 +47,7 @@ class ModelConfig:
     learn_temperature: bool = False
     item_bias: bool = False
     history_len: int = 100
+    user_id: bool = True  # false: no user id embedding, the history alone (cold users with a history are served)
     history_decay: float = 1.0  # weight of an item in the history bag: decay ** age (0 = newest), normalised; 1 = mean
     train_history: str = "all"  # all: every other training item of the user | causal: only items before the positive
 

@@ -227,7 +227,7 @@ def build_trainer(config: ExperimentConfig, data: Interactions, split: Split, sa
     when the mix has ANN negatives); ``validate=False`` trains without validation (refit)."""
     model = build_model(config, data)
     features = FeatureBuilder(split.history("train"), data.n_users, data.item_categories, config.model.history_len,
-                               config.model.history_decay)
+                               config.model.history_decay, config.model.user_id)
     evaluator = Evaluator(split, "valid", config.eval.ks, config.eval.chunk_size) if validate else None
     diagnostics = NegativeDiagnostics(sampler.names, heldout_positives(split), data.n_items, seed=config.train.seed)
     refresh = None
@@ -335,7 +335,7 @@ def load_run(run_id: str, uri: str | None = None) -> LoadedRun:
         raise TrackingError(f"run {run_id}: its weights do not fit the model its config builds on this data: {e}") from e
     model.eval()
     features = FeatureBuilder(split.history("test"), data.n_users, data.item_categories, config.model.history_len,
-                               config.model.history_decay)
+                               config.model.history_decay, config.model.user_id)
     return LoadedRun(config, data, split, model, features)
 
 

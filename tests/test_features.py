@@ -123,3 +123,15 @@ def test_history_weights_decay_with_age_and_sum_to_one():
     assert torch.allclose(pooled, table[[4, 5, 6]].mean(0), atol=1e-6)
     with pytest.raises(ValueError, match="decay"):
         FeatureBuilder(events, 3, sp.csr_matrix((8, 1)), decay=0.0)
+
+
+def test_without_user_ids_the_user_tower_reads_the_history_only():
+    events = pd.DataFrame({"user": [0, 0, 1], "item": [4, 5, 4], "timestamp": [1, 2, 1]})
+    fb = FeatureBuilder(events, 2, sp.csr_matrix((8, 1)), user_id=False)
+    kjt = fb.user_features(torch.tensor([0, 1]))
+    assert kjt["user_id"].lengths().tolist() == [0, 0]
+    model = TwoTower(TowerSizes(2, 8, 1), dim=4, hidden=[8])
+    emb = model.user_embeddings(fb.user_features(torch.tensor([0, 1])))
+    twin = FeatureBuilder(pd.DataFrame({"user": [0, 1], "item": [4, 4], "timestamp": [1, 1]}), 2, sp.csr_matrix((8, 1)), user_id=False)
+    same = model.user_embeddings(twin.user_features(torch.tensor([0, 1])))
+    assert torch.allclose(same[0], same[1]) and not torch.allclose(emb[0], emb[1])  # same history, same user vector

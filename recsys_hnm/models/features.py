@@ -21,7 +21,7 @@ class FeatureBuilder:
     """
 
     def __init__(self, history: pd.DataFrame, n_users: int, item_categories: sp.csr_matrix, history_len: int = 100,
-                 decay: float = 1.0):
+                 decay: float = 1.0, user_id: bool = True):
         if history_len < 1:
             raise ValueError(f"history_len must be >= 1, not {history_len}")
         if not 0.0 < decay <= 1.0:
@@ -29,6 +29,7 @@ class FeatureBuilder:
         self.n_users = n_users
         self.history_len = history_len
         self.decay = decay
+        self.user_id = user_id  # False: the user tower reads the history only (cold users work alike)
         self.history = _recent_items(history, n_users, history_len)
         # every event in time order, per user: what a causal training bag is cut from
         ordered = _time_ordered(history)
@@ -84,7 +85,8 @@ class FeatureBuilder:
         weights = self.decay ** age.double()
         totals = torch.zeros(len(users), dtype=torch.float64).index_add_(0, torch.repeat_interleave(torch.arange(len(users)), lengths), weights)
         weights = (weights / torch.repeat_interleave(totals, lengths)).float()
-        return _kjt(len(users), {USER_ID: (torch.ones_like(users), users, None), HISTORY: (lengths, items, weights)})
+        ids = (torch.ones_like(users), users, None) if self.user_id else (torch.zeros_like(users), users[:0], None)
+        return _kjt(len(users), {USER_ID: ids, HISTORY: (lengths, items, weights)})
 
     def item_features(self, items: torch.Tensor) -> KeyedJaggedTensor:
         starts = self.cat_indptr[items]
