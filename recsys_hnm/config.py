@@ -47,6 +47,8 @@ class ModelConfig:
     learn_temperature: bool = False
     item_bias: bool = False
     history_len: int = 100
+    user_id: bool = True  # false: no user id embedding, the history alone (cold users with a history are served)
+    history_decay: float = 1.0  # weight of an item in the history bag: decay ** age (0 = newest), normalised; 1 = mean
     train_history: str = "all"  # all: every other training item of the user | causal: only items before the positive
 
 
@@ -334,6 +336,8 @@ def validate(c: ExperimentConfig, check_run_name: bool = True) -> None:
     s = c.sampler
     _positive(s.num_negatives, "sampler.num_negatives", strict=False)
     _choice(m.train_history, ("all", "causal"), "model.train_history")
+    if not 0.0 < m.history_decay <= 1.0:
+        raise ConfigError(f"model.history_decay: {m.history_decay!r} must be in (0, 1] (1 = plain mean)")
     _choice(s.logq, ("mixture", "per_source", "none"), "sampler.logq")
     _choice(s.known_positives, ("mask", "redraw"), "sampler.known_positives")
     for name, w in s.mixture.items():

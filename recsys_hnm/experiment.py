@@ -82,7 +82,7 @@ def build_sampler(config: ExperimentConfig, data: Interactions, split: Split) ->
         "uniform": lambda: UniformSampler(data.n_items, shared=False),
         "popularity": lambda: PopularitySampler(counts, s.popularity.alpha, shared=False),
     }
-    components: dict = {"in_batch": InBatchSampler(data.n_items), "uniform": UniformSampler(data.n_items, shared=s.uniform.shared)}
+    components: dict = {"in_batch": InBatchSampler(counts), "uniform": UniformSampler(data.n_items, shared=s.uniform.shared)}
     if "popularity" in wanted:
         components["popularity"] = PopularitySampler(counts, s.popularity.alpha, shared=s.popularity.shared)
     if "category" in wanted:
@@ -226,7 +226,8 @@ def build_trainer(config: ExperimentConfig, data: Interactions, split: Split, sa
     """A fresh model and its Trainer on ``split.train`` (with the index refresh callback first
     when the mix has ANN negatives); ``validate=False`` trains without validation (refit)."""
     model = build_model(config, data)
-    features = FeatureBuilder(split.history("train"), data.n_users, data.item_categories, config.model.history_len)
+    features = FeatureBuilder(split.history("train"), data.n_users, data.item_categories, config.model.history_len,
+                               config.model.history_decay, config.model.user_id)
     evaluator = Evaluator(split, "valid", config.eval.ks, config.eval.chunk_size) if validate else None
     diagnostics = NegativeDiagnostics(sampler.names, heldout_positives(split), data.n_items, seed=config.train.seed)
     refresh = None
@@ -333,7 +334,8 @@ def load_run(run_id: str, uri: str | None = None) -> LoadedRun:
     except RuntimeError as e:
         raise TrackingError(f"run {run_id}: its weights do not fit the model its config builds on this data: {e}") from e
     model.eval()
-    features = FeatureBuilder(split.history("test"), data.n_users, data.item_categories, config.model.history_len)
+    features = FeatureBuilder(split.history("test"), data.n_users, data.item_categories, config.model.history_len,
+                               config.model.history_decay, config.model.user_id)
     return LoadedRun(config, data, split, model, features)
 
 

@@ -106,3 +106,32 @@ def test_causal_training_bags_hold_only_items_before_the_positive():
         assert not set(bag) & later
     with pytest.raises(ValueError, match="causal histories need"):
         fb.event_positions(events.iloc[:3])
+
+
+def test_history_weights_decay_with_age_and_sum_to_one():
+    events = pd.DataFrame({"user": [0, 0, 0, 1], "item": [4, 5, 6, 2], "timestamp": [1, 2, 3, 1]})
+    fb = FeatureBuilder(events, 3, sp.csr_matrix((8, 1)), history_len=10, decay=0.5)
+    kjt = fb.user_features(torch.tensor([0, 1, 2]))
+    hist = kjt["history"]
+    assert hist.values().tolist() == [4, 5, 6, 2] and hist.lengths().tolist() == [3, 1, 0]
+    assert hist.weights().tolist() == pytest.approx([0.25 / 1.75, 0.5 / 1.75, 1 / 1.75, 1.0])  # newest weighs most
+    # decay 1: the plain mean, through the model's weighted-sum tables
+    model = TwoTower(TowerSizes(3, 8, 1), dim=4, hidden=[])
+    mean_fb = FeatureBuilder(events, 3, sp.csr_matrix((8, 1)), history_len=10)
+    pooled = model.ebc(mean_fb.user_features(torch.tensor([0])))["history"][0]
+    table = model.ebc.embedding_bags["item_table"].weight
+    assert torch.allclose(pooled, table[[4, 5, 6]].mean(0), atol=1e-6)
+    with pytest.raises(ValueError, match="decay"):
+        FeatureBuilder(events, 3, sp.csr_matrix((8, 1)), decay=0.0)
+
+
+def test_without_user_ids_the_user_tower_reads_the_history_only():
+    events = pd.DataFrame({"user": [0, 0, 1], "item": [4, 5, 4], "timestamp": [1, 2, 1]})
+    fb = FeatureBuilder(events, 2, sp.csr_matrix((8, 1)), user_id=False)
+    kjt = fb.user_features(torch.tensor([0, 1]))
+    assert kjt["user_id"].lengths().tolist() == [0, 0]
+    model = TwoTower(TowerSizes(2, 8, 1), dim=4, hidden=[8])
+    emb = model.user_embeddings(fb.user_features(torch.tensor([0, 1])))
+    twin = FeatureBuilder(pd.DataFrame({"user": [0, 1], "item": [4, 4], "timestamp": [1, 1]}), 2, sp.csr_matrix((8, 1)), user_id=False)
+    same = model.user_embeddings(twin.user_features(torch.tensor([0, 1])))
+    assert torch.allclose(same[0], same[1]) and not torch.allclose(emb[0], emb[1])  # same history, same user vector

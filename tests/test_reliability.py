@@ -47,7 +47,8 @@ def _trainer(tiny, evaluator, *, diagnostics=None, callbacks=(), temperature=0.1
     torch.manual_seed(0)
     model = TwoTower(TowerSizes(data.n_users, data.n_items, data.n_categories), dim=16, hidden=[16],
                      temperature=temperature, learn_temperature=learn)
-    sampler = MixtureSampler({"in_batch": InBatchSampler(data.n_items), "uniform": UniformSampler(data.n_items)},
+    counts = np.bincount(split.train["item"], minlength=data.n_items)
+    sampler = MixtureSampler({"in_batch": InBatchSampler(counts), "uniform": UniformSampler(data.n_items)},
                              {"in_batch": 1.0, "uniform": 1.0}, 32, KnownPositives(split.matrix("train")))
     features = FeatureBuilder(split.history("train"), data.n_users, data.item_categories, 20)
     return Trainer(model, features, sampler, split.train, evaluator, epochs=epochs, batch_size=256, lr=0.01,

@@ -130,10 +130,13 @@ def test_copurchase_sampler_uses_co_counts_and_falls_back():
     assert len(draws.unique()) > 1  # uniform fallback
 
 
-def test_in_batch_log_prob_is_batch_frequency():
-    ctx = Context(torch.arange(4), torch.tensor([7, 7, 2, 5]))
-    lp = InBatchSampler(10).log_prob(ctx, torch.tensor([7, 2, 3]))
-    assert lp.exp().tolist() == pytest.approx([0.5, 0.25, 0.0])
+def test_in_batch_log_prob_is_the_stream_frequency_not_the_batch_count():
+    counts = np.array([0, 0, 1, 0, 0, 1, 0, 2, 0, 0], dtype=float)  # training stream: 7 twice, 2 and 5 once
+    ctx = Context(torch.arange(4), torch.tensor([7, 5, 2, 5]))  # this batch happens to hold 5 twice
+    lp = InBatchSampler(counts).log_prob(ctx, torch.tensor([7, 2, 5, 3]))
+    assert lp.exp().tolist() == pytest.approx([0.5, 0.25, 0.25, 0.0])
+    with pytest.raises(ValueError, match="training counts"):
+        InBatchSampler(np.zeros(3))
 
 
 def test_allocation_is_deterministic_and_exact():
@@ -147,7 +150,7 @@ def _mixture(data, logq="mixture", known=None, in_batch=False, policy="mask"):
     counts = data.item_popularity
     uniform = UniformSampler(data.n_items, shared=False)
     components = {
-        "in_batch": InBatchSampler(data.n_items),
+        "in_batch": InBatchSampler(counts),
         "uniform": uniform,  # per row, so that rows are independent draws of the mixture
         "popularity": PopularitySampler(counts, 0.75, shared=False),
         "category": CategorySampler(data.item_categories, uniform),
@@ -171,6 +174,7 @@ POP_ALPHA, CAT_ALPHA, CP_BETA, FB_POP_ALPHA = 0.75, 0.5, 0.5, 1.0
 POSITIVES = [0, 3, 6, 7, 3, 9]
 WEIGHTS = {"uniform": 1.0, "popularity": 2.0, "category": 3.0, "copurchase": 2.0}
 NUM_NEGATIVES = 64  # -> uniform 8, popularity 16, category 24, copurchase 16
+STREAM = (COUNTS + 1) / (COUNTS + 1).sum()  # the in-batch proposal: every item a training positive
 
 
 def _ref_uniform(pos):
@@ -218,9 +222,8 @@ def _ref_expected_counts(positives, counts, in_batch):
     for b, pos in enumerate(positives):
         for name, n in counts.items():
             out[b] += n * REF[name](pos)
-        if in_batch:
-            for p in positives:  # the batch's positives, once each
-                out[b, p] += 1.0
+        if in_batch:  # the other B - 1 positives, drawn from the training stream
+            out[b] += (len(positives) - 1) * STREAM
     return out
 
 
@@ -235,7 +238,7 @@ def test_the_reference_itself_on_hand_computed_values():
     assert _ref_copurchase(6)[0] == pytest.approx(50 / 139) and _ref_copurchase(6)[6] == 0
     assert _ref_popularity(0)[6] == 0
     e = _ref_expected_counts([0, 3], {"uniform": 4}, in_batch=True)
-    assert e[1].tolist() == pytest.approx([1.4, 0.4, 0.4, 1.4, 0.4, 0.4, 0.4, 0.4, 0.4, 0.4])
+    assert e[1].tolist() == pytest.approx((0.4 + (COUNTS + 1) / 149).tolist())
 
 
 def _small_catalog():
@@ -263,18 +266,18 @@ HAND_COUNTS = {
 }
 
 
-def _small_mixture(layout: str, logq="mixture") -> MixtureSampler:
+def _small_mixture(layout: str, logq="mixture", in_batch: bool | None = None) -> MixtureSampler:
     spec = LAYOUTS[layout]
     ic, graph = _small_catalog()
     components = {
-        "in_batch": InBatchSampler(N_ITEMS),
+        "in_batch": InBatchSampler(COUNTS + 1),
         "uniform": UniformSampler(N_ITEMS, shared=spec["shared"]),
         "popularity": PopularitySampler(COUNTS, POP_ALPHA, shared=spec["shared"]),
         "category": CategorySampler(ic, UniformSampler(N_ITEMS, shared=False), COUNTS, alpha=CAT_ALPHA),
         "copurchase": CopurchaseSampler(graph, PopularitySampler(COUNTS, FB_POP_ALPHA, shared=False), beta=CP_BETA),
     }
     weights = {k: (w if k in spec["sources"] else 0.0) for k, w in WEIGHTS.items()}
-    weights["in_batch"] = 1.0 if spec["in_batch"] else 0.0
+    weights["in_batch"] = 1.0 if (spec["in_batch"] if in_batch is None else in_batch) else 0.0
     return MixtureSampler(components, weights, NUM_NEGATIVES, logq=logq)
 
 
@@ -288,7 +291,7 @@ def test_mixture_log_q_matches_a_brute_force_reference_per_row(layout):
     ctx = _small_context()
     B = len(ctx)
     expected = _ref_expected_counts(POSITIVES, HAND_COUNTS[layout], LAYOUTS[layout]["in_batch"])
-    assert expected.sum(1) == pytest.approx(NUM_NEGATIVES + (B if LAYOUTS[layout]["in_batch"] else 0))
+    assert expected.sum(1) == pytest.approx(NUM_NEGATIVES + (B - 1 if LAYOUTS[layout]["in_batch"] else 0))
     # rows really differ where a source depends on the positive (3 appears twice: 5 contexts)
     distinct = 5 if "category" in LAYOUTS[layout]["sources"] else 1
     assert len({tuple(np.round(r, 9)) for r in expected}) == distinct
@@ -320,8 +323,8 @@ def test_per_source_log_q_matches_the_drawing_sources_reference(layout):
     for b in mix.sample(ctx, torch.Generator().manual_seed(2)):
         name = mix.names[b.source]
         items = b.per_row_items(B).numpy()
-        if name == "in_batch":  # B draws of the batch frequency: the item's count among positives
-            want = np.log(np.bincount(POSITIVES, minlength=N_ITEMS)[items].astype(float))
+        if name == "in_batch":  # the other B - 1 positives, drawn from the training stream
+            want = np.log((B - 1) * STREAM[items])
         else:
             q = np.stack([REF[name](p) for p in POSITIVES])
             want = np.log(HAND_COUNTS[layout][name] * q[np.arange(B)[:, None], items])
@@ -366,12 +369,13 @@ def _empirical(mix: MixtureSampler, ctx: Context, batches: int, seed: int):
 def test_mixture_log_q_matches_the_empirical_draw_frequencies(layout):
     """exp(log_q) is the expected count of the item among the row's candidates per batch; over T
     batches the observed count has mean T exp(log_q) and variance at most that (a sum of
-    binomials; in-batch draws are fixed), so z = (obs - T E) / sqrt(T E) is within a few units."""
-    mix = _small_mixture(layout)
+    binomials), so z = (obs - T E) / sqrt(T E) is within a few units. The batch's positives are
+    fixed here, so in-batch candidates are left out (the partition-function test covers them)."""
+    mix = _small_mixture(layout, in_batch=False)
     ctx = _small_context()
     T = 600
     counts, log_q = _empirical(mix, ctx, T, seed=7)
-    per_row = NUM_NEGATIVES + (len(ctx) if LAYOUTS[layout]["in_batch"] else 0)
+    per_row = NUM_NEGATIVES
     assert (counts.sum(1) == T * per_row).all()
     drawn = counts > 0
     assert (~np.isnan(log_q) == drawn).all()
@@ -511,3 +515,58 @@ def test_copurchase_without_baskets_is_refused():
     config = config_from_dict({"sampler": {"mixture": {"copurchase": 1.0}, "copurchase": {"source": "basket"}}})
     with pytest.raises(ConfigError, match="sampler.copurchase: copurchase source 'basket' needs a basket column"):
         build_sampler(config, data, split)
+
+
+# -- the partition function: sampled estimates against the exact sum ----------------------------
+
+Z_MIXES = {
+    "in_batch": {"in_batch": 1.0},
+    "uniform": {"uniform": 1.0},
+    "popularity": {"popularity": 1.0},
+    "category": {"category": 1.0},
+    "copurchase": {"copurchase": 1.0},
+    "in_batch+uniform": {"in_batch": 1.0, "uniform": 1.0},
+    "in_batch+category": {"in_batch": 1.0, "category": 1.0},
+    "in_batch+copurchase": {"in_batch": 1.0, "copurchase": 1.0},
+    "all": {"in_batch": 1.0, "uniform": 1.0, "popularity": 1.0, "category": 1.0, "copurchase": 1.0},
+}
+
+
+@pytest.mark.parametrize("mix_name", list(Z_MIXES))
+def test_sampled_partition_function_is_unbiased(mix_name):
+    """Z = sum_j exp(s_j). With log_q the expected count of each candidate under the whole
+    proposal, sum over candidates of exp(s_c - log_q_c) estimates Z without bias, over the
+    proposal's support. Positives are drawn from the training stream each batch, as in training
+    (so in-batch candidates are real draws); per-row sources are conditioned on each positive.
+    As in the loss, the positive is its own term and candidates equal to it are masked."""
+    weights = Z_MIXES[mix_name]
+    ic, graph = _small_catalog()
+    uniform = UniformSampler(N_ITEMS, shared=False)
+    components = {
+        "in_batch": InBatchSampler(COUNTS + 1), "uniform": UniformSampler(N_ITEMS),
+        "popularity": PopularitySampler(COUNTS, POP_ALPHA),
+        "category": CategorySampler(ic, uniform, COUNTS, alpha=CAT_ALPHA),
+        "copurchase": CopurchaseSampler(graph, PopularitySampler(COUNTS, FB_POP_ALPHA, shared=False), beta=CP_BETA),
+    }
+    mix = MixtureSampler(components, weights, 16)
+    scores = np.random.default_rng(0).uniform(-1.0, 1.0, N_ITEMS)
+    gen = torch.Generator().manual_seed(0)
+    rng = np.random.default_rng(1)
+    B, T = 8, 4000
+    est, exact = np.zeros(T), np.zeros(T)
+    for t in range(T):
+        pos = rng.choice(N_ITEMS, B, p=STREAM)
+        ctx = Context(torch.arange(B), torch.from_numpy(pos))
+        est[t] = np.exp(scores[pos[0]])
+        for block in mix.sample(ctx, gen):
+            items = block.per_row_items(B)[0].numpy()  # row 0
+            keep = items != pos[0]
+            est[t] += np.exp(scores[items[keep]] - block.log_q[0].numpy()[keep].astype(np.float64)).sum()
+        # row 0's exact Z over the proposal's support given its positive (every item when the
+        # mix holds a full-support source; the positive's category or neighbours otherwise)
+        support = mix._log_q(ctx, torch.arange(N_ITEMS), [])[0].numpy() > -np.inf
+        support[pos[0]] = True
+        exact[t] = np.exp(scores[support]).sum()
+    assert est.mean() == pytest.approx(exact.mean(), rel=4 * est.std() / np.sqrt(T) / exact.mean() + 1e-3)
+    if "in_batch" in weights:  # in-batch alone covers every training positive: the whole catalog here
+        assert exact.min() == pytest.approx(np.exp(scores).sum())

@@ -20,11 +20,16 @@ class FeatureBuilder:
     EmbeddingBagCollection reads them all.
     """
 
-    def __init__(self, history: pd.DataFrame, n_users: int, item_categories: sp.csr_matrix, history_len: int = 100):
+    def __init__(self, history: pd.DataFrame, n_users: int, item_categories: sp.csr_matrix, history_len: int = 100,
+                 decay: float = 1.0, user_id: bool = True):
         if history_len < 1:
             raise ValueError(f"history_len must be >= 1, not {history_len}")
+        if not 0.0 < decay <= 1.0:
+            raise ValueError(f"history decay must be in (0, 1], not {decay}")
         self.n_users = n_users
         self.history_len = history_len
+        self.decay = decay
+        self.user_id = user_id  # False: the user tower reads the history only (cold users work alike)
         self.history = _recent_items(history, n_users, history_len)
         # every event in time order, per user: what a causal training bag is cut from
         ordered = _time_ordered(history)
@@ -48,7 +53,7 @@ class FeatureBuilder:
         if exclude is not None:
             keep &= hist != exclude[:, None]
         lengths = keep.sum(1)
-        return _kjt(len(users), {USER_ID: (torch.ones_like(users), users), HISTORY: (lengths, hist[keep])})
+        return self._user_kjt(users, lengths, hist[keep])
 
     def event_positions(self, events: pd.DataFrame) -> torch.Tensor:
         """Each event's position in its user's time-ordered history (aligned with ``events``'
@@ -71,19 +76,33 @@ class FeatureBuilder:
         event: at training time a (user, positive) sees nothing at or after the positive."""
         lengths = positions.clamp(max=self.history_len)
         starts = self.seq_start[users] + positions - lengths
-        return _kjt(len(users), {USER_ID: (torch.ones_like(users), users), HISTORY: (lengths, self.seq_items[jagged_positions(starts, lengths)])})
+        return self._user_kjt(users, lengths, self.seq_items[jagged_positions(starts, lengths)])
+
+    def _user_kjt(self, users: torch.Tensor, lengths: torch.Tensor, items: torch.Tensor) -> KeyedJaggedTensor:
+        """The history bag's weights sum to 1 per row: decay ** age (age 0 = the most recent
+        item), normalised; decay 1 is the plain mean."""
+        age = torch.repeat_interleave(lengths, lengths) - 1 - (torch.arange(len(items)) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths))
+        weights = self.decay ** age.double()
+        totals = torch.zeros(len(users), dtype=torch.float64).index_add_(0, torch.repeat_interleave(torch.arange(len(users)), lengths), weights)
+        weights = (weights / torch.repeat_interleave(totals, lengths)).float()
+        ids = (torch.ones_like(users), users, None) if self.user_id else (torch.zeros_like(users), users[:0], None)
+        return _kjt(len(users), {USER_ID: ids, HISTORY: (lengths, items, weights)})
 
     def item_features(self, items: torch.Tensor) -> KeyedJaggedTensor:
         starts = self.cat_indptr[items]
         lengths = self.cat_indptr[items + 1] - starts
         categories = self.cat_indices[jagged_positions(starts, lengths)]
-        return _kjt(len(items), {ITEM_ID: (torch.ones_like(items), items), ITEM_CATEGORY: (lengths, categories)})
+        mean = (1.0 / torch.repeat_interleave(lengths, lengths).float())  # the mean of the item's categories
+        return _kjt(len(items), {ITEM_ID: (torch.ones_like(items), items, None), ITEM_CATEGORY: (lengths, categories, mean)})
 
 
-def _kjt(batch: int, features: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> KeyedJaggedTensor:
-    empty = (torch.zeros(batch, dtype=torch.long), torch.zeros(0, dtype=torch.long))
-    lengths, values = zip(*(features.get(name, empty) for name in FEATURES))
-    return KeyedJaggedTensor.from_lengths_sync(keys=list(FEATURES), values=torch.cat(values), lengths=torch.cat(lengths))
+def _kjt(batch: int, features: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]) -> KeyedJaggedTensor:
+    """A weighted KJT of all four features (the towers' tables pool weighted sums; ids weigh 1)."""
+    empty = (torch.zeros(batch, dtype=torch.long), torch.zeros(0, dtype=torch.long), None)
+    lengths, values, weights = zip(*(features.get(name, empty) for name in FEATURES))
+    weights = [torch.ones(len(v)) if w is None else w for v, w in zip(values, weights)]
+    return KeyedJaggedTensor.from_lengths_sync(keys=list(FEATURES), values=torch.cat(values), lengths=torch.cat(lengths),
+                                               weights=torch.cat(weights))
 
 
 def _time_ordered(events: pd.DataFrame) -> pd.DataFrame:

@@ -34,8 +34,8 @@ def _mlp(in_dim: int, hidden: list[int], out_dim: int) -> nn.Sequential:
 
 
 class TwoTower(nn.Module):
-    """User tower: user id + mean of the user's recent items; item tower: item id + mean of its
-    categories. One EmbeddingBagCollection holds the tables (the item table is shared by the
+    """User tower: user id + a recency-weighted mean of the user's recent items (see
+    ``FeatureBuilder``; decay 1 is the plain mean); item tower: item id + mean of its categories. One EmbeddingBagCollection holds the tables (the item table is shared by the
     item id and the history bag), an MLP tops each tower, outputs are L2-normalised and the
     score is their dot product divided by a temperature (fixed or learned), plus an optional
     per-item bias that lets the item side express popularity.
@@ -58,11 +58,13 @@ class TwoTower(nn.Module):
             EmbeddingBagConfig(name="user_table", embedding_dim=dim, num_embeddings=sizes.n_users,
                                feature_names=[USER_ID], pooling=PoolingType.SUM),
             EmbeddingBagConfig(name="item_table", embedding_dim=dim, num_embeddings=sizes.n_items,
-                               feature_names=[HISTORY, ITEM_ID], pooling=PoolingType.MEAN),
+                               feature_names=[HISTORY, ITEM_ID], pooling=PoolingType.SUM),
             EmbeddingBagConfig(name="category_table", embedding_dim=dim, num_embeddings=max(1, sizes.n_categories),
-                               feature_names=[ITEM_CATEGORY], pooling=PoolingType.MEAN),
+                               feature_names=[ITEM_CATEGORY], pooling=PoolingType.SUM),
         ]
-        self.ebc = EmbeddingBagCollection(tables=tables, device=torch.device(device) if device else None)
+        # weighted sums: the features carry the weights (1 for ids, 1/n for a mean of categories,
+        # recency weights summing to 1 for the history bag), so one collection pools them all
+        self.ebc = EmbeddingBagCollection(tables=tables, is_weighted=True, device=torch.device(device) if device else None)
         self.user_mlp = _mlp(2 * dim, hidden, dim)
         self.item_mlp = _mlp(2 * dim, hidden, dim)
         if not temperature > 0:

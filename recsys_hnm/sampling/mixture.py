@@ -31,7 +31,8 @@ def allocate(total: int, weights: Mapping[str, float]) -> dict[str, int]:
 class MixtureSampler:
     """Draws ``num_negatives`` per row from the sampled sources in proportion to their weights
     (the count per source is fixed by the weights, not random), plus, when ``in_batch`` has a
-    weight > 0, the batch's positives as shared negatives (B per row; its weight is only a switch).
+    weight > 0, the batch's positives as shared negatives (the B - 1 others per row; its weight is
+    only a switch).
 
     logq:
       ``mixture``     every candidate is corrected by log sum_k n_k q_k(item | context), the
@@ -92,8 +93,11 @@ class MixtureSampler:
         return [(i, k) for i, k in enumerate(self.names) if self.draws(k, batch) > 0]
 
     def draws(self, name: str, batch: int) -> int:
+        """Draws of a source per row. In-batch: the other B - 1 rows' positives (a row's own
+        positive among them is an accidental hit, always masked), so the expected count of j
+        among a row's in-batch negatives is (B - 1) p(j)."""
         if name == IN_BATCH:
-            return batch if self.use_in_batch else 0
+            return batch - 1 if self.use_in_batch else 0
         return self.counts.get(name, 0)
 
     def sample(self, ctx: Context, generator: torch.Generator) -> list[Negatives]:
