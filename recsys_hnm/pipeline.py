@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from .compare import TABLE_METRICS, ComparisonSpec, _slug, compare_runs, comparison_markdown, experiment_runs, plot_validation
 from .config import ConfigError, ExperimentConfig, load_config
 from .io import atomic_write
-from .tracking import TrackingError, experiment_id, tracking_uri
+from .tracking import TrackingError, experiment_id, sigterm_raises, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -114,15 +114,11 @@ def run_pipeline(spec: ComparisonSpec, uri: str | None = None, *, workers: int =
         summary["to_run"] = [j.key for j in todo]
         return summary
     parent = parent_run(spec, uri)
-    if workers <= 1:
-        for job in todo:
-            _collect(summary, job, lambda job=job: run_job(job, parent))
-    else:
-        # spawn: a fresh interpreter per worker (no forked torch/MLflow state)
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(run_job, job, parent): job for job in todo}
-            for future in as_completed(futures):
-                _collect(summary, futures[future], future.result)
+    try:
+        _run_jobs(todo, parent, workers, summary)
+    except BaseException:  # interrupted: the parent says so; running again resumes
+        MlflowClient(uri).set_terminated(parent, "KILLED")
+        raise
     client = MlflowClient(uri)
     try:  # the table covers every finished child, also those of earlier invocations
         records = experiment_runs(spec.name, uri, tag=(PARENT_TAG, spec.name))
@@ -146,6 +142,27 @@ def run_pipeline(spec: ComparisonSpec, uri: str | None = None, *, workers: int =
     client.set_tag(parent, "failed_jobs", str(len(summary["failed"])))
     client.set_terminated(parent, "FAILED" if summary["failed"] else "FINISHED")  # re-run: it resumes
     return summary
+
+
+def _run_jobs(todo: list[Job], parent: str, workers: int, summary: dict) -> None:
+    if workers <= 1:
+        for job in todo:
+            _collect(summary, job, lambda job=job: run_job(job, parent))
+        return
+    # spawn: a fresh interpreter per worker (no forked torch/MLflow state)
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        with sigterm_raises():
+            futures = {pool.submit(run_job, job, parent): job for job in todo}
+            for future in as_completed(futures):
+                _collect(summary, futures[future], future.result)
+    except BaseException:
+        # interrupted: stop the workers too (SIGTERM, so their runs end KILLED), never orphan them
+        for process in list(pool._processes.values()):
+            process.terminate()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _collect(summary: dict, job: Job, result) -> None:

@@ -82,3 +82,36 @@ def test_a_pipeline_with_a_search_section_tabulates_the_best_config_only(synthet
     assert "trial-" not in summary["table"]
     _, children = _children(uri)
     assert sum("search.trial" in r.data.tags for r in children) == 2
+
+
+def test_sigterm_stops_the_workers_and_marks_the_runs(synthetic_files, tmp_path):
+    """A pipeline killed mid-run leaves no worker process behind, and no run RUNNING."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    path = _spec(synthetic_files, tmp_path, {"a": ["train.epochs=50"], "b": ["train.epochs=50"]}, seeds=(0,))
+    proc = subprocess.Popen([sys.executable, "-m", "recsys_hnm.cli", "pipeline", "run", str(path), "--workers", "2",
+                             "--tracking-uri", uri], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while time.time() < deadline:  # until both children have started training
+        time.sleep(2)
+        try:
+            _, children = _children(uri)
+        except Exception:  # the experiment does not exist yet
+            continue
+        if len(children) == 2:
+            break
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert workers, "the pipeline should have worker processes"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) != 0
+    time.sleep(1)
+    alive = [w for w in workers if os.path.exists(f"/proc/{w}") and "zombie" not in open(f"/proc/{w}/status").read().lower()]
+    assert alive == []
+    parents, children = _children(uri)
+    assert parents[0].info.status == "KILLED"
+    assert {r.info.status for r in children} <= {"KILLED", "FINISHED"} and "RUNNING" not in {r.info.status for r in children}

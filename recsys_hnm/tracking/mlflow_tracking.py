@@ -72,7 +72,7 @@ class Terminated(BaseException):
 
 
 @contextlib.contextmanager
-def _sigterm_raises():
+def sigterm_raises():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -106,7 +106,7 @@ def tracked_run(uri: str | None, experiment: str, run_name: str | None = None, r
     if run_id and "error" in run.data.tags:  # a resumed run: the old failure no longer describes it
         MlflowClient(uri).delete_tag(run_id, "error")
     try:
-        with _sigterm_raises():
+        with sigterm_raises():
             yield run
     except BaseException as e:
         with contextlib.suppress(Exception):
