@@ -56,3 +56,22 @@ def test_training_tracks_to_a_real_mlflow_server(synthetic_files, tmp_path, mlfl
     assert {"config.yaml", "model.pt", "metrics.png"} <= {a.path for a in client.list_artifacts(result.run_id)}
     assert (tmp_path / "artifacts").exists()  # artifacts went through the server
     assert evaluate_run(result.run_id, mlflow_server)["ndcg@10"] == pytest.approx(result.test["ndcg@10"], abs=1e-6)
+
+
+def test_pipeline_with_two_workers_against_a_real_server(synthetic_files, tmp_path, mlflow_server):
+    import yaml
+
+    from recsys_hnm.compare import ComparisonSpec
+    from recsys_hnm.pipeline import run_pipeline
+
+    base = small_config(synthetic_files, tmp_path, train={"epochs": 1}).to_dict()
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    spec = tmp_path / "pipe.yaml"
+    spec.write_text(yaml.safe_dump({"name": "pipe", "base": str(tmp_path / "base.yaml"), "seeds": [0, 1],
+                                    "variants": {"a": [], "b": ["train.lr=0.01"]}}))
+    summary = run_pipeline(ComparisonSpec.load(spec), mlflow_server, workers=2)
+    assert sorted(summary["ran"]) == ["a/s0", "a/s1", "b/s0", "b/s1"] and summary["failed"] == []
+    client = MlflowClient(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("pipe").experiment_id])
+    children = [r for r in runs if r.data.tags.get("role") != "parent"]
+    assert len(children) == 4 and all(r.info.status == "FINISHED" for r in children)
