@@ -33,7 +33,7 @@ from .sampling import (
     UniformSampler,
 )
 from .sampling.diagnostics import NegativeDiagnostics
-from .serving import log_recommender
+from .serving import log_recommender, lookup_ids
 from .tracking import (
     MlflowLogger, TrackingError, download, get_run, git_commit, log_metrics, log_per_user, tracked_run, tracking_uri,
 )
@@ -371,7 +371,7 @@ def recommend(run_id: str, k: int, users=None, uri: str | None = None, history: 
         idx = torch.from_numpy(np.flatnonzero(np.diff(split.matrix("test").indptr) > 0))
     else:
         wanted = pd.Series(users).drop_duplicates()
-        found = _lookup(data.users.raw, wanted)
+        found = lookup_ids(pd.Index(data.users.raw), wanted)
         unknown = wanted[found < 0].tolist()
         if unknown and len(unknown) == len(wanted):
             raise DataError(f"recommend: none of the {len(wanted)} requested user ids is known to run {run_id}, e.g. {unknown[:5]}")
@@ -403,16 +403,6 @@ def recommend(run_id: str, k: int, users=None, uri: str | None = None, history: 
     })
     out.attrs["unknown_users"] = unknown
     return out
-
-
-def _lookup(raw_ids: np.ndarray, wanted: pd.Series) -> np.ndarray:
-    """Indices of ``wanted`` in ``raw_ids``, -1 where unknown. Numeric ids read from a file with a
-    stray non-numeric value arrive as strings: they are compared as numbers (the stray one is
-    unknown)."""
-    index = pd.Index(raw_ids)
-    if pd.api.types.is_numeric_dtype(index) and not pd.api.types.is_numeric_dtype(wanted):
-        wanted = pd.to_numeric(wanted, errors="coerce")
-    return index.get_indexer(wanted.to_numpy()).astype(np.int64)
 
 
 def write_table(frame: pd.DataFrame, path: str | Path) -> None:

@@ -72,7 +72,7 @@ class TopKRecommender(PythonModel):
             raise MlflowException.invalid_parameter_value(f"k must be a positive integer, not {k!r}")
         users = _user_column(model_input)
         wanted = users.drop_duplicates()
-        found = _lookup(self.user_index, wanted)
+        found = lookup_ids(self.user_index, wanted)
         unknown = wanted[found < 0].tolist()
         if unknown:
             log.warning("recommender: %d of %d requested user id(s) unknown, skipped, e.g. %s",
@@ -144,9 +144,10 @@ def _user_column(model_input) -> pd.Series:
     return pd.Series(np.atleast_1d(np.asarray(model_input)))
 
 
-def _lookup(index: pd.Index, wanted: pd.Series) -> np.ndarray:
-    """Positions of ``wanted`` in ``index``, -1 where unknown; numeric ids given as text are
-    compared as numbers (a non-numeric one is unknown), as ``experiment._lookup`` does."""
+def lookup_ids(index: pd.Index, wanted: pd.Series) -> np.ndarray:
+    """Positions of ``wanted`` in ``index``, -1 where unknown; numeric ids given as text (a file
+    with a stray non-numeric value is read as text) are compared as numbers (the stray one is
+    unknown). Shared with ``experiment.recommend``."""
     if pd.api.types.is_numeric_dtype(index) and not pd.api.types.is_numeric_dtype(wanted):
         wanted = pd.to_numeric(wanted, errors="coerce")
     elif not pd.api.types.is_numeric_dtype(index) and pd.api.types.is_numeric_dtype(wanted):
