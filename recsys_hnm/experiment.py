@@ -220,7 +220,6 @@ def train(config: ExperimentConfig, *, resume: bool | str = False, extra_callbac
         return TrainResult(run_id, test, mostpop, history)
 
 
-
 def build_trainer(config: ExperimentConfig, data: Interactions, split: Split, sampler: MixtureSampler, callbacks: list,
                   index_path: Path, *, epochs: int | None = None, validate: bool = True) -> tuple[Trainer, IndexRefresh | None]:
     """A fresh model and its Trainer on ``split.train`` (with the index refresh callback first
