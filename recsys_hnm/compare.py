@@ -218,7 +218,8 @@ def comparison_markdown(frame, metrics=TABLE_METRICS, baseline: str | None = Non
 
 
 def plot_validation(records: list[RunRecord], path: str | Path, metric: str = "ndcg@10", uri: str | None = None) -> None:
-    """PNG of the validation ``metric`` per epoch, one line per run, one colour per variant."""
+    """PNG of the validation ``metric`` per epoch, one line per run, one colour per variant;
+    baselines (one validation value) as dashed levels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -238,7 +239,11 @@ def plot_validation(records: list[RunRecord], path: str | Path, metric: str = "n
         steps = sorted(history, key=lambda m: m.step)
         first = r.variant not in colours
         colour = colours.setdefault(r.variant, f"C{len(colours) % 10}")
-        ax.plot([m.step for m in steps], [m.value for m in steps], color=colour, alpha=0.8, label=r.variant if first else None)
+        label = r.variant if first else None
+        if len(steps) == 1:  # a baseline: its (tuned) validation value as a level
+            ax.axhline(steps[0].value, color=colour, linestyle="--", alpha=0.8, label=label)
+        else:
+            ax.plot([m.step for m in steps], [m.value for m in steps], color=colour, alpha=0.8, label=label)
     ax.set(xlabel="epoch", ylabel=f"validation {metric}", title="validation curves per variant (one line per seed)")
     if colours:
         ax.legend()
