@@ -8,16 +8,15 @@ Usage: python benchmarks/train_throughput.py [--config pipelines/quickstart.yaml
 
 import argparse
 import json
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from recsys_hnm.config import load_config
-from recsys_hnm.evaluation import Evaluator
-from recsys_hnm.experiment import build_model, build_sampler, heldout_positives, load_data
-from recsys_hnm.models import FeatureBuilder, item_embeddings, user_embeddings
-from recsys_hnm.sampling.diagnostics import NegativeDiagnostics
-from recsys_hnm.training import Trainer
+from recsys_hnm.experiment import build_sampler, build_trainer, load_data
+from recsys_hnm.models import item_embeddings, user_embeddings
 
 
 def main() -> dict:
@@ -28,14 +27,11 @@ def main() -> dict:
     config = load_config(args.config)
     threads = args.threads or config.train.num_threads
     torch.set_num_threads(threads)
+    config.train.progress = False
     data, split = load_data(config)
-    sampler = build_sampler(config, data, split)
-    model = build_model(config, data)
-    features = FeatureBuilder(split.history("train"), data.n_users, data.item_categories, config.model.history_len)
-    evaluator = Evaluator(split, "valid", config.eval.ks, config.eval.chunk_size)
-    trainer = Trainer(model, features, sampler, split.train, evaluator, batch_size=config.train.batch_size,
-                      lr=config.train.lr, seed=config.train.seed, progress=False,
-                      diagnostics=NegativeDiagnostics(sampler.names, heldout_positives(split), data.n_items))
+    with tempfile.TemporaryDirectory() as tmp:  # the experiment's own trainer: same features, options
+        trainer, _ = build_trainer(config, data, split, build_sampler(config, data, split), [], Path(tmp) / "items.index")
+    model, features, evaluator = trainer.model, trainer.features, trainer.evaluator
     start = time.perf_counter()
     trainer.train_epoch(0)
     epoch_s = time.perf_counter() - start
