@@ -208,7 +208,7 @@ def train(config: ExperimentConfig, *, resume: bool | str = False, extra_callbac
         log_metrics(mostpop, prefix="mostpop.test.")
         _log_model(model)
         # the serving view: every known event of a user is its history and masked
-        log_recommender(model, features.with_history(serving_history(split)), data, (split.known("test") + split.matrix("test")).tocsr(),
+        log_recommender(model, features.with_history(split.history_all()), data, split.known_all(),
                         registered_name=config.tracking.register)
         _log_plot(history, config.train.monitor)
         if refresh is not None:
@@ -252,12 +252,6 @@ def refit_split(split: Split) -> Split:
     keys = ["user", "timestamp"] if split.data.has_time else ["user"]
     train = pd.concat([split.train, split.valid]).sort_values(keys, kind="stable")
     return Split(split.data, train, split.valid.iloc[:0], split.test, dict(split.report))
-
-
-def serving_history(split: Split) -> pd.DataFrame:
-    """Every known event (train, validation, test) in time order: the serving view's history."""
-    keys = ["user", "timestamp"] if split.data.has_time else ["user"]
-    return pd.concat([split.history("test"), split.test]).sort_values(keys, kind="stable")
 
 
 def _check_same_config(saved: dict, config: ExperimentConfig, path: Path) -> None:
@@ -379,8 +373,7 @@ def recommend(run_id: str, k: int, users=None, uri: str | None = None, history: 
         idx = torch.from_numpy(found[found >= 0])
     features, masked = run.features, split.known("test")
     if history == "all":
-        features = run.features.with_history(serving_history(split))
-        masked = (masked + split.matrix("test")).tocsr()
+        features, masked = run.features.with_history(split.history_all()), split.known_all()
     scorer = model_scorer(run.model, features)
     items, scores = [], []
     for start in range(0, len(idx), run.config.eval.chunk_size):

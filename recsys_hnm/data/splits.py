@@ -53,6 +53,16 @@ class Split:
         m.data[:] = 1.0
         return m
 
+    def known_all(self) -> sp.csr_matrix:
+        """Items each user has in any phase: what the serving view masks."""
+        m = (self.known("test") + self.matrix("test")).tocsr()
+        m.data[:] = 1.0
+        return m
+
+    def history_all(self) -> pd.DataFrame:
+        """Every event (train, valid, test) in time order: the serving view's history."""
+        return pd.concat([self.train, self.valid, self.test]).sort_values(["user"] + _order(self.data), kind="stable")
+
     def history(self, name: str) -> pd.DataFrame:
         """Events before phase ``name`` in time order: the input of the user tower."""
         if name in ("train", "valid"):
