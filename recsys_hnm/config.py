@@ -50,6 +50,12 @@ class ModelConfig:
     user_id: bool = True  # false: no user id embedding, the history alone (cold users with a history are served)
     history_decay: float = 1.0  # weight of an item in the history bag: decay ** age (0 = newest), normalised; 1 = mean
     train_history: str = "all"  # all: every other training item of the user | causal: only items before the positive
+    history_encoder: str = "bag"  # bag: recency-weighted mean | last_k: last k items concatenated | sasrec: self-attention
+    last_k: int = 5  # last_k: how many of the most recent items
+    attention_layers: int = 2  # sasrec: Transformer blocks, heads and dropout
+    attention_heads: int = 2
+    attention_dropout: float = 0.2
+    item_id_dropout: float = 0.0  # > 0: item ids dropped at this rate in training, and items unseen in training scored from their categories
 
 
 @dataclass
@@ -336,6 +342,16 @@ def validate(c: ExperimentConfig, check_run_name: bool = True) -> None:
     s = c.sampler
     _positive(s.num_negatives, "sampler.num_negatives", strict=False)
     _choice(m.train_history, ("all", "causal"), "model.train_history")
+    _choice(m.history_encoder, ("bag", "last_k", "sasrec"), "model.history_encoder")
+    for key, v in (("model.last_k", m.last_k), ("model.attention_layers", m.attention_layers), ("model.attention_heads", m.attention_heads)):
+        _positive(v, key)
+    if m.history_encoder == "last_k" and m.last_k > m.history_len:
+        raise ConfigError(f"model.last_k: {m.last_k} is more than model.history_len ({m.history_len})")
+    if m.history_encoder == "sasrec" and m.dim % m.attention_heads:
+        raise ConfigError(f"model.attention_heads: {m.attention_heads} does not divide model.dim ({m.dim})")
+    for key, v in (("model.attention_dropout", m.attention_dropout), ("model.item_id_dropout", m.item_id_dropout)):
+        if not 0.0 <= v < 1.0:
+            raise ConfigError(f"{key}: {v!r} must be in [0, 1)")
     if not 0.0 < m.history_decay <= 1.0:
         raise ConfigError(f"model.history_decay: {m.history_decay!r} must be in (0, 1] (1 = plain mean)")
     _choice(s.logq, ("mixture", "per_source", "none"), "sampler.logq")

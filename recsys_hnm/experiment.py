@@ -68,9 +68,19 @@ def build_model(config: ExperimentConfig, data: Interactions) -> TwoTower:
         return TwoTower(
             TowerSizes(data.n_users, data.n_items, data.n_categories), dim=m.dim, hidden=m.hidden,
             temperature=m.temperature, learn_temperature=m.learn_temperature, item_bias=m.item_bias,
+            history_encoder=m.history_encoder, history_len=m.history_len, last_k=m.last_k, layers=m.attention_layers,
+            heads=m.attention_heads, dropout=m.attention_dropout,
         )
     except ValueError as e:
         raise ConfigError(f"model.temperature: {e}") from e
+
+
+def build_features(config: ExperimentConfig, data: Interactions, train_events) -> FeatureBuilder:
+    """The towers' inputs; ``train_events`` are the events the model trains on (histories, and
+    which items are cold)."""
+    m = config.model
+    return FeatureBuilder(train_events, data.n_users, data.item_categories, m.history_len, m.history_decay, m.user_id,
+                          cold_items="features" if m.item_id_dropout > 0 else "id")
 
 
 def build_sampler(config: ExperimentConfig, data: Interactions, split: Split) -> MixtureSampler:
@@ -225,8 +235,7 @@ def build_trainer(config: ExperimentConfig, data: Interactions, split: Split, sa
     """A fresh model and its Trainer on ``split.train`` (with the index refresh callback first
     when the mix has ANN negatives); ``validate=False`` trains without validation (refit)."""
     model = build_model(config, data)
-    features = FeatureBuilder(split.history("train"), data.n_users, data.item_categories, config.model.history_len,
-                               config.model.history_decay, config.model.user_id)
+    features = build_features(config, data, split.history("train"))
     evaluator = Evaluator(split, "valid", config.eval.ks, config.eval.chunk_size) if validate else None
     diagnostics = NegativeDiagnostics(sampler.names, heldout_positives(split), data.n_items, seed=config.train.seed)
     refresh = None
@@ -242,7 +251,8 @@ def build_trainer(config: ExperimentConfig, data: Interactions, split: Split, sa
     t = config.train
     trainer = Trainer(model, features, sampler, split.train, evaluator, epochs=epochs or t.epochs, batch_size=t.batch_size,
                       lr=t.lr, weight_decay=t.weight_decay, seed=t.seed, callbacks=callbacks,
-                      diagnostics=diagnostics, progress=t.progress, causal_history=config.model.train_history == "causal")
+                      diagnostics=diagnostics, progress=t.progress, causal_history=config.model.train_history == "causal",
+                      item_id_dropout=config.model.item_id_dropout)
     return trainer, refresh
 
 
@@ -327,8 +337,8 @@ def load_run(run_id: str, uri: str | None = None) -> LoadedRun:
     except RuntimeError as e:
         raise TrackingError(f"run {run_id}: its weights do not fit the model its config builds on this data: {e}") from e
     model.eval()
-    features = FeatureBuilder(split.history("test"), data.n_users, data.item_categories, config.model.history_len,
-                               config.model.history_decay, config.model.user_id)
+    trained_on = refit_split(split) if config.train.refit else split
+    features = build_features(config, data, trained_on.history("train")).with_history(split.history("test"))
     return LoadedRun(config, data, split, model, features)
 
 

@@ -9,7 +9,7 @@ import torch
 from torchrec import KeyedJaggedTensor
 
 from ..sparse import jagged_positions
-from .two_tower import FEATURES, HISTORY, ITEM_CATEGORY, ITEM_ID, USER_ID
+from .two_tower import HISTORY, ITEM_CATEGORY, ITEM_ID, USER_ID, kjt
 
 
 class FeatureBuilder:
@@ -21,7 +21,7 @@ class FeatureBuilder:
     """
 
     def __init__(self, history: pd.DataFrame, n_users: int, item_categories: sp.csr_matrix, history_len: int = 100,
-                 decay: float = 1.0, user_id: bool = True):
+                 decay: float = 1.0, user_id: bool = True, cold_items: str = "id"):
         if history_len < 1:
             raise ValueError(f"history_len must be >= 1, not {history_len}")
         if not 0.0 < decay <= 1.0:
@@ -30,6 +30,13 @@ class FeatureBuilder:
         self.history_len = history_len
         self.decay = decay
         self.user_id = user_id  # False: the user tower reads the history only (cold users work alike)
+        if cold_items not in ("id", "features"):
+            raise ValueError(f"cold_items must be 'id' or 'features', not {cold_items!r}")
+        # "features": an item with no event in these (training) events is scored without its id
+        # embedding, which never saw a positive; the item tower must then have been trained with
+        # id dropout to read its categories alone
+        self.no_id = torch.from_numpy(np.bincount(history["item"].to_numpy(), minlength=item_categories.shape[0]) == 0) \
+            if cold_items == "features" else torch.zeros(item_categories.shape[0], dtype=torch.bool)
         self.history = _recent_items(history, n_users, history_len)
         # every event in time order, per user: what a causal training bag is cut from
         ordered = _time_ordered(history)
@@ -86,23 +93,17 @@ class FeatureBuilder:
         totals = torch.zeros(len(users), dtype=torch.float64).index_add_(0, torch.repeat_interleave(torch.arange(len(users)), lengths), weights)
         weights = (weights / torch.repeat_interleave(totals, lengths)).float()
         ids = (torch.ones_like(users), users, None) if self.user_id else (torch.zeros_like(users), users[:0], None)
-        return _kjt(len(users), {USER_ID: ids, HISTORY: (lengths, items, weights)})
+        return kjt(len(users), {USER_ID: ids, HISTORY: (lengths, items, weights)})
 
-    def item_features(self, items: torch.Tensor) -> KeyedJaggedTensor:
+    def item_features(self, items: torch.Tensor, drop_id: torch.Tensor | None = None) -> KeyedJaggedTensor:
+        """Item id and the mean of its categories; the id is left out for cold items (see
+        ``cold_items``) and where ``drop_id`` (id dropout at training time) is True."""
         starts = self.cat_indptr[items]
         lengths = self.cat_indptr[items + 1] - starts
         categories = self.cat_indices[jagged_positions(starts, lengths)]
         mean = (1.0 / torch.repeat_interleave(lengths, lengths).float())  # the mean of the item's categories
-        return _kjt(len(items), {ITEM_ID: (torch.ones_like(items), items, None), ITEM_CATEGORY: (lengths, categories, mean)})
-
-
-def _kjt(batch: int, features: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]) -> KeyedJaggedTensor:
-    """A weighted KJT of all four features (the towers' tables pool weighted sums; ids weigh 1)."""
-    empty = (torch.zeros(batch, dtype=torch.long), torch.zeros(0, dtype=torch.long), None)
-    lengths, values, weights = zip(*(features.get(name, empty) for name in FEATURES))
-    weights = [torch.ones(len(v)) if w is None else w for v, w in zip(values, weights)]
-    return KeyedJaggedTensor.from_lengths_sync(keys=list(FEATURES), values=torch.cat(values), lengths=torch.cat(lengths),
-                                               weights=torch.cat(weights))
+        no_id = self.no_id[items] if drop_id is None else self.no_id[items] | drop_id
+        return kjt(len(items), {ITEM_ID: ((~no_id).long(), items[~no_id], None), ITEM_CATEGORY: (lengths, categories, mean)})
 
 
 def _time_ordered(events: pd.DataFrame) -> pd.DataFrame:

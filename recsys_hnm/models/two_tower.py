@@ -8,11 +8,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, JaggedTensor, KeyedJaggedTensor, PoolingType
 
 # Feature names of the KeyedJaggedTensors the towers read.
 USER_ID, HISTORY, ITEM_ID, ITEM_CATEGORY = "user_id", "history", "item_id", "item_category"
 FEATURES = (USER_ID, HISTORY, ITEM_ID, ITEM_CATEGORY)
+HISTORY_ENCODERS = ("bag", "last_k", "sasrec")
 # Bounds of a learned temperature; a fixed one is used exactly as configured.
 LEARNED_T_MIN, LEARNED_T_MAX = 0.01, 1.0
 
@@ -33,10 +34,51 @@ def _mlp(in_dim: int, hidden: list[int], out_dim: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+class SelfAttentiveEncoder(nn.Module):
+    """SASRec-style (Kang & McAuley, ICDM 2018): the items of a right-aligned sequence plus
+    learned position embeddings, pre-norm Transformer blocks with causal attention; the output
+    at the last position (the most recent item) encodes the user."""
+
+    def __init__(self, dim: int, max_len: int, layers: int = 2, heads: int = 2, dropout: float = 0.2):
+        super().__init__()
+        self.heads = heads
+        self.positions = nn.Embedding(max_len, dim)
+        self.dropout = nn.Dropout(dropout)
+        block = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=2 * dim, dropout=dropout, batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, items: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """items [B, L, dim] (padding rows zero), valid [B, L] -> [B, dim]."""
+        B, L, _ = items.shape
+        x = self.dropout(items + self.positions.weight[-L:])
+        # position i sees valid positions j <= i; a padding position sees itself only, so that no
+        # row of the attention is empty (it would give NaN), and nothing reads it
+        causal = torch.ones(L, L, dtype=torch.bool, device=items.device).tril()
+        allowed = (causal & valid[:, None, :]) | torch.eye(L, dtype=torch.bool, device=items.device)
+        x = self.blocks(x, mask=~allowed.repeat_interleave(self.heads, dim=0))
+        return self.norm(x[:, -1])
+
+
+class LastKEncoder(nn.Module):
+    """The embeddings of the last k items concatenated (most recent last; missing ones zero),
+    projected to dim: the order of the most recent items is kept, nothing older is seen."""
+
+    def __init__(self, dim: int, k: int):
+        super().__init__()
+        self.k = k
+        self.project = nn.Linear(k * dim, dim)
+
+    def forward(self, items: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        return self.project(items[:, -self.k:].flatten(1))
+
+
 class TwoTower(nn.Module):
-    """User tower: user id + a recency-weighted mean of the user's recent items (see
-    ``FeatureBuilder``; decay 1 is the plain mean); item tower: item id + mean of its categories. One EmbeddingBagCollection holds the tables (the item table is shared by the
-    item id and the history bag), an MLP tops each tower, outputs are L2-normalised and the
+    """User tower: user id (optional) + an encoding of the user's recent items; item tower: item
+    id + mean of its categories. The history encoder is ``bag`` (a recency-weighted mean, see
+    ``FeatureBuilder``; decay 1 is the plain mean), ``last_k`` or ``sasrec`` (both read the
+    sequence in order). One EmbeddingBagCollection holds the tables (the item table is shared by
+    the item id and the history), an MLP tops each tower, outputs are L2-normalised and the
     score is their dot product divided by a temperature (fixed or learned), plus an optional
     per-item bias that lets the item side express popularity.
     """
@@ -49,6 +91,12 @@ class TwoTower(nn.Module):
         temperature: float = 0.1,
         learn_temperature: bool = False,
         item_bias: bool = False,
+        history_encoder: str = "bag",
+        history_len: int = 100,
+        last_k: int = 5,
+        layers: int = 2,
+        heads: int = 2,
+        dropout: float = 0.2,
         device: torch.device | str | None = None,
     ):
         super().__init__()
@@ -78,6 +126,18 @@ class TwoTower(nn.Module):
         else:
             self.register_buffer("log_temperature", log_t)
         self.item_bias = nn.Parameter(torch.zeros(sizes.n_items)) if item_bias else None
+        if history_encoder not in HISTORY_ENCODERS:
+            raise ValueError(f"history encoder must be one of {HISTORY_ENCODERS}, not {history_encoder!r}")
+        self.history_len = history_len
+        self.sequence_encoder: nn.Module | None = None
+        if history_encoder == "last_k":
+            if not 1 <= last_k <= history_len:
+                raise ValueError(f"last_k must be in [1, history_len={history_len}], not {last_k}")
+            self.sequence_encoder = LastKEncoder(dim, last_k)
+        elif history_encoder == "sasrec":
+            if dim % heads:
+                raise ValueError(f"dim ({dim}) must be a multiple of heads ({heads})")
+            self.sequence_encoder = SelfAttentiveEncoder(dim, history_len, layers, heads, dropout)
 
     @property
     def scale(self) -> torch.Tensor:
@@ -97,7 +157,21 @@ class TwoTower(nn.Module):
 
     def user_embeddings(self, features: KeyedJaggedTensor) -> torch.Tensor:
         pooled = self.ebc(features)
-        return F.normalize(self.user_mlp(torch.cat([pooled[USER_ID], pooled[HISTORY]], dim=1)), dim=-1)
+        history = pooled[HISTORY] if self.sequence_encoder is None else self._encode_sequence(features[HISTORY])
+        return F.normalize(self.user_mlp(torch.cat([pooled[USER_ID], history], dim=1)), dim=-1)
+
+    def _encode_sequence(self, history: JaggedTensor) -> torch.Tensor:
+        """The history bags (time order, most recent last) laid out right-aligned on a
+        [B, history_len] grid; each cell is looked up through the same EmbeddingBagCollection as
+        a bag of one (an empty bag for padding), so the item table stays a TorchRec table."""
+        lengths = history.lengths()
+        B, L = len(lengths), self.history_len
+        if len(lengths) and int(lengths.max()) > L:
+            raise ValueError(f"a history of {int(lengths.max())} items is longer than history_len={L}")
+        valid = torch.arange(L, device=lengths.device) >= (L - lengths)[:, None]
+        cells = {HISTORY: (valid.flatten().long(), history.values(), None)}
+        items = self.ebc(kjt(B * L, cells))[HISTORY].view(B, L, -1)
+        return self.sequence_encoder(items, valid)
 
     def item_embeddings(self, features: KeyedJaggedTensor) -> torch.Tensor:
         pooled = self.ebc(features)
@@ -105,3 +179,13 @@ class TwoTower(nn.Module):
 
     def bias(self, items: torch.Tensor) -> torch.Tensor | float:
         return self.item_bias[items] if self.item_bias is not None else 0.0
+
+
+def kjt(batch: int, features: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]) -> KeyedJaggedTensor:
+    """A weighted KJT of all four features (lengths, values, weights per feature; absent ones
+    empty; weights None = 1): the towers' one collection pools weighted sums."""
+    empty = (torch.zeros(batch, dtype=torch.long), torch.zeros(0, dtype=torch.long), None)
+    lengths, values, weights = zip(*(features.get(name, empty) for name in FEATURES))
+    weights = [torch.ones(len(v)) if w is None else w for v, w in zip(values, weights)]
+    return KeyedJaggedTensor.from_lengths_sync(keys=list(FEATURES), values=torch.cat(values), lengths=torch.cat(lengths),
+                                               weights=torch.cat(weights))

@@ -55,6 +55,7 @@ class Trainer:
         diagnostics: NegativeDiagnostics | None = None,
         progress: bool = True,
         causal_history: bool = False,
+        item_id_dropout: float = 0.0,
     ):
         self.model = model
         self.features = features
@@ -64,6 +65,7 @@ class Trainer:
         # causal: each (user, positive) sees only the items before the positive; otherwise every
         # other training item of the user (the positive itself left out)
         self.positions = features.event_positions(train_events) if causal_history else None
+        self.item_id_dropout = item_id_dropout  # the item tower learns to score cold items from categories
         self.evaluator = evaluator
         self.epochs = epochs
         self.batch_size = batch_size
@@ -127,7 +129,8 @@ class Trainer:
         # Each distinct item goes through the item tower once per step.
         parts = [pos_items] + [b.items.reshape(-1) for b in blocks]
         unique, inverse = torch.unique(torch.cat(parts), return_inverse=True)
-        item_emb = self.model.item_embeddings(self.features.item_features(unique))
+        drop_id = torch.rand(len(unique), generator=self.generator) < self.item_id_dropout if self.item_id_dropout > 0 else None
+        item_emb = self.model.item_embeddings(self.features.item_features(unique, drop_id))
         if positions is not None:
             user_features = self.features.user_features_before(users, positions)
         else:

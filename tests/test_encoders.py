@@ -1,0 +1,155 @@
+"""History encoders (bag, last_k, sasrec) and cold items scored from their features.
+
+The sequence data is hand-built so that only the last item predicts the next one: each user's
+sequence is pairs (r, perm(r)) of a random item followed by its fixed successor. A mean of the
+history cannot tell which item came last; the sequence encoders can.
+"""
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+from recsys_hnm.data import Interactions, leave_last_out
+from recsys_hnm.evaluation import Evaluator
+from recsys_hnm.experiment import build_features, build_sampler, build_trainer
+from recsys_hnm.models import model_scorer
+from recsys_hnm.models.features import FeatureBuilder
+from recsys_hnm.models.two_tower import HISTORY_ENCODERS, TowerSizes, TwoTower
+
+from conftest import small_config
+
+ENCODER_ARGS = {"bag": {}, "last_k": {"last_k": 3}, "sasrec": {"layers": 2, "heads": 2, "dropout": 0.0}}
+
+
+@pytest.mark.parametrize("encoder", HISTORY_ENCODERS)
+def test_no_encoder_sees_the_positive_or_anything_after_it(encoder):
+    # one user, items 0..7 in time order; the training row of the positive at position 5
+    events = pd.DataFrame({"user": 0, "item": np.arange(8), "timestamp": np.arange(8)})
+    later_changed = events.assign(item=[0, 1, 2, 3, 4, 9, 8, 10])  # the positive and later items differ
+    earlier_changed = events.assign(item=[0, 1, 2, 3, 11, 5, 6, 7])  # the item just before differs
+    torch.manual_seed(0)
+    model = TwoTower(TowerSizes(1, 12, 1), dim=8, hidden=[8], history_encoder=encoder, history_len=4,
+                     **ENCODER_ARGS[encoder]).eval()
+
+    def row_embedding(log):
+        fb = FeatureBuilder(log, 1, sp.csr_matrix((12, 1)), history_len=4, user_id=False)
+        positions = fb.event_positions(log)
+        return model.user_embeddings(fb.user_features_before(torch.tensor([0]), positions[5:6]))
+
+    base = row_embedding(events)
+    assert torch.equal(base, row_embedding(later_changed))
+    assert not torch.allclose(base, row_embedding(earlier_changed))
+
+
+@pytest.mark.parametrize("encoder", ["last_k", "sasrec"])
+def test_sequence_encoders_read_order_and_ignore_padding(encoder):
+    # the same items in another order give another user vector; empty histories stay finite
+    torch.manual_seed(0)
+    model = TwoTower(TowerSizes(3, 6, 1), dim=8, hidden=[8], history_encoder=encoder, history_len=4,
+                     **ENCODER_ARGS[encoder]).eval()
+    log = pd.DataFrame({"user": [0, 0, 0, 1, 1, 1], "item": [1, 2, 3, 3, 2, 1], "timestamp": [1, 2, 3, 1, 2, 3]})
+    emb = model.user_embeddings(FeatureBuilder(log, 3, sp.csr_matrix((6, 1)), history_len=4, user_id=False)
+                                .user_features(torch.arange(3)))
+    assert torch.isfinite(emb).all() and not torch.allclose(emb[0], emb[1])
+    with pytest.raises(ValueError, match="longer than history_len"):
+        five = pd.DataFrame({"user": 0, "item": [1, 2, 3, 4, 5], "timestamp": range(5)})
+        model.user_embeddings(FeatureBuilder(five, 3, sp.csr_matrix((6, 1)), history_len=5).user_features(torch.arange(3)))
+
+
+def _successor_files(tmp_path, n_train_users=2000, n_test_users=500, n_context=20, seq_len=5, seed=0):
+    """Each user sees ``seq_len`` distinct context items in random order, then the successor
+    s(last context item), one of another 20 items. Training users' sequences are all in train;
+    test users have the first context items in train, the last in valid, the successor in test."""
+    rng = np.random.default_rng(seed)
+    successor = n_context + rng.permutation(n_context)
+    phases = {"train": [], "valid": [], "test": []}
+    for user in range(n_train_users + n_test_users):
+        seq = [*rng.choice(n_context, size=seq_len, replace=False).tolist()]
+        seq.append(int(successor[seq[-1]]))
+        rows = [(user, item, t) for t, item in enumerate(seq)]
+        if user < n_train_users:
+            phases["train"] += rows
+        else:
+            phases["train"] += rows[:-2]
+            phases["valid"].append(rows[-2])
+            phases["test"].append(rows[-1])
+    paths = {}
+    for phase, rows in phases.items():
+        paths[phase] = tmp_path / f"{phase}.csv"
+        pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"]).to_csv(paths[phase], index=False)
+    paths["items"] = tmp_path / "items.csv"
+    pd.DataFrame({"item_id": np.arange(2 * n_context), "category": 0}).to_csv(paths["items"], index=False)
+    return paths
+
+
+def _fit_and_test(config):
+    from recsys_hnm.experiment import load_data
+
+    data, split = load_data(config)
+    trainer, _ = build_trainer(config, data, split, build_sampler(config, data, split), [], config.train.checkpoint_dir,
+                               validate=False)
+    trainer.fit()
+    scorer = model_scorer(trainer.model, trainer.features.with_history(split.history("test")))
+    return Evaluator(split, "test", [1]).evaluate(scorer)["hr@1"]
+
+
+def test_only_sequence_encoders_learn_that_the_last_item_predicts_the_next(tmp_path):
+    files = _successor_files(tmp_path)
+    hits = {}
+    for encoder in HISTORY_ENCODERS:
+        config = small_config(files, tmp_path, model={
+            "dim": 32, "hidden": [64], "history_len": 10, "user_id": False, "train_history": "causal",
+            "history_encoder": encoder, "last_k": 2, "attention_layers": 1, "attention_dropout": 0.0},
+            train={"epochs": 8, "batch_size": 256, "lr": 0.003, "patience": 0, "progress": False,
+                   "checkpoint_dir": str(tmp_path / "ckpt")})
+        hits[encoder] = _fit_and_test(config)
+    # the mean cannot know which of the five random items came last: at best about 1 in 5
+    assert hits["bag"] < 0.3, hits
+    assert hits["last_k"] > 0.9 and hits["sasrec"] > 0.9, hits
+
+
+def test_a_cold_item_is_ranked_by_its_category(tmp_path):
+    # two categories of 20 items; each user buys within one category only. Item 19 (category 0)
+    # and item 39 (category 1) never occur in training: with id dropout their scores come from
+    # the category, so category-0 users rank item 19 above item 39, and the reverse.
+    rng = np.random.default_rng(1)
+    phases = {"train": [], "valid": [], "test": []}
+    for user in range(400):
+        cat = user % 2
+        items = (rng.choice(19, size=9, replace=False) + 20 * cat).tolist()
+        items[-1] = 19 + 20 * cat if user % 4 < 2 else items[-1]  # half the users' test item is the cold one
+        phases["train"] += [(user, i, t) for t, i in enumerate(items[:-2])]
+        phases["valid"].append((user, items[-2], 7))
+        phases["test"].append((user, items[-1], 8))
+    paths = {}
+    for phase, rows in phases.items():
+        paths[phase] = tmp_path / f"{phase}.csv"
+        pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"]).to_csv(paths[phase], index=False)
+    paths["items"] = tmp_path / "items.csv"
+    pd.DataFrame({"item_id": np.arange(40), "category": np.arange(40) // 20}).to_csv(paths["items"], index=False)
+    config = small_config(paths, tmp_path, model={"dim": 16, "hidden": [32], "history_len": 10, "user_id": False,
+                                                   "item_id_dropout": 0.5},
+                          train={"epochs": 6, "batch_size": 128, "lr": 0.01, "patience": 0, "progress": False,
+                                 "checkpoint_dir": str(tmp_path / "ckpt")})
+    from recsys_hnm.experiment import load_data
+
+    data, split = load_data(config)
+    trainer, _ = build_trainer(config, data, split, build_sampler(config, data, split), [], tmp_path, validate=False)
+    trainer.fit()
+    cold = data.items.to_index(np.array([19, 39]))
+    assert trainer.features.no_id[cold].all() and trainer.features.no_id.sum() == 2
+    scores = model_scorer(trainer.model, trainer.features)(torch.arange(data.n_users))[:, cold]
+    user_cat = torch.tensor(data.users.to_raw(np.arange(data.n_users)) % 2)
+    prefers_own = torch.where(user_cat == 0, scores[:, 0] > scores[:, 1], scores[:, 1] > scores[:, 0])
+    assert prefers_own.float().mean() > 0.95
+    # the cold items' id rows play no part: overwrite them with noise and nothing changes, whereas a
+    # builder that keeps ids (the default, no id dropout) scores the noise
+    table = trainer.model.ebc.embedding_bags["item_table"].weight
+    with torch.no_grad():
+        table[torch.from_numpy(cold)] = torch.randn(2, table.shape[1]) * 10
+    assert torch.equal(scores, model_scorer(trainer.model, trainer.features)(torch.arange(data.n_users))[:, cold])
+    keeps_ids = build_features(small_config(paths, tmp_path), data, split.history("train"))
+    assert not keeps_ids.no_id.any()
+    assert not torch.allclose(scores, model_scorer(trainer.model, keeps_ids)(torch.arange(data.n_users))[:, cold])
