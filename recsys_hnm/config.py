@@ -14,7 +14,7 @@ import yaml
 
 from .evaluation.metrics import METRICS
 
-SOURCES = ("in_batch", "uniform", "popularity", "category", "copurchase", "ann")
+SOURCES = ("in_batch", "uniform", "popularity", "category", "copurchase", "ann", "full")
 
 
 class ConfigError(ValueError):
@@ -106,6 +106,13 @@ class SamplerConfig:
     logq: str = "mixture"  # mixture | per_source | none
     mixture: dict[str, float] = field(default_factory=lambda: {"in_batch": 1.0, "uniform": 1.0})
     known_positives: str = "mask"  # mask | redraw
+    # roles: sources named here are hard (mined) negatives, in the loss without logQ; the others
+    # form the corrected proposal. joint: one softmax over all; separate: softmax(positive vs
+    # proposal) + hard_weight * softmax(positive vs hard)
+    hard: list[str] = field(default_factory=list)
+    hard_loss: str = "joint"
+    hard_weight: float = 1.0
+    false_negative_guard: bool = False  # drop hard negatives scoring above the row's positive
     uniform: UniformConfig = field(default_factory=UniformConfig)
     popularity: PopularityConfig = field(default_factory=PopularityConfig)
     category: CategoryConfig = field(default_factory=CategoryConfig)
@@ -361,7 +368,14 @@ def validate(c: ExperimentConfig, check_run_name: bool = True) -> None:
         _positive(w, f"sampler.mixture.{name}", strict=False)
     if not any(w > 0 for w in s.mixture.values()):
         raise ConfigError("sampler.mixture: all weights are zero")
-    if s.num_negatives == 0 and any(w > 0 for k, w in s.mixture.items() if k != "in_batch"):
+    _choice(s.hard_loss, ("joint", "separate"), "sampler.hard_loss")
+    _positive(s.hard_weight, "sampler.hard_weight", strict=False)
+    for name in s.hard:
+        if s.mixture.get(name, 0) <= 0:
+            raise ConfigError(f"sampler.hard: {name!r} has no weight > 0 in sampler.mixture ({sorted(s.mixture)})")
+    if "full" in s.hard or not any(w > 0 for k, w in s.mixture.items() if k not in s.hard):
+        raise ConfigError(f"sampler.hard: the proposal needs a source that is not hard, and 'full' cannot be hard (hard: {s.hard})")
+    if s.num_negatives == 0 and any(w > 0 for k, w in s.mixture.items() if k not in ("in_batch", "full")):
         raise ConfigError("sampler.num_negatives: sampled sources need num_negatives > 0")
     _positive(s.popularity.alpha, "sampler.popularity.alpha", strict=False)
     _positive(s.category.alpha, "sampler.category.alpha", strict=False)

@@ -29,7 +29,7 @@ from .index.refresh import IndexRefresh
 from .io import atomic_write
 from .models import FeatureBuilder, TowerSizes, TwoTower, model_scorer
 from .sampling import (
-    CategorySampler, CopurchaseSampler, InBatchSampler, KnownPositives, MixtureSampler, PopularitySampler,
+    CategorySampler, CopurchaseSampler, FullCatalog, InBatchSampler, KnownPositives, MixtureSampler, PopularitySampler,
     UniformSampler,
 )
 from .sampling.diagnostics import NegativeDiagnostics
@@ -92,7 +92,8 @@ def build_sampler(config: ExperimentConfig, data: Interactions, split: Split) ->
         "uniform": lambda: UniformSampler(data.n_items, shared=False),
         "popularity": lambda: PopularitySampler(counts, s.popularity.alpha, shared=False),
     }
-    components: dict = {"in_batch": InBatchSampler(counts), "uniform": UniformSampler(data.n_items, shared=s.uniform.shared)}
+    components: dict = {"in_batch": InBatchSampler(counts), "uniform": UniformSampler(data.n_items, shared=s.uniform.shared),
+                        "full": FullCatalog(data.n_items)}
     if "popularity" in wanted:
         components["popularity"] = PopularitySampler(counts, s.popularity.alpha, shared=s.popularity.shared)
     if "category" in wanted:
@@ -120,7 +121,7 @@ def build_sampler(config: ExperimentConfig, data: Interactions, split: Split) ->
             raise ConfigError(f"sampler.ann.window: {e}") from e
     return MixtureSampler(
         components, s.mixture, s.num_negatives, KnownPositives(split.matrix("train")),
-        logq=s.logq, known_policy=s.known_positives,
+        logq=s.logq, known_policy=s.known_positives, hard=set(s.hard),
     )
 
 
@@ -252,7 +253,8 @@ def build_trainer(config: ExperimentConfig, data: Interactions, split: Split, sa
     trainer = Trainer(model, features, sampler, split.train, evaluator, epochs=epochs or t.epochs, batch_size=t.batch_size,
                       lr=t.lr, weight_decay=t.weight_decay, seed=t.seed, callbacks=callbacks,
                       diagnostics=diagnostics, progress=t.progress, causal_history=config.model.train_history == "causal",
-                      item_id_dropout=config.model.item_id_dropout)
+                      item_id_dropout=config.model.item_id_dropout, hard_loss=config.sampler.hard_loss,
+                      hard_weight=config.sampler.hard_weight, false_negative_guard=config.sampler.false_negative_guard)
     return trainer, refresh
 
 

@@ -30,6 +30,33 @@ def sampled_softmax(
     return loss.mean()
 
 
+def sampled_softmax_by_role(
+    pos_logits: torch.Tensor,
+    blocks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]],
+    hard_loss: str = "joint",
+    hard_weight: float = 1.0,
+) -> torch.Tensor:
+    """Sampled softmax over negative blocks ``(logits [B, n], log_q [B, n], invalid, hard)``.
+
+    ``joint``: one softmax over every block (hard blocks carry log_q 0: uncorrected extras).
+    ``separate``: softmax(positive vs proposal blocks) + hard_weight * softmax(positive vs hard
+    blocks), the hard negatives' own term with its own weight (Etsy, Pinterest).
+    """
+    if hard_loss not in ("joint", "separate"):
+        raise ValueError(f"hard_loss must be 'joint' or 'separate', not {hard_loss!r}")
+    groups: dict[bool, list] = {False: [], True: []}
+    for logits, log_q, invalid, hard in blocks:
+        groups[hard and hard_loss == "separate"].append((logits, log_q, invalid))
+
+    def term(group):
+        logits, log_q, invalid = zip(*group)
+        invalid = [torch.zeros_like(x, dtype=torch.bool) if m is None else m for x, m in zip(logits, invalid)]
+        return sampled_softmax(pos_logits, torch.cat(logits, 1), torch.cat(log_q, 1), torch.cat(invalid, 1))
+
+    loss = term(groups[False])
+    return loss + hard_weight * term(groups[True]) if groups[True] else loss
+
+
 def bpr(pos_logits: torch.Tensor, neg_logits: torch.Tensor, invalid: torch.Tensor | None = None) -> torch.Tensor:
     """Bayesian personalised ranking: mean of -log sigmoid(pos - neg) over valid pairs."""
     losses = -F.logsigmoid(pos_logits[:, None] - neg_logits)

@@ -6,7 +6,7 @@ import torch
 
 from recsys_hnm.data import Interactions, leave_last_out
 from recsys_hnm.evaluation import Evaluator, ranking_metrics
-from recsys_hnm.losses import bpr, sampled_softmax, triplet
+from recsys_hnm.losses import bpr, sampled_softmax, sampled_softmax_by_role, triplet
 
 
 def test_metrics_against_hand_computed_values():
@@ -64,6 +64,33 @@ def test_sampled_softmax_matches_formula_and_masks():
     row0 = -2.0 + math.log(math.exp(2.0) + math.exp(1.0 - 0.5) + math.exp(0.0))
     row1 = -0.5 + math.log(math.exp(0.5) + math.exp(0.2) + math.exp(0.1 - 0.3) + math.exp(4.0 - 2.0))
     assert got.item() == pytest.approx((row0 + row1) / 2, rel=1e-6)
+
+
+def test_loss_by_role_matches_hand_computed_values_on_five_items():
+    # item 0 is the positive (logit 2); items 1, 2 come from the proposal (log_q ln 2, ln 0.5);
+    # items 3, 4 were mined (logits 1.5 and 3)
+    pos = torch.tensor([2.0])
+    proposal = (torch.tensor([[1.0, 0.5]]), torch.log(torch.tensor([[2.0, 0.5]])), None, False)
+
+    def mined(hard, log_q=(0.0, 0.0)):
+        return torch.tensor([[1.5, 3.0]]), torch.tensor([list(log_q)]), None, hard
+
+    e = math.exp
+    # every source a proposal source: the mined ones corrected too (here by ln 1.5 and ln 3)
+    all_proposal = sampled_softmax_by_role(pos, [proposal, mined(False, (math.log(1.5), math.log(3.0)))])
+    assert all_proposal.item() == pytest.approx(math.log(e(2) + e(1) / 2 + e(0.5) / 0.5 + e(1.5) / 1.5 + e(3) / 3) - 2, rel=1e-6)
+    # joint: one softmax, the mined negatives uncorrected
+    joint = sampled_softmax_by_role(pos, [proposal, mined(True)], "joint")
+    assert joint.item() == pytest.approx(math.log(e(2) + e(1) / 2 + e(0.5) / 0.5 + e(1.5) + e(3)) - 2, rel=1e-6)
+    # separate, lambda 0.5: the proposal term plus half the hard term
+    separate = sampled_softmax_by_role(pos, [proposal, mined(True)], "separate", 0.5)
+    by_hand = (math.log(e(2) + e(1) / 2 + e(0.5) / 0.5) - 2) + 0.5 * (math.log(e(2) + e(1.5) + e(3)) - 2)
+    assert separate.item() == pytest.approx(by_hand, rel=1e-6)
+    # a masked mined negative (what the false-negative guard does to item 4) leaves the softmax
+    guarded = sampled_softmax_by_role(pos, [proposal, (*mined(True)[:2], torch.tensor([[False, True]]), True)], "separate", 0.5)
+    assert guarded.item() == pytest.approx((math.log(e(2) + e(1) / 2 + e(0.5) / 0.5) - 2) + 0.5 * (math.log(e(2) + e(1.5)) - 2), rel=1e-6)
+    with pytest.raises(ValueError, match="hard_loss"):
+        sampled_softmax_by_role(pos, [proposal], "sum")
 
 
 def test_pairwise_losses_ignore_invalid_pairs():

@@ -9,10 +9,10 @@ from scipy.stats import chi2, chisquare
 from conftest import small_config
 from recsys_hnm.config import ConfigError
 from recsys_hnm.data import Interactions, copurchase_graph, leave_last_out, synthetic
-from recsys_hnm.experiment import build_sampler, load_data
+from recsys_hnm.experiment import build_sampler, build_trainer, load_data
 from recsys_hnm.losses import sampled_softmax
 from recsys_hnm.sampling import (
-    AliasTable, CategorySampler, Context, CopurchaseSampler, InBatchSampler, KnownPositives, MixtureSampler,
+    AliasTable, CategorySampler, Context, CopurchaseSampler, FullCatalog, InBatchSampler, KnownPositives, MixtureSampler,
     PopularitySampler, SegmentedAlias, UniformSampler, allocate,
 )
 
@@ -495,6 +495,12 @@ def test_bad_sampler_configs_are_refused_naming_the_key(synthetic_files, tmp_pat
         small_config(synthetic_files, tmp_path, sampler={"mixture": {"uniform": -1.0}})
     with pytest.raises(ConfigError, match="all weights are zero"):
         small_config(synthetic_files, tmp_path, sampler={"mixture": {"uniform": 0.0, "in_batch": 0}})
+    with pytest.raises(ConfigError, match="sampler.hard: 'ann' has no weight > 0"):
+        small_config(synthetic_files, tmp_path, sampler={"hard": ["ann"]})
+    with pytest.raises(ConfigError, match="sampler.hard: the proposal needs a source that is not hard"):
+        small_config(synthetic_files, tmp_path, sampler={"mixture": {"category": 1.0}, "hard": ["category"]})
+    with pytest.raises(ConfigError, match="sampler.hard_loss: 'sum' is not one of"):
+        small_config(synthetic_files, tmp_path, sampler={"hard_loss": "sum"})
     config = small_config(synthetic_files, tmp_path, sampler={"mixture": {"copurchase": 1.0}, "copurchase": {"source": "session"}})
     data, split = load_data(config)
     assert build_sampler(config, data, split).counts == {"copurchase": 64}
@@ -529,6 +535,11 @@ Z_MIXES = {
     "in_batch+category": {"in_batch": 1.0, "category": 1.0},
     "in_batch+copurchase": {"in_batch": 1.0, "copurchase": 1.0},
     "all": {"in_batch": 1.0, "uniform": 1.0, "popularity": 1.0, "category": 1.0, "copurchase": 1.0},
+    "full": {"full": 1.0},
+    "in_batch+full": {"in_batch": 1.0, "full": 1.0},
+    # roles: the hard sources are left out of the proposal and of the estimate
+    "in_batch+uniform | hard category": ({"in_batch": 1.0, "uniform": 1.0, "category": 1.0}, {"category"}),
+    "in_batch | hard copurchase+popularity": ({"in_batch": 1.0, "copurchase": 1.0, "popularity": 1.0}, {"copurchase", "popularity"}),
 }
 
 
@@ -539,7 +550,7 @@ def test_sampled_partition_function_is_unbiased(mix_name):
     proposal's support. Positives are drawn from the training stream each batch, as in training
     (so in-batch candidates are real draws); per-row sources are conditioned on each positive.
     As in the loss, the positive is its own term and candidates equal to it are masked."""
-    weights = Z_MIXES[mix_name]
+    weights, hard = Z_MIXES[mix_name] if isinstance(Z_MIXES[mix_name], tuple) else (Z_MIXES[mix_name], set())
     ic, graph = _small_catalog()
     uniform = UniformSampler(N_ITEMS, shared=False)
     components = {
@@ -547,8 +558,9 @@ def test_sampled_partition_function_is_unbiased(mix_name):
         "popularity": PopularitySampler(COUNTS, POP_ALPHA),
         "category": CategorySampler(ic, uniform, COUNTS, alpha=CAT_ALPHA),
         "copurchase": CopurchaseSampler(graph, PopularitySampler(COUNTS, FB_POP_ALPHA, shared=False), beta=CP_BETA),
+        "full": FullCatalog(N_ITEMS),
     }
-    mix = MixtureSampler(components, weights, 16)
+    mix = MixtureSampler(components, weights, 16, hard=hard)
     scores = np.random.default_rng(0).uniform(-1.0, 1.0, N_ITEMS)
     gen = torch.Generator().manual_seed(0)
     rng = np.random.default_rng(1)
@@ -559,6 +571,10 @@ def test_sampled_partition_function_is_unbiased(mix_name):
         ctx = Context(torch.arange(B), torch.from_numpy(pos))
         est[t] = np.exp(scores[pos[0]])
         for block in mix.sample(ctx, gen):
+            assert block.hard == (mix.names[block.source] in hard)
+            if block.hard:  # uncorrected extras: not part of the estimate
+                assert not block.log_q.any()
+                continue
             items = block.per_row_items(B)[0].numpy()  # row 0
             keep = items != pos[0]
             est[t] += np.exp(scores[items[keep]] - block.log_q[0].numpy()[keep].astype(np.float64)).sum()
@@ -568,5 +584,26 @@ def test_sampled_partition_function_is_unbiased(mix_name):
         support[pos[0]] = True
         exact[t] = np.exp(scores[support]).sum()
     assert est.mean() == pytest.approx(exact.mean(), rel=4 * est.std() / np.sqrt(T) / exact.mean() + 1e-3)
+    if weights == {"full": 1.0}:  # the full softmax: every item once, exact at every step
+        assert est == pytest.approx(exact)
     if "in_batch" in weights:  # in-batch alone covers every training positive: the whole catalog here
         assert exact.min() == pytest.approx(np.exp(scores).sum())
+
+
+def test_hard_roles_train_and_the_guard_logs_what_it_dropped(synthetic_files, tmp_path):
+    config = small_config(synthetic_files, tmp_path, sampler={
+        "num_negatives": 32, "mixture": {"in_batch": 1.0, "uniform": 1.0, "category": 1.0}, "hard": ["category"],
+        "hard_loss": "separate", "hard_weight": 0.5, "false_negative_guard": True})
+    data, split = load_data(config)
+    sampler = build_sampler(config, data, split)
+    assert sampler.hard == {"category"}
+    trainer, _ = build_trainer(config, data, split, sampler, [], tmp_path, epochs=1, validate=False)
+    users, items = trainer.users[:64], trainer.items[:64]
+    torch.manual_seed(0)
+    out = trainer.train_step(users, items)
+    hard = [b for b in out.blocks if b.hard]
+    assert len(hard) == 1 and not hard[0].log_q.any() and all(b.log_q.any() for b in out.blocks if not b.hard)
+    dropped, seen = trainer.guard_counts.tolist()
+    assert 0 < dropped < seen  # at initialisation some mined negatives outscore the positive, not all
+    trainer.fit()
+    assert 0 < trainer.history[-1]["guard.dropped_share"] < 1

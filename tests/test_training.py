@@ -1,11 +1,13 @@
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import small_config
 from recsys_hnm.cli import main
-from recsys_hnm.experiment import evaluate_run, load_run, recommend, train
+from recsys_hnm.experiment import build_sampler, build_trainer, evaluate_run, load_data, load_run, recommend, train
+from recsys_hnm.models import model_scorer
 from recsys_hnm.training import Callback
 
 
@@ -124,3 +126,39 @@ def test_cli_train_prints_run_id_last_and_evaluate_prints_json(synthetic_files, 
     assert '"ndcg@10"' in capsys.readouterr().out
     assert main(["evaluate", "--run-id", "0" * 32, "--tracking-uri", config.tracking.uri]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_with_logq_scores_learn_log_popularity_as_the_full_softmax_does(tmp_path):
+    # users independent of items, item popularity Zipf(1): the full-softmax optimum is
+    # score(u, j) = log p(j) + c(u). Sampled softmax with the logQ correction gets there (the item
+    # bias and the embeddings together); without it, in-batch negatives cancel popularity.
+    rng = np.random.default_rng(0)
+    n_items, per = 200, 8
+    p = 1.0 / np.arange(1, n_items + 1)
+    phases = {"train": [], "valid": [], "test": []}
+    for u in range(3000):
+        items = rng.choice(n_items, size=per + 2, replace=False, p=p / p.sum())
+        phases["train"] += [(u, int(i), t) for t, i in enumerate(items[:-2])]
+        phases["valid"].append((u, int(items[-2]), per))
+        phases["test"].append((u, int(items[-1]), per + 1))
+    paths = {}
+    for phase, rows in phases.items():
+        paths[phase] = tmp_path / f"{phase}.csv"
+        pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"]).to_csv(paths[phase], index=False)
+    paths["items"] = tmp_path / "items.csv"
+    pd.DataFrame({"item_id": np.arange(n_items), "category": 0}).to_csv(paths["items"], index=False)
+    slopes = {}
+    for logq in ("mixture", "none"):
+        config = small_config(paths, tmp_path, model={"dim": 16, "hidden": [], "item_bias": True, "user_id": False, "history_len": 10},
+                              sampler={"num_negatives": 32, "logq": logq, "mixture": {"in_batch": 1.0}},
+                              train={"epochs": 5, "batch_size": 256, "lr": 0.01, "patience": 0, "progress": False,
+                                     "checkpoint_dir": str(tmp_path / "ckpt")})
+        data, split = load_data(config)
+        trainer, _ = build_trainer(config, data, split, build_sampler(config, data, split), [], tmp_path, validate=False)
+        trainer.fit()
+        counts = np.bincount(split.train["item"].to_numpy(), minlength=data.n_items)
+        mean_score = model_scorer(trainer.model, trainer.features)(torch.arange(data.n_users)).mean(0).numpy()
+        seen = counts > 0
+        slopes[logq] = np.polyfit(np.log(counts[seen]), mean_score[seen], 1)[0]
+    assert 0.8 < slopes["mixture"] < 1.25, slopes
+    assert slopes["none"] < 0.4, slopes

@@ -43,6 +43,9 @@ class SelfAttentiveEncoder(nn.Module):
         super().__init__()
         self.heads = heads
         self.positions = nn.Embedding(max_len, dim)
+        # on the item rows' small scale (TorchRec draws them in +-sqrt(1 / n_items)): unit-variance
+        # positions would drown what the items say in a large catalog
+        nn.init.normal_(self.positions.weight, std=0.01)
         self.dropout = nn.Dropout(dropout)
         block = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=2 * dim, dropout=dropout, batch_first=True, norm_first=True)
         self.blocks = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
@@ -81,6 +84,10 @@ class TwoTower(nn.Module):
     the item id and the history), an MLP tops each tower, outputs are L2-normalised and the
     score is their dot product divided by a temperature (fixed or learned), plus an optional
     per-item bias that lets the item side express popularity.
+
+    The bias is part of the logit the logQ correction adjusts: with the correction, sampled
+    softmax estimates the full softmax, whose scores carry log-popularity (bias and embeddings
+    together); with ``logq: none`` in-batch negatives cancel popularity instead (tested).
     """
 
     def __init__(

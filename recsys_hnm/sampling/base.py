@@ -33,6 +33,9 @@ class Negatives:
     source: index of the source that drew the block.
     invalid: [B, n] (or None): the loss must ignore these (known positives, accidental hits).
     fallback: [B] (or None): rows whose draws came from the source's fallback sampler.
+    hard: the source's role. False (a proposal source): log_q is its share of the corrected
+      proposal. True (a hard source, e.g. mined negatives): log_q is 0, the negatives enter the
+      loss uncorrected, since correcting them would cancel the hardness they were mined for.
     """
 
     items: torch.Tensor
@@ -40,6 +43,7 @@ class Negatives:
     source: int = 0
     invalid: torch.Tensor | None = None
     fallback: torch.Tensor | None = None
+    hard: bool = False
 
     @property
     def shared(self) -> bool:

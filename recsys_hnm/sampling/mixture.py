@@ -12,7 +12,8 @@ import torch
 from .base import Context, KnownPositives, Negatives, Sampler
 
 LogQ = Literal["mixture", "per_source", "none"]
-IN_BATCH = "in_batch"
+IN_BATCH, FULL = "in_batch", "full"
+SWITCHED = (IN_BATCH, FULL)  # sources whose weight is only a switch: their draws are fixed
 
 
 def allocate(total: int, weights: Mapping[str, float]) -> dict[str, int]:
@@ -32,13 +33,18 @@ class MixtureSampler:
     """Draws ``num_negatives`` per row from the sampled sources in proportion to their weights
     (the count per source is fixed by the weights, not random), plus, when ``in_batch`` has a
     weight > 0, the batch's positives as shared negatives (the B - 1 others per row; its weight is
-    only a switch).
+    only a switch); ``full`` (also a switch) adds the whole catalog once: the exact softmax.
 
-    logq:
+    Roles: each source is a proposal source or, when named in ``hard``, a hard one. The
+    proposal sources together are the importance-sampling proposal that logQ corrects; hard
+    sources (mined negatives) enter the loss uncorrected (log_q 0), as extra terms of the one
+    softmax or as a separate loss term (the Trainer's ``hard_loss``).
+
+    logq (of the proposal sources):
       ``mixture``     every candidate is corrected by log sum_k n_k q_k(item | context), the
                       expected count of the item under the whole proposal: consistent for any mix;
       ``per_source``  each candidate by log n_k q_k(item) of the source that drew it;
-      ``none``        no correction (hard sources are often used this way; compare it).
+      ``none``        no correction.
     known: ``mask`` known positives of the user in the loss, or ``redraw`` them (per-row sources,
       up to ``redraw_tries`` times, then mask). Redrawing conditions the proposal on missing the
       user's items, which the logQ above ignores; masking keeps it exact.
@@ -53,6 +59,7 @@ class MixtureSampler:
         logq: LogQ = "mixture",
         known_policy: Literal["mask", "redraw"] = "mask",
         redraw_tries: int = 5,
+        hard: frozenset[str] | set[str] = frozenset(),
     ):
         unknown = {k for k, w in weights.items() if w > 0} - set(components)
         if unknown:
@@ -69,6 +76,11 @@ class MixtureSampler:
         if not self.names:
             raise ValueError("the mixture has no source with a weight > 0")
         self.components = {k: components[k] for k in self.names}
+        self.hard = frozenset(hard) & set(self.names)
+        if unknown_hard := set(hard) - set(self.names):
+            raise ValueError(f"hard source(s) {sorted(unknown_hard)} are not in the mixture (sources: {self.names})")
+        if FULL in self.hard or not set(self.names) - self.hard:
+            raise ValueError(f"the proposal needs a source that is not hard, and 'full' cannot be hard (hard: {sorted(self.hard)})")
         self._allocate()
         self.known = known
         self.logq = logq
@@ -76,7 +88,8 @@ class MixtureSampler:
         self.redraw_tries = redraw_tries
 
     def _allocate(self) -> None:
-        self.counts = allocate(self.num_negatives, {k: w for k, w in self.weights.items() if k != IN_BATCH and k in self.components})
+        self.counts = allocate(self.num_negatives, {k: w for k, w in self.weights.items() if k not in SWITCHED and k in self.components})
+        self.counts.update({k: 1 for k in (FULL,) if self.weights.get(k, 0.0) > 0})  # one copy of the catalog
         self.use_in_batch = self.weights.get(IN_BATCH, 0.0) > 0
 
     def set_weight(self, name: str, weight: float) -> None:
@@ -125,7 +138,8 @@ class MixtureSampler:
             offset[kind] = end
             sampler = self.components[name]
             fallback = sampler.fallback_rows(ctx) if hasattr(sampler, "fallback_rows") else None
-            blocks.append(Negatives(items, parts[kind][:, start:end], index, self._invalid(ctx, items), fallback))
+            log_q = torch.zeros(B, end - start) if name in self.hard else parts[kind][:, start:end]
+            blocks.append(Negatives(items, log_q, index, self._invalid(ctx, items), fallback, name in self.hard))
         return blocks
 
     def _log_q(self, ctx: Context, candidates: torch.Tensor, widths: list[tuple[str, int]]) -> torch.Tensor:
@@ -143,9 +157,11 @@ class MixtureSampler:
             return torch.cat(parts, dim=1)
         total = None
         for _, name in self.active(B):
+            if name in self.hard:
+                continue
             lp = self.components[name].log_prob(ctx, candidates) + math.log(self.draws(name, B))
             total = lp if total is None else torch.logaddexp(total, lp)
-        return total.expand(B, -1)
+        return torch.zeros(B, candidates.shape[-1]) if total is None else total.expand(B, -1)
 
     def _invalid(self, ctx: Context, items: torch.Tensor) -> torch.Tensor:
         """[B, n]: accidental hits (the row's positive) and known positives of the user."""

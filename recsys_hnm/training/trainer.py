@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..evaluation import Evaluator
-from ..losses import sampled_softmax
+from ..losses import sampled_softmax_by_role
 from ..models import FeatureBuilder, TwoTower, model_scorer
 from ..sampling import Context, MixtureSampler, Negatives
 from ..sampling.diagnostics import NegativeDiagnostics
@@ -56,6 +56,9 @@ class Trainer:
         progress: bool = True,
         causal_history: bool = False,
         item_id_dropout: float = 0.0,
+        hard_loss: str = "joint",
+        hard_weight: float = 1.0,
+        false_negative_guard: bool = False,
     ):
         self.model = model
         self.features = features
@@ -66,6 +69,11 @@ class Trainer:
         # other training item of the user (the positive itself left out)
         self.positions = features.event_positions(train_events) if causal_history else None
         self.item_id_dropout = item_id_dropout  # the item tower learns to score cold items from categories
+        if hard_loss not in ("joint", "separate"):
+            raise ValueError(f"hard_loss must be 'joint' or 'separate', not {hard_loss!r}")
+        self.hard_loss, self.hard_weight = hard_loss, hard_weight
+        self.false_negative_guard = false_negative_guard
+        self.guard_counts = torch.zeros(2)  # hard negatives dropped by the guard, hard negatives seen
         self.evaluator = evaluator
         self.epochs = epochs
         self.batch_size = batch_size
@@ -88,7 +96,10 @@ class Trainer:
             for cb in self.callbacks:
                 cb.on_epoch_start(self, epoch)
             start = time.perf_counter()
+            self.guard_counts.zero_()
             logs = {"train_loss": self.train_epoch(epoch), "temperature": self.model.temperature}
+            if self.false_negative_guard and self.guard_counts[1] > 0:
+                logs["guard.dropped_share"] = float(self.guard_counts[0] / self.guard_counts[1])
             if self.model.temperature_at_bound():
                 log.warning("epoch %d: the learned temperature sits at a bound (%.4g); its gradient is zero there", epoch, self.model.temperature)
             logs["epoch_s"] = time.perf_counter() - start
@@ -140,7 +151,7 @@ class Trainer:
         offsets = np.cumsum([0] + [p.numel() for p in parts])
         pos_emb = item_emb[inverse[: offsets[1]]]
         pos_logits = (user_emb * pos_emb).sum(-1) * scale + self.model.bias(pos_items)
-        neg_cos, neg_logits, log_q, invalid = [], [], [], []
+        neg_cos, parts = [], []
         for i, block in enumerate(blocks):
             emb = item_emb[inverse[offsets[i + 1]:offsets[i + 2]]]
             if block.shared:
@@ -149,10 +160,15 @@ class Trainer:
                 emb = emb.reshape(*block.items.shape, -1)
                 cos = torch.einsum("bd,bnd->bn", user_emb, emb)
             neg_cos.append(cos.detach())
-            neg_logits.append(cos * scale + self.model.bias(block.items))
-            log_q.append(block.log_q.expand(len(users), -1) if block.log_q.dim() == 1 else block.log_q)
-            invalid.append(block.invalid)
-        loss = sampled_softmax(pos_logits, torch.cat(neg_logits, 1), torch.cat(log_q, 1), torch.cat(invalid, 1))
+            logits = cos * scale + self.model.bias(block.items)
+            invalid = block.invalid
+            if block.hard and self.false_negative_guard:
+                # a mined negative scoring above the positive is more likely an unlabelled positive
+                above = (logits.detach() > pos_logits.detach()[:, None]) & ~invalid
+                self.guard_counts += torch.tensor([float(above.sum()), float((~invalid).sum())])
+                invalid = invalid | above
+            parts.append((logits, block.log_q.expand(len(users), -1), invalid, block.hard))
+        loss = sampled_softmax_by_role(pos_logits, parts, self.hard_loss, self.hard_weight)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
