@@ -37,6 +37,8 @@ class DataConfig:
     valid_start: str | None = None
     test_start: str | None = None
     seed: int = 0
+    item_features: list[str] = field(default_factory=list)  # item-metadata columns the item tower reads beside categories
+    numeric_bins: int = 10  # numeric item features with more values are cut into this many quantile bins
 
 
 @dataclass
@@ -339,6 +341,7 @@ def validate(c: ExperimentConfig, check_run_name: bool = True) -> None:
     _choice(d.duplicates, ("first", "last", "keep"), "data.duplicates")
     _choice(d.unknown_items, ("error", "unknown_category"), "data.unknown_items")
     _choice(d.split, ("leave_last_out", "ratio", "time"), "data.split")
+    _positive(d.numeric_bins, "data.numeric_bins")
     if d.split == "time" and not external[0] and (d.valid_start is None or d.test_start is None):
         raise ConfigError("data.valid_start and data.test_start are needed for data.split=time")
     m = c.model

@@ -15,6 +15,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 import yaml
 
@@ -61,12 +62,22 @@ def load_data(config: ExperimentConfig) -> tuple[Interactions, Split]:
 
 # -- components ---------------------------------------------------------------------------------
 
+def item_side_features(config: ExperimentConfig, data: Interactions) -> sp.csr_matrix:
+    """What the item tower reads beside the id: categories, then the configured item features."""
+    try:
+        _, attributes = data.item_attributes(config.data.item_features, config.data.numeric_bins)
+    except DataError as e:
+        raise ConfigError(f"data.item_features: {e}") from e
+    return sp.hstack([data.item_categories, attributes], format="csr")
+
+
 def build_model(config: ExperimentConfig, data: Interactions) -> TwoTower:
     m = config.model
+    n_side = item_side_features(config, data).shape[1]
     torch.manual_seed(config.train.seed)
     try:
         return TwoTower(
-            TowerSizes(data.n_users, data.n_items, data.n_categories), dim=m.dim, hidden=m.hidden,
+            TowerSizes(data.n_users, data.n_items, n_side), dim=m.dim, hidden=m.hidden,
             temperature=m.temperature, learn_temperature=m.learn_temperature, item_bias=m.item_bias,
             history_encoder=m.history_encoder, history_len=m.history_len, last_k=m.last_k, layers=m.attention_layers,
             heads=m.attention_heads, dropout=m.attention_dropout,
@@ -79,7 +90,7 @@ def build_features(config: ExperimentConfig, data: Interactions, train_events) -
     """The towers' inputs; ``train_events`` are the events the model trains on (histories, and
     which items are cold)."""
     m = config.model
-    return FeatureBuilder(train_events, data.n_users, data.item_categories, m.history_len, m.history_decay, m.user_id,
+    return FeatureBuilder(train_events, data.n_users, item_side_features(config, data), m.history_len, m.history_decay, m.user_id,
                           cold_items="features" if m.item_id_dropout > 0 else "id")
 
 

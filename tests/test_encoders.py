@@ -153,3 +153,34 @@ def test_a_cold_item_is_ranked_by_its_category(tmp_path):
     keeps_ids = build_features(small_config(paths, tmp_path), data, split.history("train"))
     assert not keeps_ids.no_id.any()
     assert not torch.allclose(scores, model_scorer(trainer.model, keeps_ids)(torch.arange(data.n_users))[:, cold])
+
+
+def test_item_features_from_the_items_file_become_tokens_of_the_item_tower(tmp_path):
+    events = pd.DataFrame({"user_id": [1, 1, 2, 2, 3, 3], "item_id": [10, 11, 10, 12, 11, 12], "timestamp": range(6)})
+    items = pd.DataFrame({"item_id": [10, 11, 12, 13], "category": ["a", "a|b", "b", "c"],
+                          "brand": ["x", None, "y", "z"], "price": [1.0, 2.0, 30.0, 4.0]})
+    data = Interactions.from_frames(events, items)
+    names, m = data.item_attributes(["brand", "price"], bins=2)
+    # brand: 2 tokens (item 11 has none; item 13 has no events, so it is not in the catalog);
+    # price: 3 values > 2 bins, cut into 2 quantile bins
+    assert names[:2] == ["brand=x", "brand=y"] and len(names) == 4 and names[2].startswith("price=")
+    assert m.toarray().tolist() == [[1, 0, 1, 0], [0, 0, 1, 0], [0, 1, 0, 1]]
+    with pytest.raises(Exception, match=r"item feature column\(s\) \['colour'\] are not in the item metadata"):
+        data.item_attributes(["colour"])
+    # through a config: the item tower's side bag holds categories then the tokens
+    paths = {}
+    for phase, rows in (("train", events.iloc[:4]), ("valid", events.iloc[4:5]), ("test", events.iloc[5:])):
+        paths[phase] = tmp_path / f"{phase}.csv"
+        rows.to_csv(paths[phase], index=False)
+    paths["items"] = tmp_path / "items.csv"
+    items.to_csv(paths["items"], index=False)
+    from recsys_hnm.config import ConfigError
+    from recsys_hnm.experiment import build_model, item_side_features, load_data
+
+    config = small_config(paths, tmp_path, data={"item_features": ["brand"]})
+    data, _ = load_data(config)
+    side = item_side_features(config, data)
+    assert side.shape == (3, 2 + 2) and side[2].toarray().tolist() == [[0, 1, 0, 1]]  # item 12: category b, brand y
+    assert build_model(config, data).sizes.n_categories == 4
+    with pytest.raises(ConfigError, match="data.item_features: .*'colour'"):
+        item_side_features(small_config(paths, tmp_path, data={"item_features": ["colour"]}), data)

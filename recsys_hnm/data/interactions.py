@@ -169,6 +169,9 @@ class Interactions:
     categories: IdMap
     item_categories: sp.csr_matrix  # items x categories, 1 where the item is in the category
     report: dict[str, int] = field(default_factory=dict)
+    # further columns of the item metadata (brand, price...), one row per item index; what
+    # ``item_attributes`` turns into side features of the item tower
+    item_frame: pd.DataFrame | None = None
 
     @property
     def n_users(self) -> int:
@@ -310,7 +313,38 @@ class Interactions:
         columns = ["user", "item", "weight", "timestamp", "basket", *keep_columns]
         out = frame[[c for c in columns if c in frame.columns]].copy()
         report["events"] = len(out)
-        return cls(out, users, items_map, categories, item_categories, report)
+        item_frame = None
+        if items is not None and len(items.columns.difference(["item_id", "category"])):
+            item_frame = (items.drop(columns=["category"], errors="ignore").drop_duplicates("item_id")
+                          .set_index("item_id").reindex(pd.Index(items_map.raw)).reset_index(drop=True))
+        return cls(out, users, items_map, categories, item_categories, report, item_frame)
+
+    def item_attributes(self, columns: list[str], bins: int = 10) -> tuple[list[str], sp.csr_matrix]:
+        """Side features from the item metadata: each value of each column becomes a token
+        ``column=value`` (a numeric column with more than ``bins`` distinct values is cut into
+        ``bins`` quantile bins first). Returns the token names and the items x tokens matrix (1
+        where the item has the value; a missing value gives no token)."""
+        n = self.n_items
+        if not columns:
+            return [], sp.csr_matrix((n, 0), dtype=np.float32)
+        present = [] if self.item_frame is None else list(self.item_frame.columns)
+        missing = [c for c in columns if c not in present]
+        if missing:
+            raise DataError(f"item feature column(s) {missing} are not in the item metadata; columns there: {present}")
+        names, rows, cols = [], [], []
+        for column in columns:
+            values = self.item_frame[column]
+            if pd.api.types.is_numeric_dtype(values) and values.nunique() > bins:
+                values = pd.qcut(values, bins, duplicates="drop")
+            codes, uniques = pd.factorize(values, sort=True)
+            has = codes >= 0
+            rows.append(np.flatnonzero(has))
+            cols.append(codes[has] + len(names))
+            names += [f"{column}={u}" for u in uniques]
+        rows, cols = np.concatenate(rows), np.concatenate(cols)
+        m = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(n, len(names)))
+        m.sort_indices()
+        return names, m
 
     def fingerprint(self) -> str:
         """SHA-256 (hex) of the content: raw user and item ids in index order, every event column
@@ -327,6 +361,9 @@ class Interactions:
         ic.sort_indices()
         _hash_array(h, "item_categories.indptr", ic.indptr)
         _hash_array(h, "item_categories.indices", ic.indices)
+        if self.item_frame is not None:  # side features are read from it
+            for col in sorted(self.item_frame.columns, key=str):
+                _hash_array(h, f"item_frame.{col}", self.item_frame[col].to_numpy())
         return h.hexdigest()
 
     def describe(self) -> dict:

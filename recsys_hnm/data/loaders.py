@@ -154,20 +154,22 @@ def load_table(
     names (user_id, item_id, timestamp, weight, basket_id; item_id, category) to the file's."""
     events = _rename(read_table(events_path), columns, events_path)
     items = None
-    if items_path is not None:
-        items = _rename(read_table(items_path), item_columns, items_path)
+    if items_path is not None:  # unmapped item columns stay: side features may use them
+        items = _rename(read_table(items_path), item_columns, items_path, keep_unmapped=True)
     return Interactions.from_frames(
         events, items, source=str(events_path), items_source=str(items_path), **options
     )
 
 
-def _rename(frame: pd.DataFrame, mapping: dict[str, str] | None, path) -> pd.DataFrame:
+def _rename(frame: pd.DataFrame, mapping: dict[str, str] | None, path, keep_unmapped: bool = False) -> pd.DataFrame:
     if not mapping:
         return frame
     missing = [theirs for theirs in mapping.values() if theirs not in frame.columns]
     if missing:
         raise DataError(f"{path}: mapped column(s) {missing} not found; columns present: {list(frame.columns)}")
-    return frame[list(mapping.values())].rename(columns={v: k for k, v in mapping.items()})
+    ours = {v: k for k, v in mapping.items()}
+    kept = [c for c in frame.columns if c not in ours and c not in mapping] if keep_unmapped else []
+    return frame[list(mapping.values()) + kept].rename(columns=ours)
 
 
 def load_retail(
