@@ -23,7 +23,10 @@ def test_top_k_breaks_ties_by_lower_item_index():
 
 def test_top_k_matches_a_sort_on_random_scores():
     gen = torch.Generator().manual_seed(0)
-    scores = torch.randint(-5, 5, (40, 300), generator=gen).float() / 3  # many ties
+    ties = torch.randint(-5, 5, (40, 300), generator=gen).float() / 3  # many ties, at the k-th value too
+    distinct = torch.rand(40, 300, generator=gen)
+    distinct[:, 7] = distinct[:, 3] = distinct[:, 250] = 2.0  # ties inside the top k only
+    scores = torch.cat([ties, distinct])
     items, values = top_k(scores, 25)
     for row, s in enumerate(scores.numpy()):
         expected = sorted(range(len(s)), key=lambda i: (-s[i], i))[:25]  # independent reference

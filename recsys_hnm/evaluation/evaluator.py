@@ -72,15 +72,33 @@ def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     first. Ties go to the lower item index: a documented rule, so a metric does not depend on
     ``torch.topk``'s unspecified tie order (MostPop has many ties), nor on the other K asked for.
 
-    The float32 scores are mapped to order-preserving int32 keys and packed with the reversed
-    item index into one int64, so a single exact top-k over distinct keys decides.
+    A float top-k decides every row whose k-th value is not tied with an item left out (then
+    only the order within the k needs the rule); the other rows, few except for tie-heavy
+    scorers such as MostPop, take an exact top-k over int64 keys that pack the order-preserving
+    bits of the score with the reversed item index.
     """
     k = min(k, scores.shape[1])
+    values, indices = torch.topk(scores, k, dim=1)
+    if k == 0:
+        return indices, values
+    # equal values in index order: sort by index, then stably by value
+    indices, by_index = indices.sort(dim=1)
+    values = values.gather(1, by_index)
+    values, by_value = values.sort(dim=1, descending=True, stable=True)
+    indices = indices.gather(1, by_value)
+    tied = (scores >= values[:, -1:]).sum(1) > k  # the k-th value is shared with an item left out
+    if tied.any():
+        rows = tied.nonzero().squeeze(1)
+        indices[rows] = _top_k_exact(scores[rows], k)
+        values[rows] = torch.gather(scores[rows], 1, indices[rows])
+    return indices, values
+
+
+def _top_k_exact(scores: torch.Tensor, k: int) -> torch.Tensor:
     bits = (scores.float() + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0
     key = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long() << 32
     key |= (0xFFFFFFFF - torch.arange(scores.shape[1], dtype=torch.int64))
-    indices = torch.topk(key, k, dim=1).indices
-    return indices, torch.gather(scores, 1, indices)
+    return torch.topk(key, k, dim=1).indices
 
 
 def mask_known(scores: torch.Tensor, known: sp.csr_matrix, users: torch.Tensor) -> None:
