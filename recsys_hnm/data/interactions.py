@@ -458,7 +458,7 @@ def _hash_array(h, name: str, values: np.ndarray) -> None:
     elif values.dtype.kind == "f":
         kind, data = "float", values.astype("<f8").tobytes()
     else:
-        text = pd.Series(values, dtype=object).astype(str)
+        text = pd.Series(values, dtype=object).map(str)  # missing values too (astype(str) keeps NaN)
         kind = "text:" + pd.api.types.infer_dtype(values, skipna=False)
         data = text.str.len().to_numpy().astype("<i8").tobytes() + "".join(text.tolist()).encode("utf-8")
     h.update(f"{name}|{kind}|{len(values)}|{len(data)}|".encode())
