@@ -103,6 +103,19 @@ class AnnConfig:
 
 
 @dataclass
+class SelectConfig:
+    mode: str = "none"  # online mining among each row's candidates: none | hardest | semi_hard
+    k: int = 64  # hardest: keep the k highest-scoring valid candidates of each row
+    margin: float = 1.0  # semi_hard: keep candidates scoring in (positive - margin, positive), logit units
+
+
+@dataclass
+class MemoryBankConfig:
+    size: int = 0  # 0 = off; else a FIFO of the item embeddings of this many recent positives, as extra negatives
+    warmup_steps: int = 200  # the bank is used from this step on (embeddings drift early)
+
+
+@dataclass
 class SamplerConfig:
     num_negatives: int = 256
     logq: str = "mixture"  # mixture | per_source | none
@@ -115,6 +128,8 @@ class SamplerConfig:
     hard_loss: str = "joint"
     hard_weight: float = 1.0
     false_negative_guard: bool = False  # drop hard negatives scoring above the row's positive
+    select: SelectConfig = field(default_factory=SelectConfig)
+    memory_bank: MemoryBankConfig = field(default_factory=MemoryBankConfig)
     uniform: UniformConfig = field(default_factory=UniformConfig)
     popularity: PopularityConfig = field(default_factory=PopularityConfig)
     category: CategoryConfig = field(default_factory=CategoryConfig)
@@ -153,12 +168,20 @@ class TrackingConfig:
 
 
 @dataclass
+class LossConfig:
+    type: str = "softmax"  # softmax (sampled, with logQ) | bpr | triplet (pairwise: no logQ)
+    margin: float = 1.0  # triplet, in logit units
+    triplet_negative: str = "hardest"  # hardest | semi_hard
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "experiment"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
@@ -380,6 +403,14 @@ def validate(c: ExperimentConfig, check_run_name: bool = True) -> None:
         raise ConfigError(f"sampler.hard: the proposal needs a source that is not hard, and 'full' cannot be hard (hard: {s.hard})")
     if s.num_negatives == 0 and any(w > 0 for k, w in s.mixture.items() if k not in ("in_batch", "full")):
         raise ConfigError("sampler.num_negatives: sampled sources need num_negatives > 0")
+    _choice(s.select.mode, ("none", "hardest", "semi_hard"), "sampler.select.mode")
+    _positive(s.select.k, "sampler.select.k")
+    _positive(s.select.margin, "sampler.select.margin")
+    _positive(s.memory_bank.size, "sampler.memory_bank.size", strict=False)
+    _positive(s.memory_bank.warmup_steps, "sampler.memory_bank.warmup_steps", strict=False)
+    _choice(c.loss.type, ("softmax", "bpr", "triplet"), "loss.type")
+    _choice(c.loss.triplet_negative, ("hardest", "semi_hard"), "loss.triplet_negative")
+    _positive(c.loss.margin, "loss.margin", strict=False)
     _positive(s.popularity.alpha, "sampler.popularity.alpha", strict=False)
     _positive(s.category.alpha, "sampler.category.alpha", strict=False)
     _choice(s.category.fallback, ("uniform", "popularity"), "sampler.category.fallback")

@@ -39,6 +39,7 @@ from .tracking import (
     MlflowLogger, TrackingError, download, get_run, git_commit, log_metrics, log_per_user, tracked_run, tracking_uri,
 )
 from .training import Checkpoint, EarlyStopping, Trainer, load_checkpoint, load_torch_file
+from .training.mining import MemoryBank
 
 log = logging.getLogger(__name__)
 
@@ -260,12 +261,20 @@ def build_trainer(config: ExperimentConfig, data: Interactions, split: Split, sa
             recall_sample=a.recall_sample, seed=config.train.seed,
         )
         callbacks = [refresh, *callbacks]
+    bank = config.sampler.memory_bank
+    memory_bank = None
+    if bank.size > 0:  # entries are training positives: the in-batch proposal, p(j) of the stream
+        stream = InBatchSampler(np.bincount(split.train["item"].to_numpy(), minlength=data.n_items))
+        memory_bank = MemoryBank(bank.size, config.model.dim, stream.log_p, bank.warmup_steps)
     t = config.train
     trainer = Trainer(model, features, sampler, split.train, evaluator, epochs=epochs or t.epochs, batch_size=t.batch_size,
                       lr=t.lr, weight_decay=t.weight_decay, seed=t.seed, callbacks=callbacks,
                       diagnostics=diagnostics, progress=t.progress, causal_history=config.model.train_history == "causal",
                       item_id_dropout=config.model.item_id_dropout, hard_loss=config.sampler.hard_loss,
-                      hard_weight=config.sampler.hard_weight, false_negative_guard=config.sampler.false_negative_guard)
+                      hard_weight=config.sampler.hard_weight, false_negative_guard=config.sampler.false_negative_guard,
+                      loss=config.loss.type, margin=config.loss.margin, triplet_negative=config.loss.triplet_negative,
+                      select=config.sampler.select.mode, select_k=config.sampler.select.k,
+                      select_margin=config.sampler.select.margin, memory_bank=memory_bank)
     return trainer, refresh
 
 

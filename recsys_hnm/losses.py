@@ -74,3 +74,32 @@ def _masked_mean(losses: torch.Tensor, invalid: torch.Tensor | None) -> torch.Te
         return losses.mean()
     keep = (~invalid).float()
     return (losses * keep).sum() / keep.sum().clamp(min=1.0)
+
+
+def pairwise(kind: str, pos_logits: torch.Tensor, neg_logits: torch.Tensor, invalid: torch.Tensor | None = None,
+             margin: float = 1.0, triplet_negative: str = "hardest") -> torch.Tensor:
+    """The pairwise losses over a row's valid negatives; they take no logQ (a pair's loss does
+    not estimate a partition function), so the sources' corrections do not apply to them.
+
+    ``bpr``: mean of -log sigmoid(pos - neg) over every valid pair.
+    ``triplet``: the user as anchor, its positive, and one negative per row: the highest-scoring
+    valid one (``hardest``), or (``semi_hard``, FaceNet) the highest-scoring one below the
+    positive, falling back to the hardest where none is below; max(0, margin - (pos - neg)),
+    mean over rows that have a valid negative. Scores and margin are in logit units.
+    """
+    if kind == "bpr":
+        return bpr(pos_logits, neg_logits, invalid)
+    if kind != "triplet":
+        raise ValueError(f"pairwise loss must be 'bpr' or 'triplet', not {kind!r}")
+    if triplet_negative not in ("hardest", "semi_hard"):
+        raise ValueError(f"triplet_negative must be 'hardest' or 'semi_hard', not {triplet_negative!r}")
+    invalid = torch.zeros_like(neg_logits, dtype=torch.bool) if invalid is None else invalid
+    scores = neg_logits.masked_fill(invalid, float("-inf"))
+    hardest = scores.max(dim=1).values
+    if triplet_negative == "semi_hard":
+        below = scores.masked_fill(scores >= pos_logits.detach()[:, None], float("-inf")).max(dim=1).values
+        hardest = torch.where(torch.isfinite(below), below, hardest)
+    has = torch.isfinite(hardest)
+    if not has.any():
+        return pos_logits.sum() * 0.0
+    return F.relu(margin - (pos_logits[has] - hardest[has])).mean()

@@ -13,11 +13,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ..evaluation import Evaluator
-from ..losses import sampled_softmax_by_role
+from ..losses import pairwise, sampled_softmax_by_role
 from ..models import FeatureBuilder, TwoTower, model_scorer
 from ..sampling import Context, MixtureSampler, Negatives
 from ..sampling.diagnostics import NegativeDiagnostics
 from .callbacks import Callback
+from .mining import MemoryBank, select_candidates
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,13 @@ class Trainer:
         hard_loss: str = "joint",
         hard_weight: float = 1.0,
         false_negative_guard: bool = False,
+        loss: str = "softmax",
+        margin: float = 1.0,
+        triplet_negative: str = "hardest",
+        select: str = "none",
+        select_k: int = 64,
+        select_margin: float = 1.0,
+        memory_bank: MemoryBank | None = None,
     ):
         self.model = model
         self.features = features
@@ -74,6 +82,12 @@ class Trainer:
         self.hard_loss, self.hard_weight = hard_loss, hard_weight
         self.false_negative_guard = false_negative_guard
         self.guard_counts = torch.zeros(2)  # hard negatives dropped by the guard, hard negatives seen
+        if loss not in ("softmax", "bpr", "triplet"):
+            raise ValueError(f"loss must be 'softmax', 'bpr' or 'triplet', not {loss!r}")
+        self.loss, self.margin, self.triplet_negative = loss, margin, triplet_negative
+        self.select, self.select_k, self.select_margin = select, select_k, select_margin
+        self.memory_bank = memory_bank
+        self.step_means: dict[str, list[float]] = {}  # per-epoch means of step statistics (selection, bank)
         self.evaluator = evaluator
         self.epochs = epochs
         self.batch_size = batch_size
@@ -97,9 +111,11 @@ class Trainer:
                 cb.on_epoch_start(self, epoch)
             start = time.perf_counter()
             self.guard_counts.zero_()
+            self.step_means.clear()
             logs = {"train_loss": self.train_epoch(epoch), "temperature": self.model.temperature}
             if self.false_negative_guard and self.guard_counts[1] > 0:
                 logs["guard.dropped_share"] = float(self.guard_counts[0] / self.guard_counts[1])
+            logs.update({k: total / n for k, (total, n) in self.step_means.items() if n})
             if self.model.temperature_at_bound():
                 log.warning("epoch %d: the learned temperature sits at a bound (%.4g); its gradient is zero there", epoch, self.model.temperature)
             logs["epoch_s"] = time.perf_counter() - start
@@ -168,13 +184,37 @@ class Trainer:
                 self.guard_counts += torch.tensor([float(above.sum()), float((~invalid).sum())])
                 invalid = invalid | above
             parts.append((logits, block.log_q.expand(len(users), -1), invalid, block.hard))
-        loss = sampled_softmax_by_role(pos_logits, parts, self.hard_loss, self.hard_weight)
+        if self.memory_bank is not None and self.memory_bank.ready:
+            items, emb, log_q, invalid, staleness = self.memory_bank.negatives(users, pos_items, self.sampler.known)
+            parts.append(((user_emb @ emb.T) * scale + self.model.bias(items), log_q.expand(len(users), -1), invalid, False))
+            self._note("bank.staleness_steps", staleness)
+            self._note("bank.entries", len(items))
+        if self.select != "none":
+            widths = [p[0].shape[1] for p in parts]
+            invalid, stats = select_candidates(torch.cat([p[0] for p in parts], 1), pos_logits, torch.cat([p[2] for p in parts], 1),
+                                               self.select, self.select_k, self.select_margin)
+            parts = [(lg, lq, inv, hard) for (lg, lq, _, hard), inv in zip(parts, torch.split(invalid, widths, dim=1))]
+            for name, value in stats.items():
+                self._note(f"select.{name}", value)
+        if self.loss == "softmax":
+            loss = sampled_softmax_by_role(pos_logits, parts, self.hard_loss, self.hard_weight)
+        else:
+            loss = pairwise(self.loss, pos_logits, torch.cat([p[0] for p in parts], 1), torch.cat([p[2] for p in parts], 1),
+                            self.margin, self.triplet_negative)
+        if self.memory_bank is not None:
+            self.memory_bank.push(pos_items, pos_emb)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         if self.diagnostics is not None:
             self.diagnostics.update(ctx, blocks, neg_cos, self._rank_sample_scores(user_emb))
         return StepOutput(float(loss.detach()), blocks, neg_cos)
+
+    def _note(self, name: str, value: float) -> None:
+        if value == value:  # not NaN
+            total = self.step_means.setdefault(name, [0.0, 0])
+            total[0] += value
+            total[1] += 1
 
     @torch.no_grad()
     def _rank_sample_scores(self, user_emb: torch.Tensor) -> torch.Tensor | None:
@@ -203,6 +243,7 @@ class Trainer:
             "should_stop": self.should_stop,
             "diagnostics_generator": self.diagnostics.generator.get_state() if self.diagnostics is not None else None,
             "callbacks": {_callback_key(i, cb): cb.state_dict() for i, cb in enumerate(self.callbacks)},
+            "memory_bank": self.memory_bank.state_dict() if self.memory_bank is not None else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -214,6 +255,8 @@ class Trainer:
         self.should_stop = state["should_stop"]
         if self.diagnostics is not None and state.get("diagnostics_generator") is not None:
             self.diagnostics.generator.set_state(state["diagnostics_generator"])
+        if self.memory_bank is not None and state.get("memory_bank") is not None:
+            self.memory_bank.load_state_dict(state["memory_bank"])
         for i, cb in enumerate(self.callbacks):
             key = _callback_key(i, cb)
             if key in state["callbacks"]:
