@@ -51,7 +51,7 @@ def sampled_softmax_by_role(
     def term(group):
         logits, log_q, invalid = zip(*group)
         invalid = [torch.zeros_like(x, dtype=torch.bool) if m is None else m for x, m in zip(logits, invalid)]
-        return sampled_softmax(pos_logits, torch.cat(logits, 1), torch.cat(log_q, 1), torch.cat(invalid, 1))
+        return sampled_softmax(pos_logits, *(x[0] if len(x) == 1 else torch.cat(x, 1) for x in (logits, log_q, invalid)))
 
     loss = term(groups[False])
     return loss + hard_weight * term(groups[True]) if groups[True] else loss

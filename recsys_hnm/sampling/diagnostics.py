@@ -20,6 +20,9 @@ class NegativeDiagnostics:
               (validation and test items): the measure of "too hard / mislabeled" negatives;
     known_hit_rate  share that are items the user has in training (masked, never trained on);
     fallback_rate   share of rows whose draws came from the source's fallback sampler.
+
+    Each step is measured on its first ``rank_rows`` rows (batches are shuffled, so a random
+    sample): a full-catalog block would otherwise cost more to diagnose than to train on.
     """
 
     def __init__(self, names: list[str], heldout: KnownPositives | None, n_items: int, rank_sample: int = 512,
@@ -46,22 +49,24 @@ class NegativeDiagnostics:
     def update(self, ctx: Context, blocks: list[Negatives], neg_scores: list[torch.Tensor], sample_scores: torch.Tensor | None) -> None:
         """``neg_scores[i]`` [B, n_i]: cosine scores of block i; ``sample_scores`` [r, S]: scores
         of the first r rows against a uniform item sample (or None to skip the rank)."""
-        B = len(ctx)
-        sorted_sample = torch.sort(sample_scores, dim=1).values if sample_scores is not None else None
+        B = min(len(ctx), self.rank_rows)
+        users, pos_items = ctx.users[:B], ctx.pos_items[:B]
+        sorted_sample = torch.sort(sample_scores[:B], dim=1).values if sample_scores is not None else None
         for block, scores in zip(blocks, neg_scores):
             acc = self.sums[self.names[block.source]]
-            items = block.per_row_items(B)
-            accidental = items == ctx.pos_items[:, None]
-            known = block.invalid & ~accidental if block.invalid is not None else torch.zeros_like(accidental)
+            items = block.per_row_items(len(ctx))[:B]
+            scores = scores[:B]
+            accidental = items == pos_items[:, None]
+            known = block.invalid[:B] & ~accidental if block.invalid is not None else torch.zeros_like(accidental)
             acc["count"] += items.numel()
             acc["score"] += float(scores.sum())
             acc["known_hits"] += float(known.sum())
             acc["accidental_hits"] += float(accidental.sum())
             if self.heldout is not None:
-                acc["false_negatives"] += float(self.heldout.contains(ctx.users, items).sum())
+                acc["false_negatives"] += float(self.heldout.contains(users, items).sum())
             acc["rows"] += B
             if block.fallback is not None:
-                acc["fallback_rows"] += float(block.fallback.sum())
+                acc["fallback_rows"] += float(block.fallback[:B].sum())
             if sorted_sample is not None:
                 r = sorted_sample.shape[0]
                 above = sorted_sample.shape[1] - torch.searchsorted(sorted_sample, scores[:r].contiguous(), right=True)
