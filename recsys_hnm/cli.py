@@ -75,6 +75,15 @@ def _recommend(args) -> int:
     return 0
 
 
+def _mine(args) -> int:
+    from .offline import mine
+
+    n = mine(args.run_id, args.output, sources=tuple(args.sources.split(",")), per_positive=args.per_positive,
+             window=tuple(args.window), overwrite=args.force, uri=args.tracking_uri, seed=args.seed)
+    print(f"wrote {n} mined negatives to {args.output}")
+    return 0
+
+
 def _compare(args) -> int:
     if args.experiment:
         return _compare_experiment(args)
@@ -183,6 +192,18 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--tracking-uri")
     rec.set_defaults(func=_recommend)
 
+    mine = commands.add_parser("mine", help="offline mining: hard negatives per training (user, positive) of a run, to a file")
+    mine.add_argument("--run-id", required=True)
+    mine.add_argument("--output", required=True, help="parquet or CSV: user_id,item_id,negative_id,source,rank,score")
+    mine.add_argument("--sources", default="ann", help="comma-separated, among ann, category, copurchase (default: %(default)s)")
+    mine.add_argument("--per-positive", type=int, default=10, help="negatives per positive, split over the sources (default: %(default)s)")
+    mine.add_argument("--window", type=int, nargs=2, default=[10, 100], metavar=("LO", "HI"),
+                      help="ann: the user's ranks [LO, HI) of the run's model, known items left out (default: 10 100)")
+    mine.add_argument("--seed", type=int, default=0)
+    mine.add_argument("--force", action="store_true", help="replace an existing output file")
+    mine.add_argument("--tracking-uri")
+    mine.set_defaults(func=_mine)
+
     baseline = commands.add_parser("baseline", help="a strong simple baseline on a config's data: tuned on validation, one MLflow run")
     baseline.add_argument("--name", required=True, choices=["mostpop", "itemknn", "ease", "als"])
     baseline.add_argument("--config", default="pipelines/quickstart.yaml", help="its data, split, eval and tracking (default: %(default)s)")
@@ -220,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
     try:
         return args.func(args)
-    except (DataError, ConfigError, TrackingError, FileNotFoundError, ValueError) as e:
+    except (DataError, ConfigError, TrackingError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, Terminated) as e:  # the run is already marked KILLED

@@ -14,7 +14,7 @@ import yaml
 
 from .evaluation.metrics import METRICS
 
-SOURCES = ("in_batch", "uniform", "popularity", "category", "copurchase", "ann", "full")
+SOURCES = ("in_batch", "uniform", "popularity", "category", "copurchase", "ann", "full", "static")
 
 
 class ConfigError(ValueError):
@@ -89,6 +89,12 @@ class CopurchaseConfig:
 
 
 @dataclass
+class StaticConfig:
+    path: str | None = None  # negatives mined offline (recsys-hnm mine): CSV/parquet with user_id, item_id, negative_id
+    fallback: str = "uniform"  # rows whose (user, positive) the file does not list
+
+
+@dataclass
 class AnnConfig:
     anchor: str = "user"  # user | item
     window: list[float] = field(default_factory=lambda: [10, 100])  # ranks [lo, hi); < 1 = fraction of catalog
@@ -135,6 +141,7 @@ class SamplerConfig:
     category: CategoryConfig = field(default_factory=CategoryConfig)
     copurchase: CopurchaseConfig = field(default_factory=CopurchaseConfig)
     ann: AnnConfig = field(default_factory=AnnConfig)
+    static: StaticConfig = field(default_factory=StaticConfig)
 
 
 @dataclass
@@ -403,6 +410,12 @@ def validate(c: ExperimentConfig, check_run_name: bool = True) -> None:
         raise ConfigError(f"sampler.hard: the proposal needs a source that is not hard, and 'full' cannot be hard (hard: {s.hard})")
     if s.num_negatives == 0 and any(w > 0 for k, w in s.mixture.items() if k not in ("in_batch", "full")):
         raise ConfigError("sampler.num_negatives: sampled sources need num_negatives > 0")
+    if s.mixture.get("static", 0) > 0:
+        if s.static.path is None:
+            raise ConfigError("sampler.static.path: the static source needs the file of mined negatives")
+        if not Path(s.static.path).is_file():
+            raise ConfigError(f"sampler.static.path: file not found: {s.static.path}")
+    _choice(s.static.fallback, ("uniform", "popularity"), "sampler.static.fallback")
     _choice(s.select.mode, ("none", "hardest", "semi_hard"), "sampler.select.mode")
     _positive(s.select.k, "sampler.select.k")
     _positive(s.select.margin, "sampler.select.margin")

@@ -21,7 +21,7 @@ import yaml
 
 from .config import ConfigError, ExperimentConfig, config_from_dict
 from .data import (
-    DataError, Interactions, Split, copurchase_graph, leave_last_out, load_dataset, load_fixed_split, ratio_split,
+    DataError, Interactions, Split, copurchase_graph, leave_last_out, load_dataset, load_fixed_split, ratio_split, read_table,
     time_split,
 )
 from .evaluation import Evaluator, mask_known, phase_counts, popularity_scorer, top_k
@@ -33,6 +33,7 @@ from .sampling import (
     CategorySampler, CopurchaseSampler, FullCatalog, InBatchSampler, KnownPositives, MixtureSampler, PopularitySampler,
     UniformSampler,
 )
+from .sampling.static import StaticSampler
 from .sampling.diagnostics import NegativeDiagnostics
 from .serving import log_recommender, lookup_ids
 from .tracking import (
@@ -126,6 +127,8 @@ def build_sampler(config: ExperimentConfig, data: Interactions, split: Split) ->
             components["copurchase"] = CopurchaseSampler(graph, fallbacks[c.fallback](), c.beta)
         except (DataError, ValueError) as e:
             raise ConfigError(f"sampler.copurchase: {e}") from e
+    if "static" in wanted:
+        components["static"] = StaticSampler(_static_negatives(s.static.path, data), data.n_items, fallbacks[s.static.fallback]())
     if "ann" in wanted:
         try:
             components["ann"] = AnnSampler(data.n_items, data.n_users, s.ann.anchor, s.ann.window)
@@ -135,6 +138,21 @@ def build_sampler(config: ExperimentConfig, data: Interactions, split: Split) ->
         components, s.mixture, s.num_negatives, KnownPositives(split.matrix("train")),
         logq=s.logq, known_policy=s.known_positives, hard=set(s.hard),
     )
+
+
+def _static_negatives(path: str, data: Interactions) -> pd.DataFrame:
+    """A mined-negatives file as index columns user, item, negative; an id the data does not
+    know is refused, naming the file and column."""
+    frame = read_table(path)
+    missing = [c for c in ("user_id", "item_id", "negative_id") if c not in frame.columns]
+    if missing:
+        raise ConfigError(f"sampler.static.path: {path} lacks column(s) {missing}; columns present: {list(frame.columns)}")
+    try:
+        return pd.DataFrame({"user": data.users.to_index(frame["user_id"], f"user_id of {path}"),
+                             "item": data.items.to_index(frame["item_id"], f"item_id of {path}"),
+                             "negative": data.items.to_index(frame["negative_id"], f"negative_id of {path}")})
+    except DataError as e:
+        raise ConfigError(f"sampler.static.path: {e}") from e
 
 
 def heldout_positives(split: Split) -> KnownPositives:

@@ -97,3 +97,55 @@ def test_each_pattern_and_loss_trains_end_to_end(synthetic_files, tmp_path, sett
         # the bank is part of the trainer's state: a resumed run continues with the same queue
         state = trainer.state_dict()["memory_bank"]
         assert torch.equal(state["items"], trainer.memory_bank.items)
+
+
+def test_offline_mining_round_trips_into_the_static_source(synthetic_files, tmp_path, capsys):
+    from recsys_hnm.cli import main
+    from recsys_hnm.data import read_table
+    from recsys_hnm.experiment import load_run, train
+
+    config = small_config(synthetic_files, tmp_path, train={"epochs": 1})
+    run_id = train(config).run_id
+    out = tmp_path / "mined.parquet"
+    uri = config.tracking.uri
+    args = ["mine", "--run-id", run_id, "--output", str(out), "--sources", "ann,category", "--per-positive", "4",
+            "--window", "5", "50", "--tracking-uri", uri]
+    assert main(args) == 0
+    mined = read_table(out)
+    run = load_run(run_id, uri)
+    assert list(mined.columns) == ["user_id", "item_id", "negative_id", "source", "rank", "score"]
+    assert len(mined) == 4 * len(run.split.train)  # every training (user, positive), 4 negatives each
+    assert (mined.groupby("source").size() == 2 * len(run.split.train)).all()
+    ann = mined[mined.source == "ann"]
+    assert ann["rank"].between(6, 50).all()  # ranks [5, 50) counted from 1
+    known = run.split.matrix("train")
+    u = run.data.users.to_index(mined["user_id"])
+    j = run.data.items.to_index(mined["negative_id"])
+    assert not np.asarray(known[u, j]).ravel().any()  # no known item of the user is a mined negative
+    assert main(args) == 2 and "exists" in capsys.readouterr().err  # no overwrite unless --force
+    assert main(args + ["--force"]) == 0
+
+    # the static source trains from the file: its draws are the listed negatives, its log_q
+    # the listed share, and a pair the file does not list falls back
+    static = small_config(synthetic_files, tmp_path, sampler={"mixture": {"in_batch": 1.0, "static": 1.0},
+                                                              "static": {"path": str(out)}})
+    data, split = load_data(static)
+    sampler = build_sampler(static, data, split).components["static"]
+    first = mined.iloc[:8]  # two (user, positive) pairs, 4 negatives each
+    users = torch.from_numpy(data.users.to_index(first["user_id"].iloc[[0, 4]]))
+    pos = torch.from_numpy(data.items.to_index(first["item_id"].iloc[[0, 4]]))
+    from recsys_hnm.sampling import Context
+
+    ctx = Context(users, pos)
+    listed = [sorted(data.items.to_index(first["negative_id"].iloc[4 * r:4 * r + 4]).tolist()) for r in range(2)]
+    draws = sampler.sample(ctx, 200, torch.Generator().manual_seed(0))
+    assert [sorted(set(row.tolist())) == sorted(set(lst)) for row, lst in zip(draws, listed)] == [True, True]
+    for r in range(2):
+        items = torch.tensor(listed[r])
+        expected = [np.log(listed[r].count(i) / 4) for i in listed[r]]
+        assert sampler.log_prob(Context(users[r:r + 1], pos[r:r + 1]), items[None])[0].tolist() == pytest.approx(expected)
+    other = Context(users[:1], torch.tensor([int(pos[0]) ^ 1]))  # a pair the file may not list
+    if sampler.fallback_rows(other).item():
+        assert sampler.log_prob(other, torch.tensor([[0]])).item() == pytest.approx(-np.log(data.n_items))
+    trainer, _ = build_trainer(static, data, split, build_sampler(static, data, split), [], tmp_path, epochs=1)
+    assert np.isfinite(trainer.fit()[-1]["train_loss"])

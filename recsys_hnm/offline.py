@@ -1,0 +1,148 @@
+"""Offline hard negative mining: negatives computed once from a trained run and exported, the
+classic pattern; the ``static`` source trains from such a file."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm.auto import tqdm
+
+from .config import ConfigError
+from .experiment import build_sampler, load_run, refit_split
+from .io import atomic_write, check_writable
+from .models.scoring import item_embeddings, user_embeddings
+from .sampling import Context, allocate
+
+MINED_COLUMNS = ("user_id", "item_id", "negative_id", "source", "rank", "score")
+MINE_SOURCES = ("ann", "category", "copurchase")
+REDRAW_TRIES = 10  # draws of a known item of the user are replaced, by the source, then uniformly
+
+
+def mine(run_id: str, output: str, *, sources: tuple[str, ...] = ("ann",), per_positive: int = 10,
+         window: tuple[int, int] = (10, 100), overwrite: bool = False, uri: str | None = None,
+         chunk_users: int = 256, seed: int = 0, progress: bool = True) -> int:
+    """For every training (user, positive) of the run, ``per_positive`` negatives split evenly
+    over ``sources``, written to ``output`` (.parquet or .csv) as rows ``user_id, item_id``
+    (the positive), ``negative_id, source, rank, score`` in raw ids; returns the row count.
+
+    ``ann``: items the run's model ranks in ``window`` = [lo, hi) for the user (known training
+    items left out), drawn uniformly; ``category`` and ``copurchase``: the run's samplers of
+    that name, conditioned on the positive (a draw that is a known item of the user is
+    replaced, by the source, then by a uniform draw). ``rank`` (1 = the user's best unknown item) and
+    ``score`` (the model's logit) are from the same model for every source. Written in user
+    chunks to a temporary file that replaces ``output`` only when complete.
+    """
+    path = str(output)
+    check_writable(path, (".parquet", ".csv"))
+    if not overwrite and pd.io.common.file_exists(path):
+        raise FileExistsError(f"{path} exists; pass overwrite (--force) to replace it")
+    unknown = set(sources) - set(MINE_SOURCES)
+    if unknown or not sources:
+        raise ValueError(f"mining sources must be among {MINE_SOURCES}, not {sorted(unknown) or 'none'}")
+    lo, hi = window
+    if not 0 <= lo < hi:
+        raise ValueError(f"window must be 0 <= lo < hi, not [{lo}, {hi})")
+    run = load_run(run_id, uri)
+    split = refit_split(run.split) if run.config.train.refit else run.split
+    data, model = run.data, run.model
+    if hi - lo > data.n_items:
+        raise ValueError(f"window [{lo}, {hi}) is wider than the catalog ({data.n_items} items)")
+    samplers = {}
+    if {"category", "copurchase"} & set(sources):
+        config = run.config
+        config.sampler.mixture = {name: 1.0 for name in sources if name != "ann"}
+        try:
+            mixture = build_sampler(config, data, split)
+        except ConfigError as e:
+            raise ValueError(f"cannot mine {sorted(config.sampler.mixture)}: {e}") from e
+        samplers = mixture.components
+    counts = allocate(per_positive, {name: 1.0 for name in sources})
+    features = run.features.with_history(split.history("train"))
+    users_emb = user_embeddings(model, features)
+    items_t = (item_embeddings(model, features) * float(model.scale.detach())).T.contiguous()
+    bias = model.item_bias.detach() if model.item_bias is not None else None
+    known = split.matrix("train")
+    train = split.train.sort_values("user", kind="stable")
+    users_of = train["user"].to_numpy()
+    generator = torch.Generator().manual_seed(seed)
+    bounds = np.searchsorted(users_of, np.arange(0, data.n_users + chunk_users, chunk_users))
+
+    def chunks():
+        for c in tqdm(range(len(bounds) - 1), desc="mining", disable=None if progress else True):
+            rows = train.iloc[bounds[c]:bounds[c + 1]]
+            if len(rows):
+                yield _mine_chunk(rows, users_emb, items_t, bias, known, samplers, counts, (lo, hi), generator, data)
+
+    n = 0
+
+    def write(tmp: str) -> None:
+        nonlocal n
+        writer = None
+        for frame in chunks():
+            n += len(frame)
+            if path.endswith(".csv"):
+                frame.to_csv(tmp, mode="a", header=writer is None, index=False)
+                writer = True
+            else:
+                table = pa.Table.from_pandas(frame, preserve_index=False)
+                writer = writer or pq.ParquetWriter(tmp, table.schema)
+                writer.write_table(table)
+        if writer is None:
+            raise ValueError(f"run {run_id} has no training events to mine for")
+        if writer is not True:
+            writer.close()
+
+    atomic_write(path, write)
+    return n
+
+
+@torch.no_grad()
+def _mine_chunk(rows: pd.DataFrame, users_emb, items_t, bias, known, samplers, counts, window, generator, data) -> pd.DataFrame:
+    users = torch.from_numpy(rows["user"].to_numpy(np.int64))
+    positives = torch.from_numpy(rows["item"].to_numpy(np.int64))
+    chunk_users, local = torch.unique(users, return_inverse=True)
+    scores = users_emb[chunk_users] @ items_t
+    if bias is not None:
+        scores += bias
+    sub = known[chunk_users.numpy()].tocoo()
+    scores[torch.from_numpy(sub.row.astype(np.int64)), torch.from_numpy(sub.col.astype(np.int64))] = float("-inf")
+    ctx = Context(users, positives)
+    parts, names = [], []
+    for name, k in counts.items():
+        if name == "ann":
+            lo, hi = window
+            ranked = torch.topk(scores, hi, dim=1).indices[:, lo:]  # the window, per chunk user
+            pick = torch.randint(0, hi - lo, (len(users), k), generator=generator)
+            parts.append(ranked[local[:, None], pick])
+        else:
+            drawn = samplers[name].sample(ctx, k, generator)
+            for attempt in range(REDRAW_TRIES):  # a known item of the user is no negative: draw again
+                bad = torch.isinf(scores[local[:, None], drawn])
+                if not bad.any():
+                    break
+                # the source's own draws first; then (e.g. a category the user has bought out) any item
+                fresh = samplers[name].sample(ctx, k, generator) if attempt < REDRAW_TRIES // 2 \
+                    else torch.randint(0, scores.shape[1], drawn.shape, generator=generator)
+                drawn = torch.where(bad, fresh, drawn)
+            parts.append(drawn)
+        names += [name] * k
+    negatives = torch.cat(parts, 1)
+    neg_scores = scores[local[:, None], negatives]
+    # rank: 1 + the number of items scoring higher, by binary search in the user's sorted row
+    ordered = scores.sort(dim=1).values
+    rank = torch.empty_like(negatives)
+    for u in range(len(chunk_users)):
+        at = local == u
+        rank[at] = 1 + ordered.shape[1] - torch.searchsorted(ordered[u], neg_scores[at].contiguous(), right=True)
+    K = negatives.shape[1]
+    return pd.DataFrame({
+        "user_id": data.users.to_raw(users.repeat_interleave(K).numpy()),
+        "item_id": data.items.to_raw(positives.repeat_interleave(K).numpy()),
+        "negative_id": data.items.to_raw(negatives.reshape(-1).numpy()),
+        "source": np.tile(np.array(names, dtype=object), len(users)),
+        "rank": rank.reshape(-1).numpy().astype(np.int64),
+        "score": neg_scores.reshape(-1).numpy().astype(np.float32),
+    })
