@@ -101,8 +101,8 @@ def mine(run_id: str, output: str, *, sources: tuple[str, ...] = ("ann",), per_p
 
 @torch.no_grad()
 def _mine_chunk(rows: pd.DataFrame, users_emb, items_t, bias, known, samplers, counts, window, generator, data) -> pd.DataFrame:
-    users = torch.from_numpy(rows["user"].to_numpy(np.int64))
-    positives = torch.from_numpy(rows["item"].to_numpy(np.int64))
+    users = torch.tensor(rows["user"].to_numpy(np.int64))
+    positives = torch.tensor(rows["item"].to_numpy(np.int64))
     chunk_users, local = torch.unique(users, return_inverse=True)
     scores = users_emb[chunk_users] @ items_t
     if bias is not None:
