@@ -101,9 +101,12 @@ class AnnConfig:
     refresh_every: int = 1
     warmup_epochs: int = 2
     ramp_epochs: int = 0  # share of ann negatives ramps from 0 to its weight over these epochs
-    backend: str = "auto"  # auto | annoy | exact
-    n_trees: int = 10
+    backend: str = "auto"  # auto | annoy | exact | hnsw (faiss)
+    n_trees: int = 10  # annoy
     search_k: int = -1
+    hnsw_m: int = 32  # hnsw: links per node, build and search beam widths
+    ef_construction: int = 80
+    ef_search: int = 128
     n_jobs: int = 2
     recall_sample: int = 200
 
@@ -433,7 +436,9 @@ def validate(c: ExperimentConfig, check_run_name: bool = True) -> None:
     _positive(s.copurchase.beta, "sampler.copurchase.beta", strict=False)
     a = s.ann
     _choice(a.anchor, ("user", "item"), "sampler.ann.anchor")
-    _choice(a.backend, ("auto", "annoy", "exact"), "sampler.ann.backend")
+    _choice(a.backend, ("auto", "annoy", "exact", "hnsw"), "sampler.ann.backend")
+    for key in ("hnsw_m", "ef_construction", "ef_search"):
+        _positive(getattr(a, key), f"sampler.ann.{key}")
     if a.refresh_every < 1:
         raise ConfigError(f"sampler.ann.refresh_every: must be >= 1, got {a.refresh_every}")
     if len(a.window) != 2 or not (0 <= a.window[0] < a.window[1]):

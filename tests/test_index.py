@@ -7,7 +7,7 @@ from mlflow.tracking import MlflowClient
 from recsys_hnm.config import ConfigError, config_from_dict
 from recsys_hnm.experiment import train
 from recsys_hnm.index import (
-    AnnoyItemIndex, AnnSampler, ExactIndex, IndexFileError, IndexRefresh, load_index, recall_at_k,
+    AnnoyItemIndex, AnnSampler, ExactIndex, HnswItemIndex, IndexFileError, IndexRefresh, load_index, make_index, recall_at_k,
     resolve_window,
 )
 from recsys_hnm.io import atomic_write
@@ -44,6 +44,27 @@ def test_annoy_agrees_with_exact_on_a_small_index(tmp_path, normalise):
     exclude = sp.csr_matrix((np.ones(100), (np.arange(100), exact.search(queries, 1)[:, 0])), shape=(100, 2000))
     found = annoy.search(queries, 10, exclude)
     assert not (found == exclude.indices[:, None]).any()
+
+
+@pytest.mark.parametrize("normalise", [True, False])
+def test_hnsw_agrees_with_exact_and_its_file_is_validated(tmp_path, normalise):
+    items = clustered(2000, 16, normalise=normalise)
+    queries = clustered(100, 16, seed=1, normalise=normalise)
+    path = tmp_path / "i.hnsw"
+    hnsw = make_index(items, "hnsw", path, hnsw_m=16, ef_search=200)
+    assert isinstance(hnsw, HnswItemIndex)
+    exact = ExactIndex(items)
+    assert recall_at_k(hnsw.search(queries, 20), exact.search(queries, 20)) > 0.95  # inner product, normalised or not
+    exclude = sp.csr_matrix((np.ones(100), (np.arange(100), exact.search(queries, 1)[:, 0])), shape=(100, 2000))
+    assert not (hnsw.search(queries, 10, exclude) == exclude.indices[:, None]).any()
+    loaded = load_index(path, dim=16, ef_search=200)
+    assert np.array_equal(loaded.search(queries, 10), hnsw.search(queries, 10))
+    with pytest.raises(IndexFileError, match="built for dimension 16, not 8"):
+        load_index(path, dim=8)
+    data = path.read_bytes()
+    path.write_bytes(data[:-10])
+    with pytest.raises(IndexFileError, match="truncated"):
+        load_index(path, dim=16)
 
 
 def test_index_files_are_validated(tmp_path):

@@ -169,25 +169,116 @@ class AnnoyItemIndex:
             _write_meta(path, self.meta)
 
 
-def make_index(vectors: np.ndarray, backend: str = "auto", path: str | Path | None = None, **annoy_options) -> ItemIndex:
-    """``exact``, ``annoy``, or ``auto``: Annoy from AUTO_ANNOY_MIN_ITEMS items on, exact below."""
-    if backend not in ("auto", "exact", "annoy"):
-        raise ValueError(f"index backend must be 'auto', 'exact' or 'annoy', not {backend!r}")
+class HnswItemIndex:
+    """A faiss HNSW graph (``IndexHNSWFlat``, inner product) kept in a file: ``m`` links per node,
+    ``ef_construction`` and ``ef_search`` the build and search beam widths (search uses at least
+    k); faiss searches a batch of queries on ``n_jobs`` threads."""
+
+    def __init__(self, index, meta: dict, path: Path, ef_search: int = 128, n_jobs: int = 2):
+        self.index, self.meta, self.path = index, meta, path
+        self.n_items, self.dim = meta["n_items"], meta["dim"]
+        self.ef_search, self.n_jobs = ef_search, max(1, n_jobs)
+
+    @classmethod
+    def build(cls, vectors: np.ndarray, path: str | Path, m: int = 32, ef_construction: int = 80, ef_search: int = 128,
+              n_jobs: int = 2, seed: int = 0) -> "HnswItemIndex":
+        import faiss
+
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        n, dim = vectors.shape
+        faiss.omp_set_num_threads(max(1, n_jobs))
+        # unit vectors: inner product directly; others: the MIPS augmentation to L2 (as for Annoy),
+        # since a graph over inner products, which is no metric, loses recall
+        metric = "inner_product" if is_normalised(vectors) else "l2"
+        if metric == "l2":
+            norms2 = (vectors.astype(np.float64) ** 2).sum(1)
+            vectors = np.hstack([vectors, np.sqrt(np.maximum(norms2.max() - norms2, 0.0)).astype(np.float32)[:, None]])
+        index = faiss.IndexHNSWFlat(vectors.shape[1], m, faiss.METRIC_INNER_PRODUCT if metric == "inner_product" else faiss.METRIC_L2)
+        index.hnsw.efConstruction = ef_construction
+        index.add(vectors)  # insertion order is the only randomness: deterministic for given vectors
+        path = Path(path)
+        atomic_write(path, lambda tmp: faiss.write_index(index, tmp))
+        meta = {"backend": "hnsw", "dim": dim, "n_items": n, "metric": metric, "m": m, "ef_construction": ef_construction,
+                "bytes": path.stat().st_size, "sha256": _sha256(path)}
+        _write_meta(path, meta)
+        return cls(index, meta, path, ef_search, n_jobs)
+
+    @classmethod
+    def load(cls, path: str | Path, dim: int | None = None, ef_search: int = 128, n_jobs: int = 2, verify: bool = True) -> "HnswItemIndex":
+        import faiss
+
+        path = Path(path)
+        meta = _read_meta(path)
+        if meta.get("backend") != "hnsw":
+            raise IndexFileError(f"{path}: not an HNSW index (backend {meta.get('backend')!r})")
+        if dim is not None and meta["dim"] != dim:
+            raise IndexFileError(f"{path}: built for dimension {meta['dim']}, not {dim}")
+        if path.stat().st_size != meta["bytes"]:
+            raise IndexFileError(f"{path}: {path.stat().st_size} bytes, expected {meta['bytes']} (truncated or replaced?)")
+        if verify and _sha256(path) != meta.get("sha256"):
+            raise IndexFileError(f"{path}: its checksum does not match {_meta_path(path).name} (corrupted or replaced?)")
+        index = faiss.read_index(str(path))
+        if index.ntotal != meta["n_items"]:
+            raise IndexFileError(f"{path}: holds {index.ntotal} items, expected {meta['n_items']}")
+        return cls(index, meta, path, ef_search, n_jobs)
+
+    def search(self, queries: np.ndarray, k: int, exclude: sp.csr_matrix | None = None, chunk: int = 1024) -> np.ndarray:
+        import faiss
+
+        faiss.omp_set_num_threads(self.n_jobs)
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        if self.meta["metric"] == "l2":
+            q = np.hstack([q, np.zeros((len(q), 1), np.float32)])
+        out = np.full((len(q), k), -1, dtype=np.int64)
+        extra = np.diff(exclude.indptr) if exclude is not None else np.zeros(len(q), np.int64)
+        for start in range(0, len(q), chunk):
+            rows = np.arange(start, min(start + chunk, len(q)))
+            kk = int(min(k + extra[rows].max(), self.n_items))  # room for the excluded items
+            self.index.hnsw.efSearch = max(self.ef_search, kk)
+            _, found = self.index.search(q[rows], kk)
+            for r, f in zip(rows, found):
+                f = f[f >= 0]
+                if extra[r]:
+                    f = f[~np.isin(f, exclude.indices[exclude.indptr[r]:exclude.indptr[r + 1]])]
+                out[r, :min(k, len(f))] = f[:k]
+        return out
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        if path.resolve() != self.path.resolve():
+            atomic_write(path, lambda tmp: Path(tmp).write_bytes(self.path.read_bytes()))
+            _write_meta(path, self.meta)
+
+
+BACKENDS = ("auto", "exact", "annoy", "hnsw")
+
+
+def make_index(vectors: np.ndarray, backend: str = "auto", path: str | Path | None = None, *, n_trees: int = 10,
+               search_k: int = -1, n_jobs: int = 2, seed: int = 0, hnsw_m: int = 32, ef_construction: int = 80,
+               ef_search: int = 128) -> ItemIndex:
+    """``exact``, ``annoy``, ``hnsw`` (faiss), or ``auto``: Annoy from AUTO_ANNOY_MIN_ITEMS items
+    on, exact below."""
+    if backend not in BACKENDS:
+        raise ValueError(f"index backend must be one of {BACKENDS}, not {backend!r}")
     if backend == "auto":
         backend = "annoy" if len(vectors) >= AUTO_ANNOY_MIN_ITEMS else "exact"
     if backend == "exact":
         return ExactIndex(vectors)
     if path is None:
-        path = Path(tempfile.mkdtemp(prefix="recsys-hnm-index-")) / "items.ann"
-    return AnnoyItemIndex.build(vectors, path, **annoy_options)
+        path = Path(tempfile.mkdtemp(prefix="recsys-hnm-index-")) / "items.index"
+    if backend == "hnsw":
+        return HnswItemIndex.build(vectors, path, hnsw_m, ef_construction, ef_search, n_jobs, seed)
+    return AnnoyItemIndex.build(vectors, path, n_trees=n_trees, search_k=search_k, n_jobs=n_jobs, seed=seed)
 
 
-def load_index(path: str | Path, dim: int | None = None, **annoy_options) -> ItemIndex:
+def load_index(path: str | Path, dim: int | None = None, **options) -> ItemIndex:
     """An index saved by ``save``, refused with a clear error when missing, truncated or built
-    for another dimension."""
+    for another dimension. ``options``: the backend's search settings."""
     meta = _read_meta(Path(path))
     if meta["backend"] == "annoy":
-        return AnnoyItemIndex.load(path, dim, **annoy_options)
+        return AnnoyItemIndex.load(path, dim, **options)
+    if meta["backend"] == "hnsw":
+        return HnswItemIndex.load(path, dim, **options)
     vectors = torch.load(path, weights_only=True)
     if dim is not None and vectors.shape[1] != dim:
         raise IndexFileError(f"{path}: built for dimension {vectors.shape[1]}, not {dim}")

@@ -46,6 +46,9 @@ class IndexRefresh(Callback):
         n_jobs: int = 2,
         recall_sample: int = 200,
         seed: int = 0,
+        hnsw_m: int = 32,
+        ef_construction: int = 80,
+        ef_search: int = 128,
     ):
         if refresh_every < 1:
             raise ValueError(f"refresh_every must be >= 1, not {refresh_every}")
@@ -59,7 +62,8 @@ class IndexRefresh(Callback):
         self.warmup_epochs = warmup_epochs
         self.ramp_epochs = ramp_epochs
         self.index_path = Path(index_path) if index_path else None
-        self.annoy_options = {"n_trees": n_trees, "search_k": search_k, "n_jobs": n_jobs, "seed": seed}
+        self.index_options = {"n_trees": n_trees, "search_k": search_k, "n_jobs": n_jobs, "seed": seed, "hnsw_m": hnsw_m,
+                              "ef_construction": ef_construction, "ef_search": ef_search}
         self.recall_sample = recall_sample
         self.index = None
         self.stats: dict[str, float] = {}
@@ -104,14 +108,14 @@ class IndexRefresh(Callback):
         """The index of the model as training leaves it (after any best-weight restore), saved
         to ``path``: the artifact that goes with the logged model."""
         items, _ = self.vectors(trainer)
-        index = make_index(items, self.backend, Path(path), **self.annoy_options)
+        index = make_index(items, self.backend, Path(path), **self.index_options)
         index.save(path)
         return index
 
     def refresh(self, trainer) -> dict[str, float]:
         items, anchors = self.vectors(trainer)
         start = time.perf_counter()
-        self.index = make_index(items, self.backend, self.index_path, **self.annoy_options)
+        self.index = make_index(items, self.backend, self.index_path, **self.index_options)
         build_s = time.perf_counter() - start
         start = time.perf_counter()
         moved = self.sampler.mine(self.index, anchors, self.exclude)
