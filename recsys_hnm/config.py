@@ -127,6 +127,7 @@ class MemoryBankConfig:
 @dataclass
 class SamplerConfig:
     num_negatives: int = 256
+    per_row_negatives: int | None = None  # set: per-row sources (category, copurchase, ann...) share this count, the shared ones num_negatives
     logq: str = "mixture"  # mixture | per_source | none
     mixture: dict[str, float] = field(default_factory=lambda: {"in_batch": 1.0, "uniform": 1.0})
     known_positives: str = "mask"  # mask | redraw
@@ -384,6 +385,8 @@ def validate(c: ExperimentConfig, check_run_name: bool = True) -> None:
         _positive(h, f"model.hidden[{i}]")
     s = c.sampler
     _positive(s.num_negatives, "sampler.num_negatives", strict=False)
+    if s.per_row_negatives is not None:
+        _positive(s.per_row_negatives, "sampler.per_row_negatives", strict=False)
     _choice(m.train_history, ("all", "causal"), "model.train_history")
     _choice(m.history_encoder, ("bag", "last_k", "sasrec"), "model.history_encoder")
     for key, v in (("model.last_k", m.last_k), ("model.attention_layers", m.attention_layers), ("model.attention_heads", m.attention_heads)):

@@ -146,6 +146,19 @@ def test_allocation_is_deterministic_and_exact():
     assert allocate(10, {"a": 1.0, "b": 0.0}) == {"a": 10}
 
 
+def test_per_row_sources_can_have_their_own_count(synthetic_files, tmp_path):
+    mix = {"in_batch": 1.0, "uniform": 0.5, "popularity": 0.5, "category": 0.5, "copurchase": 0.5}
+    shared = small_config(synthetic_files, tmp_path, sampler={"mixture": mix, "num_negatives": 64, "copurchase": {"source": "session"}})
+    data, split = load_data(shared)
+    assert build_sampler(shared, data, split).counts == {"uniform": 16, "popularity": 16, "category": 16, "copurchase": 16}
+    own = small_config(synthetic_files, tmp_path, sampler={"mixture": mix, "num_negatives": 64, "per_row_negatives": 8,
+                                                           "copurchase": {"source": "session"}})
+    sampler = build_sampler(own, data, split)
+    assert sampler.counts == {"uniform": 32, "popularity": 32, "category": 4, "copurchase": 4}
+    blocks = sampler.sample(Context(torch.arange(5), torch.arange(5)), torch.Generator())
+    assert [tuple(b.items.shape) for b in blocks] == [(5,), (32,), (32,), (5, 4), (5, 4)]
+
+
 def _mixture(data, logq="mixture", known=None, in_batch=False, policy="mask"):
     counts = data.item_popularity
     uniform = UniformSampler(data.n_items, shared=False)

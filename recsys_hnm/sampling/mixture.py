@@ -31,7 +31,8 @@ def allocate(total: int, weights: Mapping[str, float]) -> dict[str, int]:
 
 class MixtureSampler:
     """Draws ``num_negatives`` per row from the sampled sources in proportion to their weights
-    (the count per source is fixed by the weights, not random), plus, when ``in_batch`` has a
+    (the count per source is fixed by the weights, not random; with ``per_row_negatives`` set,
+    the per-row sources share that count instead), plus, when ``in_batch`` has a
     weight > 0, the batch's positives as shared negatives (the B - 1 others per row; its weight is
     only a switch); ``full`` (also a switch) adds the whole catalog once: the exact softmax.
 
@@ -60,6 +61,7 @@ class MixtureSampler:
         known_policy: Literal["mask", "redraw"] = "mask",
         redraw_tries: int = 5,
         hard: frozenset[str] | set[str] = frozenset(),
+        per_row_negatives: int | None = None,
     ):
         unknown = {k for k, w in weights.items() if w > 0} - set(components)
         if unknown:
@@ -70,6 +72,9 @@ class MixtureSampler:
             raise ValueError(f"logq must be 'mixture', 'per_source' or 'none', not {logq!r}")
         self.weights = dict(weights)
         self.num_negatives = num_negatives
+        # per-row sources (one set of draws per row, each through the item tower) may get their
+        # own, smaller count: then num_negatives is split among the shared sources only
+        self.per_row_negatives = per_row_negatives
         # Sources are fixed at construction (their index names them in diagnostics); a weight set
         # to 0 later (e.g. ANN negatives during warm-up) only stops that source's draws.
         self.names = [k for k in ([IN_BATCH] + [k for k in weights if k != IN_BATCH]) if weights.get(k, 0.0) > 0]
@@ -88,7 +93,13 @@ class MixtureSampler:
         self.redraw_tries = redraw_tries
 
     def _allocate(self) -> None:
-        self.counts = allocate(self.num_negatives, {k: w for k, w in self.weights.items() if k not in SWITCHED and k in self.components})
+        sampled = {k: w for k, w in self.weights.items() if k not in SWITCHED and k in self.components}
+        if self.per_row_negatives is None:
+            self.counts = allocate(self.num_negatives, sampled)
+        else:
+            per_row = {k: w for k, w in sampled.items() if not self.components[k].shared}
+            self.counts = {**allocate(self.num_negatives, {k: w for k, w in sampled.items() if k not in per_row}),
+                           **allocate(self.per_row_negatives, per_row)}
         self.counts.update({k: 1 for k in (FULL,) if self.weights.get(k, 0.0) > 0})  # one copy of the catalog
         self.use_in_batch = self.weights.get(IN_BATCH, 0.0) > 0
 
