@@ -77,16 +77,19 @@ def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     scorers such as MostPop, take an exact top-k over int64 keys that pack the order-preserving
     bits of the score with the reversed item index.
     """
-    k = min(k, scores.shape[1])
-    values, indices = torch.topk(scores, k, dim=1)
+    n = scores.shape[1]
+    k = min(k, n)
     if k == 0:
-        return indices, values
+        return torch.topk(scores, 0, dim=1)
+    # one more than asked: the (k+1)-th value equal to the k-th means a tie with an item left out
+    values, indices = torch.topk(scores, min(k + 1, n), dim=1)
+    tied = values[:, k] == values[:, k - 1] if k < n else torch.zeros(len(scores), dtype=torch.bool)
+    values, indices = values[:, :k], indices[:, :k]
     # equal values in index order: sort by index, then stably by value
     indices, by_index = indices.sort(dim=1)
     values = values.gather(1, by_index)
     values, by_value = values.sort(dim=1, descending=True, stable=True)
     indices = indices.gather(1, by_value)
-    tied = (scores >= values[:, -1:]).sum(1) > k  # the k-th value is shared with an item left out
     if tied.any():
         rows = tied.nonzero().squeeze(1)
         indices[rows] = _top_k_exact(scores[rows], k)
