@@ -138,6 +138,7 @@ class SamplerConfig:
     hard_loss: str = "joint"
     hard_weight: float = 1.0
     false_negative_guard: bool = False  # drop hard negatives scoring above the row's positive
+    guard_cooccurrence: int = 0  # > 0: drop hard negatives that at least this many users have together with the positive
     select: SelectConfig = field(default_factory=SelectConfig)
     memory_bank: MemoryBankConfig = field(default_factory=MemoryBankConfig)
     uniform: UniformConfig = field(default_factory=UniformConfig)
@@ -408,6 +409,7 @@ def validate(c: ExperimentConfig, check_run_name: bool = True) -> None:
     if not any(w > 0 for w in s.mixture.values()):
         raise ConfigError("sampler.mixture: all weights are zero")
     _choice(s.hard_loss, ("joint", "separate"), "sampler.hard_loss")
+    _positive(s.guard_cooccurrence, "sampler.guard_cooccurrence", strict=False)
     _positive(s.hard_weight, "sampler.hard_weight", strict=False)
     for name in s.hard:
         if s.mixture.get(name, 0) <= 0:

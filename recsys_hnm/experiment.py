@@ -28,6 +28,7 @@ from .evaluation import Evaluator, mask_known, phase_counts, popularity_scorer, 
 from .index.ann_sampler import AnnSampler
 from .index.refresh import IndexRefresh
 from .io import atomic_write
+from .sparse import SortedPairs
 from .models import FeatureBuilder, TowerSizes, TwoTower, model_scorer
 from .sampling import (
     CategorySampler, CopurchaseSampler, FullCatalog, InBatchSampler, KnownPositives, MixtureSampler, PopularitySampler,
@@ -291,10 +292,19 @@ def build_trainer(config: ExperimentConfig, data: Interactions, split: Split, sa
                       diagnostics=diagnostics, progress=t.progress, causal_history=config.model.train_history == "causal",
                       item_id_dropout=config.model.item_id_dropout, hard_loss=config.sampler.hard_loss,
                       hard_weight=config.sampler.hard_weight, false_negative_guard=config.sampler.false_negative_guard,
+                      cooccurring=_cooccurring(config, data, split),
                       loss=config.loss.type, margin=config.loss.margin, triplet_negative=config.loss.triplet_negative,
                       select=config.sampler.select.mode, select_k=config.sampler.select.k,
                       select_margin=config.sampler.select.margin, memory_bank=memory_bank)
     return trainer, refresh
+
+
+def _cooccurring(config: ExperimentConfig, data: Interactions, split: Split) -> SortedPairs | None:
+    """Item pairs that at least ``sampler.guard_cooccurrence`` users have both of in training."""
+    threshold = config.sampler.guard_cooccurrence
+    if threshold <= 0:
+        return None
+    return SortedPairs(copurchase_graph(split.train, data.n_items, source="history", min_count=threshold))
 
 
 def refit_split(split: Split) -> Split:

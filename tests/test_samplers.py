@@ -1,6 +1,7 @@
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
@@ -616,7 +617,30 @@ def test_hard_roles_train_and_the_guard_logs_what_it_dropped(synthetic_files, tm
     out = trainer.train_step(users, items)
     hard = [b for b in out.blocks if b.hard]
     assert len(hard) == 1 and not hard[0].log_q.any() and all(b.log_q.any() for b in out.blocks if not b.hard)
-    dropped, seen = trainer.guard_counts.tolist()
-    assert 0 < dropped < seen  # at initialisation some mined negatives outscore the positive, not all
+    seen, above, _ = trainer.guard_counts.tolist()
+    assert 0 < above < seen  # at initialisation some mined negatives outscore the positive, not all
     trainer.fit()
-    assert 0 < trainer.history[-1]["guard.dropped_share"] < 1
+    assert 0 < trainer.history[-1]["guard.above_positive_share"] < 1
+
+
+def test_the_guard_drops_exactly_the_mined_negatives_above_the_positive_or_co_consumed(synthetic_files, tmp_path):
+    from recsys_hnm.data import copurchase_graph
+    from recsys_hnm.sampling import Negatives
+    from recsys_hnm.sparse import SortedPairs
+
+    config = small_config(synthetic_files, tmp_path, sampler={"mixture": {"in_batch": 1.0, "category": 1.0}, "hard": ["category"],
+                                                              "false_negative_guard": True, "guard_cooccurrence": 2})
+    data, split = load_data(config)
+    trainer, _ = build_trainer(config, data, split, build_sampler(config, data, split), [], tmp_path, epochs=1, validate=False)
+    assert trainer.cooccurring is not None
+    # users 0 and 1 both have items 0 and 1; user 2 has items 0 and 2: only (0, 1) reaches 2 users
+    history = pd.DataFrame({"user": [0, 0, 1, 1, 2, 2], "item": [0, 1, 0, 1, 0, 2]})
+    trainer.cooccurring = SortedPairs(copurchase_graph(history, 5, source="history", min_count=2))
+    trainer.guard_counts.zero_()
+    block = Negatives(torch.tensor([[1, 2, 3], [1, 2, 3]]), torch.zeros(2, 3), 0, torch.tensor([[False, False, True], [False] * 3]), hard=True)
+    logits = torch.tensor([[0.5, 2.0, 9.0], [0.5, 0.2, 0.1]])
+    invalid = trainer._guard(logits, torch.tensor([1.0, 1.0]), torch.tensor([0, 4]), block, block.invalid)
+    # row 0 (positive 0): item 1 is co-consumed, item 2 scores above the positive, item 3 was masked
+    # already; row 1 (positive 4): nothing to drop
+    assert invalid.tolist() == [[True, True, True], [False, False, False]]
+    assert trainer.guard_counts.tolist() == [5.0, 1.0, 1.0]

@@ -19,6 +19,7 @@ from ..sampling import Context, MixtureSampler, Negatives
 from ..sampling.diagnostics import NegativeDiagnostics
 from .callbacks import Callback
 from .mining import MemoryBank, select_candidates
+from ..sparse import SortedPairs
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class Trainer:
         hard_loss: str = "joint",
         hard_weight: float = 1.0,
         false_negative_guard: bool = False,
+        cooccurring: SortedPairs | None = None,
         loss: str = "softmax",
         margin: float = 1.0,
         triplet_negative: str = "hardest",
@@ -81,7 +83,8 @@ class Trainer:
             raise ValueError(f"hard_loss must be 'joint' or 'separate', not {hard_loss!r}")
         self.hard_loss, self.hard_weight = hard_loss, hard_weight
         self.false_negative_guard = false_negative_guard
-        self.guard_counts = torch.zeros(2)  # hard negatives dropped by the guard, hard negatives seen
+        self.cooccurring = cooccurring  # (positive, item) pairs many users share: not negatives of each other
+        self.guard_counts = torch.zeros(3)  # hard negatives seen; dropped as above the positive; as co-consumed
         if loss not in ("softmax", "bpr", "triplet"):
             raise ValueError(f"loss must be 'softmax', 'bpr' or 'triplet', not {loss!r}")
         self.loss, self.margin, self.triplet_negative = loss, margin, triplet_negative
@@ -113,8 +116,11 @@ class Trainer:
             self.guard_counts.zero_()
             self.step_means.clear()
             logs = {"train_loss": self.train_epoch(epoch), "temperature": self.model.temperature}
-            if self.false_negative_guard and self.guard_counts[1] > 0:
-                logs["guard.dropped_share"] = float(self.guard_counts[0] / self.guard_counts[1])
+            seen, above, together = self.guard_counts.tolist()
+            if seen and self.false_negative_guard:
+                logs["guard.above_positive_share"] = above / seen
+            if seen and self.cooccurring is not None:
+                logs["guard.cooccurring_share"] = together / seen
             logs.update({k: total / n for k, (total, n) in self.step_means.items() if n})
             if self.model.temperature_at_bound():
                 log.warning("epoch %d: the learned temperature sits at a bound (%.4g); its gradient is zero there", epoch, self.model.temperature)
@@ -178,11 +184,8 @@ class Trainer:
             neg_cos.append(cos.detach())
             logits = cos * scale + self.model.bias(block.items)
             invalid = block.invalid
-            if block.hard and self.false_negative_guard:
-                # a mined negative scoring above the positive is more likely an unlabelled positive
-                above = (logits.detach() > pos_logits.detach()[:, None]) & ~invalid
-                self.guard_counts += torch.tensor([float(above.sum()), float((~invalid).sum())])
-                invalid = invalid | above
+            if block.hard:
+                invalid = self._guard(logits, pos_logits, pos_items, block, invalid)
             parts.append((logits, block.log_q.expand(len(users), -1), invalid, block.hard))
         if self.memory_bank is not None and self.memory_bank.ready:
             items, emb, log_q, invalid, staleness = self.memory_bank.negatives(users, pos_items, self.sampler.known)
@@ -209,6 +212,21 @@ class Trainer:
         if self.diagnostics is not None:
             self.diagnostics.update(ctx, blocks, neg_cos, self._rank_sample_scores(user_emb))
         return StepOutput(float(loss.detach()), blocks, neg_cos)
+
+    def _guard(self, logits, pos_logits, pos_items, block, invalid) -> torch.Tensor:
+        """The false-negative guard on mined negatives: those scoring above the row's positive,
+        and those many users consume together with the positive, are more likely unlabelled
+        positives than negatives; they leave the loss and are counted."""
+        self.guard_counts[0] += float((~invalid).sum())
+        if self.false_negative_guard:
+            above = (logits.detach() > pos_logits.detach()[:, None]) & ~invalid
+            self.guard_counts[1] += float(above.sum())
+            invalid = invalid | above
+        if self.cooccurring is not None:
+            together = (self.cooccurring.find(pos_items, block.per_row_items(len(pos_items))) >= 0) & ~invalid
+            self.guard_counts[2] += float(together.sum())
+            invalid = invalid | together
+        return invalid
 
     def _note(self, name: str, value: float) -> None:
         if value == value:  # not NaN
