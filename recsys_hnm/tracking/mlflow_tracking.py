@@ -102,21 +102,25 @@ def tracked_run(uri: str | None, experiment: str, run_name: str | None = None, r
     uri = tracking_uri(uri)
     mlflow.set_tracking_uri(uri)
     exp_id = experiment_id(experiment, uri)
-    run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id, run_name=run_name, tags=tags)
-    if run_id and "error" in run.data.tags:  # a resumed run: the old failure no longer describes it
-        MlflowClient(uri).delete_tag(run_id, "error")
-    try:
-        with sigterm_raises():
+    # the handler is in place before the run exists: a SIGTERM right after start_run (a pipeline
+    # stopped while its workers start) must not leave the run RUNNING
+    with sigterm_raises():
+        try:
+            run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id, run_name=run_name, tags=tags)
+            if run_id and "error" in run.data.tags:  # a resumed run: the old failure no longer describes it
+                MlflowClient(uri).delete_tag(run_id, "error")
             yield run
-    except BaseException as e:
-        with contextlib.suppress(Exception):
-            mlflow.set_tag("error", f"{type(e).__name__}: {e}"[:5000])
-            mlflow.log_text(traceback.format_exc(), "error.txt")
-        killed = isinstance(e, (KeyboardInterrupt, Terminated))
-        mlflow.end_run(status=RunStatus.to_string(RunStatus.KILLED if killed else RunStatus.FAILED))
-        raise
-    else:
-        mlflow.end_run(status="FINISHED")
+        except BaseException as e:
+            if mlflow.active_run() is None:  # stopped before the run existed
+                raise
+            with contextlib.suppress(Exception):
+                mlflow.set_tag("error", f"{type(e).__name__}: {e}"[:5000])
+                mlflow.log_text(traceback.format_exc(), "error.txt")
+            killed = isinstance(e, (KeyboardInterrupt, Terminated))
+            mlflow.end_run(status=RunStatus.to_string(RunStatus.KILLED if killed else RunStatus.FAILED))
+            raise
+        else:
+            mlflow.end_run(status="FINISHED")
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None, prefix: str = "") -> None:
