@@ -23,8 +23,10 @@ from annoy import AnnoyIndex
 from ..evaluation.evaluator import mask_known, top_k
 from ..io import atomic_write
 
-# Measured on 2 cores (benchmarks/index_refresh.py, README): at 100,000 items exact search wins
-# at any useful recall; at 1,000,000 items Annoy's refresh is faster. Between them: exact.
+# Measured on 2 cores (benchmarks/index_refresh.py, README): below 100,000 items exact search
+# wins; at 100,000 items faiss HNSW refreshes fastest (recall@100 0.997; Annoy loses to exact);
+# at 1,000,000 items Annoy's refresh was 4.2x exact (HNSW not yet measured there).
+AUTO_HNSW_MIN_ITEMS = 100_000
 AUTO_ANNOY_MIN_ITEMS = 500_000
 
 
@@ -256,12 +258,13 @@ BACKENDS = ("auto", "exact", "annoy", "hnsw")
 def make_index(vectors: np.ndarray, backend: str = "auto", path: str | Path | None = None, *, n_trees: int = 10,
                search_k: int = -1, n_jobs: int = 2, seed: int = 0, hnsw_m: int = 32, ef_construction: int = 80,
                ef_search: int = 128) -> ItemIndex:
-    """``exact``, ``annoy``, ``hnsw`` (faiss), or ``auto``: Annoy from AUTO_ANNOY_MIN_ITEMS items
-    on, exact below."""
+    """``exact``, ``annoy``, ``hnsw`` (faiss), or ``auto``: what measured fastest per catalog size
+    (exact below AUTO_HNSW_MIN_ITEMS, HNSW up to AUTO_ANNOY_MIN_ITEMS, Annoy from there)."""
     if backend not in BACKENDS:
         raise ValueError(f"index backend must be one of {BACKENDS}, not {backend!r}")
     if backend == "auto":
-        backend = "annoy" if len(vectors) >= AUTO_ANNOY_MIN_ITEMS else "exact"
+        n = len(vectors)
+        backend = "exact" if n < AUTO_HNSW_MIN_ITEMS else "hnsw" if n < AUTO_ANNOY_MIN_ITEMS else "annoy"
     if backend == "exact":
         return ExactIndex(vectors)
     if path is None:
