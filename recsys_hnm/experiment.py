@@ -285,7 +285,8 @@ def build_trainer(config: ExperimentConfig, data: Interactions, split: Split, sa
     memory_bank = None
     if bank.size > 0:  # entries are training positives: the in-batch proposal, p(j) of the stream
         stream = InBatchSampler(np.bincount(split.train["item"].to_numpy(), minlength=data.n_items))
-        memory_bank = MemoryBank(bank.size, config.model.dim, stream.log_p, bank.warmup_steps)
+        memory_bank = MemoryBank(bank.size, config.model.dim, None if config.sampler.logq == "none" else stream.log_p,
+                                 bank.warmup_steps)
     t = config.train
     trainer = Trainer(model, features, sampler, split.train, evaluator, epochs=epochs or t.epochs, batch_size=t.batch_size,
                       lr=t.lr, weight_decay=t.weight_decay, seed=t.seed, callbacks=callbacks,

@@ -53,7 +53,9 @@ def sampled_softmax_by_role(
         invalid = [torch.zeros_like(x, dtype=torch.bool) if m is None else m for x, m in zip(logits, invalid)]
         return sampled_softmax(pos_logits, *(x[0] if len(x) == 1 else torch.cat(x, 1) for x in (logits, log_q, invalid)))
 
-    loss = term(groups[False])
+    # no proposal block (e.g. a last batch of one row: no other in-batch positive): that term is
+    # the softmax of the positive alone, 0
+    loss = term(groups[False]) if groups[False] else pos_logits.sum() * 0.0
     return loss + hard_weight * term(groups[True]) if groups[True] else loss
 
 

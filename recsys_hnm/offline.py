@@ -3,6 +3,8 @@ classic pattern; the ``static`` source trains from such a file."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -48,12 +50,13 @@ def mine(run_id: str, output: str, *, sources: tuple[str, ...] = ("ann",), per_p
     run = load_run(run_id, uri)
     split = refit_split(run.split) if run.config.train.refit else run.split
     data, model = run.data, run.model
-    if hi - lo > data.n_items:
-        raise ValueError(f"window [{lo}, {hi}) is wider than the catalog ({data.n_items} items)")
+    if hi > data.n_items:
+        raise ValueError(f"window [{lo}, {hi}) reaches beyond the catalog ({data.n_items} items)")
     samplers = {}
     if {"category", "copurchase"} & set(sources):
         config = run.config
         config.sampler.mixture = {name: 1.0 for name in sources if name != "ann"}
+        config.sampler.hard, config.sampler.per_row_negatives = [], None  # the run's roles are not the mining sources'
         try:
             mixture = build_sampler(config, data, split)
         except ConfigError as e:
@@ -83,7 +86,7 @@ def mine(run_id: str, output: str, *, sources: tuple[str, ...] = ("ann",), per_p
         writer = None
         for frame in chunks():
             n += len(frame)
-            if path.endswith(".csv"):
+            if Path(path).suffix.lower() == ".csv":
                 frame.to_csv(tmp, mode="a", header=writer is None, index=False)
                 writer = True
             else:
@@ -114,20 +117,21 @@ def _mine_chunk(rows: pd.DataFrame, users_emb, items_t, bias, known, samplers, c
     for name, k in counts.items():
         if name == "ann":
             lo, hi = window
-            ranked = torch.topk(scores, hi, dim=1).indices[:, lo:]  # the window, per chunk user
-            pick = torch.randint(0, hi - lo, (len(users), k), generator=generator)
+            top = torch.topk(scores, hi, dim=1)  # the window, per chunk user; known items score -inf,
+            ranked = top.indices[:, lo:]        # so a user's window holds them only past its unknown items
+            usable = torch.isfinite(top.values[:, lo:]).sum(1).clamp(min=1)
+            pick = (torch.rand(len(users), k, generator=generator) * usable[local][:, None]).long()
             parts.append(ranked[local[:, None], pick])
         else:
-            drawn = samplers[name].sample(ctx, k, generator)
-            for attempt in range(REDRAW_TRIES):  # a known item of the user is no negative: draw again
-                bad = torch.isinf(scores[local[:, None], drawn])
-                if not bad.any():
-                    break
-                # the source's own draws first; then (e.g. a category the user has bought out) any item
-                fresh = samplers[name].sample(ctx, k, generator) if attempt < REDRAW_TRIES // 2 \
-                    else torch.randint(0, scores.shape[1], drawn.shape, generator=generator)
-                drawn = torch.where(bad, fresh, drawn)
-            parts.append(drawn)
+            parts.append(samplers[name].sample(ctx, k, generator))
+        for attempt in range(REDRAW_TRIES):  # a known item of the user is no negative: draw again
+            bad = torch.isinf(scores[local[:, None], parts[-1]])
+            if not bad.any():
+                break
+            # the source's own draws first; then (a window or category the user has bought out) any item
+            fresh = samplers[name].sample(ctx, k, generator) if name != "ann" and attempt < REDRAW_TRIES // 2 \
+                else torch.randint(0, scores.shape[1], (len(users), k), generator=generator)
+            parts[-1] = torch.where(bad, fresh, parts[-1])
         names += [name] * k
     negatives = torch.cat(parts, 1)
     neg_scores = scores[local[:, None], negatives]

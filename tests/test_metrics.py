@@ -91,6 +91,9 @@ def test_loss_by_role_matches_hand_computed_values_on_five_items():
     assert guarded.item() == pytest.approx((math.log(e(2) + e(1) / 2 + e(0.5) / 0.5) - 2) + 0.5 * (math.log(e(2) + e(1.5)) - 2), rel=1e-6)
     with pytest.raises(ValueError, match="hard_loss"):
         sampled_softmax_by_role(pos, [proposal], "sum")
+    # a batch of one row has no other in-batch positive: no proposal block, the hard term alone
+    alone = sampled_softmax_by_role(pos, [mined(True)], "separate", 0.5)
+    assert alone.item() == pytest.approx(0.5 * (math.log(e(2) + e(1.5) + e(3)) - 2), rel=1e-6)
 
 
 def test_pairwise_losses_ignore_invalid_pairs():

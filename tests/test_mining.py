@@ -124,6 +124,8 @@ def test_offline_mining_round_trips_into_the_static_source(synthetic_files, tmp_
     assert not np.asarray(known[u, j]).ravel().any()  # no known item of the user is a mined negative
     assert main(args) == 2 and "exists" in capsys.readouterr().err  # no overwrite unless --force
     assert main(args + ["--force"]) == 0
+    beyond = ["--window", "5", str(run.data.n_items + 1), "--force"]
+    assert main(args + beyond) == 2 and "reaches beyond the catalog" in capsys.readouterr().err
 
     # the static source trains from the file: its draws are the listed negatives, its log_q
     # the listed share, and a pair the file does not list falls back
@@ -149,3 +151,16 @@ def test_offline_mining_round_trips_into_the_static_source(synthetic_files, tmp_
         assert sampler.log_prob(other, torch.tensor([[0]])).item() == pytest.approx(-np.log(data.n_items))
     trainer, _ = build_trainer(static, data, split, build_sampler(static, data, split), [], tmp_path, epochs=1)
     assert np.isfinite(trainer.fit()[-1]["train_loss"])
+
+
+def test_mining_a_run_with_hard_roles_uses_the_mining_sources_only(synthetic_files, tmp_path):
+    from recsys_hnm.data import read_table
+    from recsys_hnm.experiment import train
+    from recsys_hnm.offline import mine
+
+    config = small_config(synthetic_files, tmp_path, train={"epochs": 1}, sampler={
+        "mixture": {"in_batch": 1.0, "uniform": 1.0, "category": 1.0}, "hard": ["category"], "per_row_negatives": 8})
+    run_id = train(config).run_id
+    out = tmp_path / "mined.CSV"  # the suffix decides the format, whatever its case
+    assert mine(run_id, str(out), sources=("category",), per_positive=2, uri=config.tracking.uri, progress=False) > 0
+    assert set(read_table(out)["source"]) == {"category"}

@@ -50,10 +50,11 @@ class MemoryBank:
 
     logQ: items enter the queue at their training-stream frequency p(j), like in-batch
     negatives, so among ``n`` queued entries j is expected n p(j) times: log_q = log n + log p(j).
-    Known positives of the row's user and the row's own positive are masked by id.
+    Known positives of the row's user and the row's own positive are masked by id. ``log_p``
+    None: no correction (log_q 0), as under ``logq: none``.
     """
 
-    def __init__(self, size: int, dim: int, log_p: torch.Tensor, warmup_steps: int = 0):
+    def __init__(self, size: int, dim: int, log_p: torch.Tensor | None, warmup_steps: int = 0):
         if size < 1:
             raise ValueError(f"memory bank size must be >= 1, not {size}")
         self.size, self.warmup_steps = size, warmup_steps
@@ -86,7 +87,7 @@ class MemoryBank:
         invalid = items[None, :] == pos_items[:, None]
         if known is not None:
             invalid |= known.contains(users, items)
-        log_q = math.log(self.filled) + self.log_p[items].float()
+        log_q = math.log(self.filled) + self.log_p[items].float() if self.log_p is not None else torch.zeros(len(items))
         staleness = float((self.step - self.step_added[at]).float().mean())
         return items, self.embeddings[at], log_q, invalid, staleness
 
