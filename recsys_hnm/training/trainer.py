@@ -173,7 +173,7 @@ class Trainer:
         offsets = np.cumsum([0] + [p.numel() for p in parts])
         pos_emb = item_emb[inverse[: offsets[1]]]
         pos_logits = (user_emb * pos_emb).sum(-1) * scale + self.model.bias(pos_items)
-        neg_cos, parts = [], []
+        neg_cos, terms = [], []  # per block: logits, log_q, invalid, hard
         for i, block in enumerate(blocks):
             emb = item_emb[inverse[offsets[i + 1]:offsets[i + 2]]]
             if block.shared:
@@ -186,23 +186,23 @@ class Trainer:
             invalid = block.invalid
             if block.hard:
                 invalid = self._guard(logits, pos_logits, pos_items, block, invalid)
-            parts.append((logits, block.log_q.expand(len(users), -1), invalid, block.hard))
+            terms.append((logits, block.log_q.expand(len(users), -1), invalid, block.hard))
         if self.memory_bank is not None and self.memory_bank.ready:
             items, emb, log_q, invalid, staleness = self.memory_bank.negatives(users, pos_items, self.sampler.known)
-            parts.append(((user_emb @ emb.T) * scale + self.model.bias(items), log_q.expand(len(users), -1), invalid, False))
+            terms.append(((user_emb @ emb.T) * scale + self.model.bias(items), log_q.expand(len(users), -1), invalid, False))
             self._note("bank.staleness_steps", staleness)
             self._note("bank.entries", len(items))
         if self.select != "none":
-            widths = [p[0].shape[1] for p in parts]
-            invalid, stats = select_candidates(torch.cat([p[0] for p in parts], 1), pos_logits, torch.cat([p[2] for p in parts], 1),
+            widths = [p[0].shape[1] for p in terms]
+            invalid, stats = select_candidates(torch.cat([p[0] for p in terms], 1), pos_logits, torch.cat([p[2] for p in terms], 1),
                                                self.select, self.select_k, self.select_margin)
-            parts = [(lg, lq, inv, hard) for (lg, lq, _, hard), inv in zip(parts, torch.split(invalid, widths, dim=1))]
+            terms = [(lg, lq, inv, hard) for (lg, lq, _, hard), inv in zip(terms, torch.split(invalid, widths, dim=1))]
             for name, value in stats.items():
                 self._note(f"select.{name}", value)
         if self.loss == "softmax":
-            loss = sampled_softmax_by_role(pos_logits, parts, self.hard_loss, self.hard_weight)
+            loss = sampled_softmax_by_role(pos_logits, terms, self.hard_loss, self.hard_weight)
         else:
-            loss = pairwise(self.loss, pos_logits, torch.cat([p[0] for p in parts], 1), torch.cat([p[2] for p in parts], 1),
+            loss = pairwise(self.loss, pos_logits, torch.cat([p[0] for p in terms], 1), torch.cat([p[2] for p in terms], 1),
                             self.margin, self.triplet_negative)
         if self.memory_bank is not None:
             self.memory_bank.push(pos_items, pos_emb)
