@@ -66,7 +66,8 @@ def bpr(pos_logits: torch.Tensor, neg_logits: torch.Tensor, invalid: torch.Tenso
 
 
 def triplet(pos_logits: torch.Tensor, neg_logits: torch.Tensor, margin: float = 0.1, invalid: torch.Tensor | None = None) -> torch.Tensor:
-    """Hinge on score differences: mean of max(0, margin - (pos - neg)) over valid pairs."""
+    """Hinge on score differences: mean of max(0, margin - (pos - neg)) over every valid pair.
+    The training loss ``loss.type: triplet`` takes one negative per row instead (``pairwise``)."""
     losses = F.relu(margin - (pos_logits[:, None] - neg_logits))
     return _masked_mean(losses, invalid)
 

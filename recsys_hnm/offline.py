@@ -135,13 +135,19 @@ def _mine_chunk(rows: pd.DataFrame, users_emb, items_t, bias, known, samplers, c
         names += [name] * k
     negatives = torch.cat(parts, 1)
     neg_scores = scores[local[:, None], negatives]
-    # rank: 1 + the number of items scoring higher, by binary search in the user's sorted row
-    ordered = scores.sort(dim=1).values
-    rank = torch.empty_like(negatives)
-    for u in range(len(chunk_users)):
-        at = local == u
-        rank[at] = 1 + ordered.shape[1] - torch.searchsorted(ordered[u], neg_scores[at].contiguous(), right=True)
     K = negatives.shape[1]
+    # rank: 1 + the number of items scoring higher, by one batched binary search in the users'
+    # sorted rows; each user's negatives are laid out on its own row of a padded grid
+    counts = torch.bincount(local, minlength=len(chunk_users))
+    order = torch.argsort(local, stable=True)
+    slot = torch.empty_like(local)
+    slot[order] = torch.arange(len(local)) - (torch.cumsum(counts, 0) - counts)[local[order]]
+    cols = slot[:, None] * K + torch.arange(K)
+    grid = torch.full((len(chunk_users), int(counts.max()) * K), float("inf"))
+    grid[local[:, None], cols] = neg_scores
+    ordered = scores.sort(dim=1).values
+    above = ordered.shape[1] - torch.searchsorted(ordered, grid, right=True)
+    rank = 1 + above[local[:, None], cols]
     return pd.DataFrame({
         "user_id": data.users.to_raw(users.repeat_interleave(K).numpy()),
         "item_id": data.items.to_raw(positives.repeat_interleave(K).numpy()),

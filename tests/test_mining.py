@@ -118,6 +118,16 @@ def test_offline_mining_round_trips_into_the_static_source(synthetic_files, tmp_
     assert (mined.groupby("source").size() == 2 * len(run.split.train)).all()
     ann = mined[mined.source == "ann"]
     assert ann["rank"].between(6, 50).all()  # ranks [5, 50) counted from 1
+    # rank = 1 + the number of the user's unknown items the run's model scores higher
+    from recsys_hnm.evaluation import mask_known
+    from recsys_hnm.models import model_scorer
+
+    sample = mined.iloc[::997]
+    u_idx = torch.from_numpy(run.data.users.to_index(sample["user_id"]))
+    scores = model_scorer(run.model, run.features.with_history(run.split.history("train")))(u_idx)
+    mask_known(scores, run.split.matrix("train"), u_idx)
+    higher = (scores > torch.tensor(sample["score"].to_numpy())[:, None]).sum(1)
+    assert (sample["rank"].to_numpy() == 1 + higher.numpy()).all()
     known = run.split.matrix("train")
     u = run.data.users.to_index(mined["user_id"])
     j = run.data.items.to_index(mined["negative_id"])
@@ -146,9 +156,11 @@ def test_offline_mining_round_trips_into_the_static_source(synthetic_files, tmp_
         items = torch.tensor(listed[r])
         expected = [np.log(listed[r].count(i) / 4) for i in listed[r]]
         assert sampler.log_prob(Context(users[r:r + 1], pos[r:r + 1]), items[None])[0].tolist() == pytest.approx(expected)
-    other = Context(users[:1], torch.tensor([int(pos[0]) ^ 1]))  # a pair the file may not list
-    if sampler.fallback_rows(other).item():
-        assert sampler.log_prob(other, torch.tensor([[0]])).item() == pytest.approx(-np.log(data.n_items))
+    user_0 = mined[mined.user_id == first["user_id"].iloc[0]]
+    unlisted = int(np.setdiff1d(np.arange(data.n_items), data.items.to_index(user_0["item_id"]))[0])
+    other = Context(users[:1], torch.tensor([unlisted]))  # a positive the file does not list for this user
+    assert sampler.fallback_rows(other).item()
+    assert sampler.log_prob(other, torch.tensor([[0]])).item() == pytest.approx(-np.log(data.n_items))
     trainer, _ = build_trainer(static, data, split, build_sampler(static, data, split), [], tmp_path, epochs=1)
     assert np.isfinite(trainer.fit()[-1]["train_loss"])
 

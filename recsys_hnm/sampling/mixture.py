@@ -134,23 +134,28 @@ class MixtureSampler:
             if self.known_policy == "redraw" and not sampler.shared and self.known is not None:
                 items = self._redraw(sampler, ctx, items, generator)
             drawn.append(items)
-        # log_q per source over all shared candidates at once, then all per-row ones: sources
-        # compute shared items faster (one matmul or scatter instead of B x n lookups).
+        # log_q per source over all shared proposal candidates at once, then all per-row ones:
+        # sources compute shared items faster (one matmul or scatter instead of B x n lookups).
+        # Hard sources' candidates are not corrected (log_q 0), so they are not computed.
         parts = {}
         for kind, dims in (("shared", 1), ("per_row", 2)):
-            group = [(name, x) for (_, name), x in zip(active, drawn) if x.dim() == dims]
+            group = [(name, x) for (_, name), x in zip(active, drawn) if x.dim() == dims and name not in self.hard]
             if group:
                 candidates = torch.cat([x for _, x in group], dim=-1)
                 parts[kind] = self._log_q(ctx, candidates, [(name, x.shape[-1]) for name, x in group])
         blocks, offset = [], {"shared": 0, "per_row": 0}
         for (index, name), items in zip(active, drawn):
-            kind = "shared" if items.dim() == 1 else "per_row"
-            start, end = offset[kind], offset[kind] + items.shape[-1]
-            offset[kind] = end
+            hard = name in self.hard
+            if hard:
+                log_q = torch.zeros(B, items.shape[-1])
+            else:
+                kind = "shared" if items.dim() == 1 else "per_row"
+                start, end = offset[kind], offset[kind] + items.shape[-1]
+                offset[kind] = end
+                log_q = parts[kind][:, start:end]
             sampler = self.components[name]
             fallback = sampler.fallback_rows(ctx) if hasattr(sampler, "fallback_rows") else None
-            log_q = torch.zeros(B, end - start) if name in self.hard else parts[kind][:, start:end]
-            blocks.append(Negatives(items, log_q, index, self._invalid(ctx, items), fallback, name in self.hard))
+            blocks.append(Negatives(items, log_q, index, self._invalid(ctx, items), fallback, hard))
         return blocks
 
     def _log_q(self, ctx: Context, candidates: torch.Tensor, widths: list[tuple[str, int]]) -> torch.Tensor:
