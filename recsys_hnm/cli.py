@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -29,8 +31,13 @@ def _describe(args) -> int:
 
 
 def _train(args) -> int:
+    from .distributed import shutdown
     from .experiment import summary_json, train
 
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, not {args.nproc}")
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _torchrun(args.nproc, args.argv)
     overrides = list(args.set or [])
     if args.tracking_uri:
         overrides.append(f"tracking.uri={args.tracking_uri}")
@@ -45,10 +52,29 @@ def _train(args) -> int:
     if args.train:
         overrides.append("data.dataset=null")
     config = load_config(args.config, overrides)
-    result = train(config, resume=args.resume)
-    print(summary_json(result))
-    print(f"run_id={result.run_id}")
+    try:
+        result = train(config, resume=args.resume)
+    finally:
+        shutdown()
+    if result.test:  # rank 0 (or the only process): the others report nothing
+        print(summary_json(result))
+        print(f"run_id={result.run_id}")
     return 0
+
+
+def _torchrun(nproc: int, argv: list[str]) -> int:
+    """This same command, without --nproc, as ``nproc`` processes on this host under torchrun
+    (its exit code: non-zero when any rank failed; torchrun then stops the others)."""
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "recsys_hnm.cli", *rest]
+    return subprocess.call(cmd)
 
 
 def _evaluate(args) -> int:
@@ -173,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.add_argument("--register", metavar="NAME", help="register the logged recommender (MLflow pyfunc) in the model registry")
+    train.add_argument("--nproc", type=int, default=1, metavar="N",
+                       help="train on N processes of this host: data parallel, embedding tables sharded by TorchRec "
+                            "(the same as torchrun --nproc_per_node N -m recsys_hnm.cli train ...)")
     train.set_defaults(func=_train)
 
     evaluate = commands.add_parser("evaluate", help="test metrics of a run, as JSON")
@@ -236,7 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     # force: an imported dependency has already given the root logger a handler, which would make basicConfig a no-op
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
     try:

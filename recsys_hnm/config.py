@@ -162,6 +162,24 @@ class TrainConfig:
     checkpoint_dir: str = "mlruns/checkpoints"
     refit: bool = False  # after selection on validation, train afresh on train + valid for the best epoch count
     progress: bool = True
+    # the embedding tables' optimizer: adam (with the dense layers), or adagrad / rowwise_adagrad,
+    # which TorchRec fuses into the table lookup's backward when the tables are sharded (fbgemm's
+    # CPU kernels have no fused adam); embedding_lr: their learning rate (null = lr)
+    embedding_optimizer: str = "adam"
+    embedding_lr: float | None = None
+
+
+EMBEDDING_OPTIMIZERS = ("adam", "adagrad", "rowwise_adagrad")
+
+
+@dataclass
+class DistributedConfig:
+    # how DistributedModelParallel places the embedding tables: auto (TorchRec's planner chooses
+    # among table_wise, row_wise, column_wise) or one of those for every table
+    sharding: str = "auto"
+    # in-batch negatives from the whole global batch (every rank's positives, their logQ that of
+    # the global batch) instead of this rank's share
+    gather_in_batch: bool = False
 
 
 @dataclass
@@ -196,6 +214,7 @@ class ExperimentConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -430,6 +449,10 @@ def validate(c: ExperimentConfig, check_run_name: bool = True) -> None:
     _positive(s.memory_bank.size, "sampler.memory_bank.size", strict=False)
     _positive(s.memory_bank.warmup_steps, "sampler.memory_bank.warmup_steps", strict=False)
     _choice(c.loss.type, ("softmax", "bpr", "triplet"), "loss.type")
+    _choice(c.train.embedding_optimizer, EMBEDDING_OPTIMIZERS, "train.embedding_optimizer")
+    if c.train.embedding_lr is not None:
+        _positive(c.train.embedding_lr, "train.embedding_lr")
+    _choice(c.distributed.sharding, ("auto", "table_wise", "row_wise", "column_wise"), "distributed.sharding")
     _choice(c.loss.triplet_negative, ("hardest", "semi_hard"), "loss.triplet_negative")
     _positive(c.loss.margin, "loss.margin", strict=False)
     _positive(s.popularity.alpha, "sampler.popularity.alpha", strict=False)

@@ -6,6 +6,7 @@ The batch pipelines and the CLI are thin layers over ``train``, ``evaluate_run``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import tempfile
@@ -27,6 +28,7 @@ from .data import (
 from .evaluation import Evaluator, mask_known, phase_counts, popularity_scorer, top_k
 from .index.ann_sampler import AnnSampler
 from .index.refresh import IndexRefresh
+from .distributed import Cluster, ShardedTwoTower, cluster_from_env
 from .io import atomic_write
 from .sparse import SortedPairs
 from .models import FeatureBuilder, TowerSizes, TwoTower, model_scorer
@@ -176,9 +178,10 @@ class TrainResult:
     history: list[dict[str, float]]
 
 
-def checkpoint_path(config: ExperimentConfig, run_id: str) -> Path:
-    """Each run keeps its own checkpoint: a new run never overwrites one that can be resumed."""
-    return Path(config.train.checkpoint_dir) / config.name / run_id / "last.pt"
+def checkpoint_path(config: ExperimentConfig, run_id: str, rank: int = 0) -> Path:
+    """Each run keeps its own checkpoint: a new run never overwrites one that can be resumed.
+    In distributed training each rank writes its own shards (rank 0 the usual ``last.pt``)."""
+    return Path(config.train.checkpoint_dir) / config.name / run_id / ("last.pt" if rank == 0 else f"last.rank{rank}.pt")
 
 
 def latest_checkpoint(config: ExperimentConfig) -> Path:
@@ -194,34 +197,51 @@ def train(config: ExperimentConfig, *, resume: bool | str = False, extra_callbac
 
     ``resume``: True continues the most recently checkpointed run of this config's name, a run
     id continues that run; its checkpoint must have been written for the same config (only
-    ``train.epochs`` may grow)."""
+    ``train.epochs`` may grow).
+
+    Under torchrun (WORLD_SIZE > 1) every rank calls this: the tables are sharded by TorchRec's
+    DistributedModelParallel, rank 0 alone tracks the run, evaluates and logs the unsharded
+    model, and the other ranks return empty test metrics."""
     torch.set_num_threads(config.train.num_threads)
+    cluster = cluster_from_env()
+    chief, rank, world = (cluster.chief, cluster.rank, cluster.world) if cluster is not None else (True, 0, 1)
     state = None
     run_id = None
     if resume:
-        ckpt = latest_checkpoint(config) if resume is True else checkpoint_path(config, resume)
+        if chief:
+            ckpt = latest_checkpoint(config) if resume is True else checkpoint_path(config, resume)
+            run_id = load_checkpoint(ckpt)["extra"]["run_id"]
+            get_run(run_id, tracking_uri(config.tracking.uri))  # a resume against another store is refused by name
+        run_id = cluster.broadcast(run_id) if cluster is not None else run_id
+        ckpt = checkpoint_path(config, run_id, rank)
         state = load_checkpoint(ckpt)
-        saved = state["extra"]["config"]
-        _check_same_config(saved, config, ckpt)
-        run_id = state["extra"]["run_id"]
-        get_run(run_id, tracking_uri(config.tracking.uri))  # a resume against another store is refused by name
+        _check_same_config(state["extra"]["config"], config, ckpt)
+        if state["extra"].get("world", 1) != world:
+            raise ConfigError(f"checkpoint {ckpt} holds the shards of {state['extra'].get('world', 1)} processes; "
+                              f"resume it with that many, not {world}")
     data, split = load_data(config)
     sampler = build_sampler(config, data, split)  # refuses what the data cannot serve, before any run
     tags = {"dataset": config.data.dataset or config.data.train, "sampler_mix": describe_mix(config),
             "logq": config.sampler.logq, "git_commit": git_commit(), "config_name": config.name, "model": "two_tower",
             **config.tracking.tags}
-    with tracked_run(config.tracking.uri, config.tracking.experiment, config.tracking.run_name or config.name, run_id, None if run_id else tags) as run:
-        run_id = run.info.run_id
-        ckpt = checkpoint_path(config, run_id)
-        if state is None:
+    tracking = tracked_run(config.tracking.uri, config.tracking.experiment, config.tracking.run_name or config.name, run_id,
+                           None if run_id else tags) if chief else contextlib.nullcontext()
+    with tracking as run:
+        run_id = run.info.run_id if chief else None
+        run_id = cluster.broadcast(run_id) if cluster is not None else run_id
+        ckpt = checkpoint_path(config, run_id, rank)
+        if state is None and chief:
             mlflow.log_params(config.flat())
             mlflow.log_text(yaml.safe_dump(config.to_dict(), sort_keys=False), "config.yaml")
             mlflow.log_dict({"data": data.report, "split": split.summary()}, "data_report.json")
             mlflow.set_tag("data_fingerprint", data.fingerprint())
         early = EarlyStopping(f"valid.{config.train.monitor}", config.train.patience)
         # order matters: logs are complete before MLflow sees them, and checkpointed state is final
-        callbacks = [early, MlflowLogger(), Checkpoint(ckpt, {"run_id": run_id, "config": config.to_dict()}), *(extra_callbacks or [])]
-        trainer, refresh = build_trainer(config, data, split, sampler, callbacks, ckpt.parent / "items.index")
+        callbacks = [early, *([MlflowLogger()] if chief else []),
+                     Checkpoint(ckpt, {"run_id": run_id, "config": config.to_dict(), "world": world}), *(extra_callbacks or [])]
+        trainer, refresh = build_trainer(config, data, split, sampler, callbacks, ckpt.parent / "items.index", cluster=cluster)
+        if trainer.sharded is not None and chief:
+            mlflow.log_dict({"world_size": world, "tables": trainer.sharded.placements()}, "sharding_plan.json")
         if state is not None:
             try:
                 trainer.load_state_dict(state["trainer"])
@@ -229,17 +249,21 @@ def train(config: ExperimentConfig, *, resume: bool | str = False, extra_callbac
                 raise ConfigError(f"checkpoint {ckpt} does not match this config: {e}") from e
         history = trainer.fit()
         train_s = sum(h["epoch_s"] for h in trainer.history)
-        mlflow.set_tag("best_epoch", str(early.best_epoch))
+        if chief:
+            mlflow.set_tag("best_epoch", str(early.best_epoch))
         if config.train.refit:
             # model selection is done: train afresh on train + valid for the selected epochs
             epochs = early.best_epoch + 1 if early.best_epoch >= 0 else config.train.epochs
             refit = refit_split(split)
             trainer, refresh = build_trainer(config, data, refit, build_sampler(config, data, refit), [], ckpt.parent / "items.index",
-                                             epochs=epochs, validate=False)
+                                             epochs=epochs, validate=False, cluster=cluster)
             trainer.fit()
             train_s += sum(h["epoch_s"] for h in trainer.history)
-            log_metrics({"refit.epochs": epochs, "refit.train_loss": trainer.history[-1]["train_loss"]})
-        model, features = trainer.model, trainer.features
+            if chief:
+                log_metrics({"refit.epochs": epochs, "refit.train_loss": trainer.history[-1]["train_loss"]})
+        model, features = trainer.unsharded_model(), trainer.features  # the last collective
+        if not chief:
+            return TrainResult(run_id, {}, {}, history)
         log_metrics({"train_s": train_s})
         test_eval = Evaluator(split, "test", config.eval.ks, config.eval.chunk_size)
         per_user = test_eval.per_user(model_scorer(model, features.with_history(split.history("test"))))
@@ -263,10 +287,17 @@ def train(config: ExperimentConfig, *, resume: bool | str = False, extra_callbac
 
 
 def build_trainer(config: ExperimentConfig, data: Interactions, split: Split, sampler: MixtureSampler, callbacks: list,
-                  index_path: Path, *, epochs: int | None = None, validate: bool = True) -> tuple[Trainer, IndexRefresh | None]:
+                  index_path: Path, *, epochs: int | None = None, validate: bool = True,
+                  cluster: Cluster | None = None) -> tuple[Trainer, IndexRefresh | None]:
     """A fresh model and its Trainer on ``split.train`` (with the index refresh callback first
-    when the mix has ANN negatives); ``validate=False`` trains without validation (refit)."""
+    when the mix has ANN negatives); ``validate=False`` trains without validation (refit);
+    ``cluster``: the model's tables sharded over its ranks."""
     model = build_model(config, data)
+    t = config.train
+    sharded = None
+    if cluster is not None:
+        sharded = ShardedTwoTower(model, cluster, sharding=config.distributed.sharding, table_optimizer=t.embedding_optimizer,
+                                  lr=t.embedding_lr or t.lr)
     features = build_features(config, data, split.history("train"))
     evaluator = Evaluator(split, "valid", config.eval.ks, config.eval.chunk_size) if validate else None
     diagnostics = NegativeDiagnostics(sampler.names, heldout_positives(split), data.n_items, seed=config.train.seed)
@@ -287,7 +318,6 @@ def build_trainer(config: ExperimentConfig, data: Interactions, split: Split, sa
         stream = InBatchSampler(np.bincount(split.train["item"].to_numpy(), minlength=data.n_items))
         memory_bank = MemoryBank(bank.size, config.model.dim, None if config.sampler.logq == "none" else stream.log_p,
                                  bank.warmup_steps)
-    t = config.train
     trainer = Trainer(model, features, sampler, split.train, evaluator, epochs=epochs or t.epochs, batch_size=t.batch_size,
                       lr=t.lr, weight_decay=t.weight_decay, seed=t.seed, callbacks=callbacks,
                       diagnostics=diagnostics, progress=t.progress, causal_history=config.model.train_history == "causal",
@@ -296,7 +326,9 @@ def build_trainer(config: ExperimentConfig, data: Interactions, split: Split, sa
                       cooccurring=_cooccurring(config, data, split),
                       loss=config.loss.type, margin=config.loss.margin, triplet_negative=config.loss.triplet_negative,
                       select=config.sampler.select.mode, select_k=config.sampler.select.k,
-                      select_margin=config.sampler.select.margin, memory_bank=memory_bank)
+                      select_margin=config.sampler.select.margin, memory_bank=memory_bank,
+                      embedding_optimizer=t.embedding_optimizer, embedding_lr=t.embedding_lr, sharded=sharded,
+                      gather_in_batch=config.distributed.gather_in_batch)
     return trainer, refresh
 
 

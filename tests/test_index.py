@@ -154,7 +154,8 @@ def test_refresh_remines_after_embeddings_change(monkeypatch):
     ann = AnnSampler(n_items, n_users, "user", [5, 50])
     mix = MixtureSampler({"uniform": UniformSampler(n_items), "ann": ann}, {"uniform": 0.5, "ann": 0.5}, 10)
     cb = IndexRefresh(ann, mix, exclude=None, backend="annoy", warmup_epochs=1, ramp_epochs=2, n_trees=10, recall_sample=20)
-    trainer = type("T", (), {"model": _Model(), "features": None, "epoch": 0})()
+    trainer = type("T", (), {"model": _Model(), "features": None, "epoch": 0, "cluster": None,
+                            "unsharded_model": lambda self: self.model})()
     cb.on_fit_start(trainer)
     assert mix.counts == {"uniform": 10}  # warm-up: no ANN draws
     cb.on_epoch_start(trainer, 0)
@@ -225,7 +226,8 @@ def test_refresh_mines_the_window_of_the_real_model_with_item_bias():
     ann = AnnSampler(data.n_items, data.n_users, "user", [3, 20])
     mix = MixtureSampler({"uniform": UniformSampler(data.n_items), "ann": ann}, {"uniform": 0.5, "ann": 0.5}, 10)
     cb = IndexRefresh(ann, mix, exclude=known, backend="exact", warmup_epochs=0)
-    trainer = type("T", (), {"model": model, "features": features, "epoch": 0})()
+    trainer = type("T", (), {"model": model, "features": features, "epoch": 0, "cluster": None,
+                            "unsharded_model": lambda self: self.model})()
     cb.on_fit_start(trainer)
     cb.on_epoch_start(trainer, 0)
     scores = model_scorer(model, features)(torch.arange(data.n_users)).numpy()  # the evaluator's scores

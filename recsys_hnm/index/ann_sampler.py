@@ -52,10 +52,19 @@ class AnnSampler:
     def fallback_rows(self, ctx: Context) -> torch.Tensor:
         return self.sizes[self.anchors(ctx)] == 0
 
-    def mine(self, index: ItemIndex, anchor_vectors: np.ndarray, exclude: sp.csr_matrix | None) -> dict[str, float]:
-        """Re-mine every anchor's pool; returns how much the pools moved (overlap with before)."""
-        top = index.search(anchor_vectors, self.hi, exclude)
+    def mine(self, index: ItemIndex, anchor_vectors: np.ndarray, exclude: sp.csr_matrix | None, share=None) -> dict[str, float]:
+        """Re-mine every anchor's pool; returns how much the pools moved (overlap with before).
+
+        ``share`` (distributed): a ``Cluster``; each rank mines every world-th anchor and the
+        ranks then exchange their rows, so that all hold the same pools."""
+        rows = slice(None) if share is None else slice(share.rank, None, share.world)
+        top = index.search(anchor_vectors[rows], self.hi, exclude[rows] if exclude is not None else None)
         window = torch.from_numpy(top[:, self.lo:self.hi])
+        if share is not None:
+            every = torch.zeros((len(anchor_vectors), window.shape[1]), dtype=torch.int64)
+            every[rows] = window + 1  # 0 elsewhere: the sum over ranks assembles the rows
+            torch.distributed.all_reduce(every)
+            window = every - 1
         new_sizes = (window >= 0).sum(1)
         new = torch.where(window >= 0, window, self.n_items).sort(dim=1).values
         had = self.sizes > 0

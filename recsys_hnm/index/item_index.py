@@ -247,12 +247,13 @@ def make_index(vectors: np.ndarray, backend: str = "auto", path: str | Path | No
 
 def load_index(path: str | Path, dim: int | None = None, **options) -> ItemIndex:
     """An index saved by ``save``, refused with a clear error when missing, truncated or built
-    for another dimension. ``options``: the backend's search settings."""
+    for another dimension. ``options``: search settings; each backend takes its own
+    (annoy: search_k, n_jobs; hnsw: ef_search, n_jobs) and the rest do not apply to it."""
     meta = _read_meta(Path(path))
     if meta["backend"] == "annoy":
-        return AnnoyItemIndex.load(path, dim, **options)
+        return AnnoyItemIndex.load(path, dim, **{k: options[k] for k in ("search_k", "n_jobs") if k in options})
     if meta["backend"] == "hnsw":
-        return HnswItemIndex.load(path, dim, **options)
+        return HnswItemIndex.load(path, dim, **{k: options[k] for k in ("ef_search", "n_jobs") if k in options})
     vectors = torch.load(path, weights_only=True)
     if dim is not None and vectors.shape[1] != dim:
         raise IndexFileError(f"{path}: built for dimension {vectors.shape[1]}, not {dim}")

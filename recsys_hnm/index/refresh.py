@@ -13,7 +13,7 @@ from ..models import item_embeddings, user_embeddings
 from ..sampling import MixtureSampler
 from ..training.callbacks import Callback
 from .ann_sampler import AnnSampler
-from .item_index import ExactIndex, make_index, recall_at_k
+from .item_index import ExactIndex, load_index, make_index, recall_at_k
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class IndexRefresh(Callback):
 
     def vectors(self, trainer) -> tuple[np.ndarray, np.ndarray]:
         """(items, anchors) of the current model, as the index stores and queries them."""
-        model = trainer.model
+        model = trainer.unsharded_model()
         items = item_embeddings(model, trainer.features).numpy()
         anchors = user_embeddings(model, trainer.features).numpy() if self.sampler.anchor == "user" else items
         if model.item_bias is not None:
@@ -114,11 +114,18 @@ class IndexRefresh(Callback):
 
     def refresh(self, trainer) -> dict[str, float]:
         items, anchors = self.vectors(trainer)
+        cluster = trainer.cluster
         start = time.perf_counter()
-        self.index = make_index(items, self.backend, self.index_path, **self.index_options)
+        if cluster is None:
+            self.index = make_index(items, self.backend, self.index_path, **self.index_options)
+        else:  # built once, by rank 0; the other ranks open the saved file (Annoy memory-maps it)
+            if cluster.chief:
+                make_index(items, self.backend, self.index_path, **self.index_options).save(self.index_path)
+            cluster.broadcast(None)  # the file is complete
+            self.index = load_index(self.index_path, items.shape[1], **self.index_options)
         build_s = time.perf_counter() - start
         start = time.perf_counter()
-        moved = self.sampler.mine(self.index, anchors, self.exclude)
+        moved = self.sampler.mine(self.index, anchors, self.exclude, share=cluster)
         mine_s = time.perf_counter() - start
         stats = {"ann.build_s": build_s, "ann.mine_s": mine_s, "ann.pool_overlap": moved["pool_overlap"],
                  "ann.pool_mean_size": moved["pool_mean_size"]}

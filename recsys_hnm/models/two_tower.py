@@ -162,6 +162,11 @@ class TwoTower(nn.Module):
         t = float(torch.exp(self.log_temperature.detach()))
         return self.learn_temperature and not LEARNED_T_MIN < t < LEARNED_T_MAX
 
+    def forward(self, user_features: KeyedJaggedTensor, item_features: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both towers in one call: a training step's one forward, the call through which
+        DistributedModelParallel's data-parallel wrapper all-reduces the dense layers' gradients."""
+        return self.user_embeddings(user_features), self.item_embeddings(item_features)
+
     def user_embeddings(self, features: KeyedJaggedTensor) -> torch.Tensor:
         pooled = self.ebc(features)
         history = pooled[HISTORY] if self.sequence_encoder is None else self._encode_sequence(features[HISTORY])

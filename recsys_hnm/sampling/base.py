@@ -13,13 +13,21 @@ from ..sparse import SortedPairs
 
 @dataclass(frozen=True)
 class Context:
-    """What a sampler may condition on: the batch's users and positive items, both [B]."""
+    """What a sampler may condition on: the batch's users and positive items, both [B].
+
+    batch_items: the positives that serve as in-batch negatives when they are more than this
+    batch's own (distributed training gathers every rank's share of the global batch)."""
 
     users: torch.Tensor
     pos_items: torch.Tensor
+    batch_items: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.users)
+
+    @property
+    def in_batch_size(self) -> int:
+        return len(self.users) if self.batch_items is None else len(self.batch_items)
 
 
 @dataclass(frozen=True)

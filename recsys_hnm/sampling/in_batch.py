@@ -29,7 +29,7 @@ class InBatchSampler:
             self.log_p = torch.from_numpy(np.log(counts / counts.sum()))  # -inf: never a training positive
 
     def sample(self, ctx: Context, n: int, generator: torch.Generator) -> torch.Tensor:
-        return ctx.pos_items
+        return ctx.pos_items if ctx.batch_items is None else ctx.batch_items
 
     def log_prob(self, ctx: Context, items: torch.Tensor) -> torch.Tensor:
         return self.log_p[items].float()

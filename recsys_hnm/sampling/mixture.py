@@ -125,12 +125,12 @@ class MixtureSampler:
         return self.counts.get(name, 0)
 
     def sample(self, ctx: Context, generator: torch.Generator) -> list[Negatives]:
-        B = len(ctx)
-        active = self.active(B)
+        B, batch = len(ctx), ctx.in_batch_size
+        active = self.active(batch)
         drawn = []
         for _, name in active:
             sampler = self.components[name]
-            items = sampler.sample(ctx, self.draws(name, B), generator)
+            items = sampler.sample(ctx, self.draws(name, batch), generator)
             if self.known_policy == "redraw" and not sampler.shared and self.known is not None:
                 items = self._redraw(sampler, ctx, items, generator)
             drawn.append(items)
@@ -161,21 +161,21 @@ class MixtureSampler:
     def _log_q(self, ctx: Context, candidates: torch.Tensor, widths: list[tuple[str, int]]) -> torch.Tensor:
         """[B, N] log expected count of each candidate ([N] shared or [B, N]) under the chosen
         correction."""
-        B = len(ctx)
+        B, batch = len(ctx), ctx.in_batch_size
         if self.logq == "none":
             return torch.zeros(B, candidates.shape[-1])
         if self.logq == "per_source":
             parts, start = [], 0
             for name, width in widths:
                 cols = candidates[..., start:start + width]
-                parts.append(self.components[name].log_prob(ctx, cols).expand(B, -1) + math.log(self.draws(name, B)))
+                parts.append(self.components[name].log_prob(ctx, cols).expand(B, -1) + math.log(self.draws(name, batch)))
                 start += width
             return torch.cat(parts, dim=1)
         total = None
-        for _, name in self.active(B):
+        for _, name in self.active(batch):
             if name in self.hard:
                 continue
-            lp = self.components[name].log_prob(ctx, candidates) + math.log(self.draws(name, B))
+            lp = self.components[name].log_prob(ctx, candidates) + math.log(self.draws(name, batch))
             total = lp if total is None else torch.logaddexp(total, lp)
         return torch.zeros(B, candidates.shape[-1]) if total is None else total.expand(B, -1)
 

@@ -44,14 +44,14 @@ class EarlyStopping(Callback):
         value = logs[self.monitor]
         if value > self.best:
             self.best, self.best_epoch = value, epoch
-            self.best_weights = copy.deepcopy(trainer.model.state_dict())
+            self.best_weights = trainer.weights()
         elif self.patience and epoch - self.best_epoch >= self.patience:
             log.info("early stop at epoch %d: best %s=%.4f at epoch %d", epoch, self.monitor, self.best, self.best_epoch)
             trainer.should_stop = True
 
     def on_fit_end(self, trainer):
         if self.best_weights is not None:
-            trainer.model.load_state_dict(self.best_weights)
+            trainer.load_weights(self.best_weights)
 
     def state_dict(self):
         return {"best": self.best, "best_epoch": self.best_epoch, "best_weights": self.best_weights}

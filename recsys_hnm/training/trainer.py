@@ -3,6 +3,7 @@ indexes or MLflow; those come in as callbacks."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from ..distributed import ShardedTwoTower, table_optimizer_class
 from ..evaluation import Evaluator
 from ..losses import pairwise, sampled_softmax_by_role
 from ..models import FeatureBuilder, TwoTower, model_scorer
@@ -69,8 +71,19 @@ class Trainer:
         select_k: int = 64,
         select_margin: float = 1.0,
         memory_bank: MemoryBank | None = None,
+        embedding_optimizer: str = "adam",
+        embedding_lr: float | None = None,
+        sharded: ShardedTwoTower | None = None,
+        gather_in_batch: bool = False,
     ):
-        self.model = model
+        # distributed (``sharded``): the model's tables are sharded by DMP and every rank runs
+        # this same loop on its share of each global batch; see ``recsys_hnm.distributed``
+        self.sharded = sharded
+        self.cluster = sharded.cluster if sharded is not None else None
+        self.model = sharded.module if sharded is not None else model
+        self.forward = sharded.dmp if sharded is not None else model  # the call that syncs dense gradients
+        self._version = self._gathered_at = 0  # weight updates so far; those the gathered copy has
+        self.gather_in_batch = gather_in_batch and self.cluster is not None  # in-batch negatives from the global batch
         self.features = features
         self.sampler = sampler
         self.users = torch.tensor(train_events["user"].to_numpy(np.int64))
@@ -94,8 +107,23 @@ class Trainer:
         self.evaluator = evaluator
         self.epochs = epochs
         self.batch_size = batch_size
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+        self.table_optimizer = None
+        if sharded is not None:  # the tables' optimizer runs fused in the lookup's backward
+            self.optimizer = torch.optim.Adam(sharded.dense_parameters(), lr=lr, weight_decay=weight_decay)
+        elif embedding_optimizer == "adam":
+            self.optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+        else:
+            tables = list(model.ebc.parameters())
+            dense = [p for p in model.parameters() if all(p is not t for t in tables)]
+            self.optimizer = torch.optim.Adam(dense, lr=lr, weight_decay=weight_decay)
+            self.table_optimizer = table_optimizer_class(embedding_optimizer)(tables, lr=embedding_lr or lr)
         self.generator = torch.Generator().manual_seed(seed)
+        # the epoch's order is the same on every rank (each takes its share of every global
+        # batch); the negatives differ by rank
+        self.order_generator = self.generator
+        if self.cluster is not None:
+            self.order_generator = torch.Generator().manual_seed(seed)
+            self.generator = torch.Generator().manual_seed(seed + 1_000_003 * (self.cluster.rank + 1))
         self.callbacks = list(callbacks or [])
         self.diagnostics = diagnostics
         self.progress = progress
@@ -144,31 +172,52 @@ class Trainer:
         self.model.train()
         if self.diagnostics is not None:
             self.diagnostics.reset()
-        order = torch.randperm(len(self.users), generator=self.generator)
+        order = torch.randperm(len(self.users), generator=self.order_generator)
         batches = range(0, len(order), self.batch_size)
-        bar = tqdm(batches, desc=f"epoch {epoch}", disable=None if self.progress else True, leave=False)  # None: off when not a terminal
+        chief = self.cluster is None or self.cluster.chief
+        bar = tqdm(batches, desc=f"epoch {epoch}", disable=None if self.progress and chief else True, leave=False)  # None: off when not a terminal
+        rank, world = (self.cluster.rank, self.cluster.world) if self.cluster is not None else (0, 1)
         total, count = 0.0, 0
         for start in bar:
             idx = order[start:start + self.batch_size]
+            # equal shares on every rank (the sharded lookups need them): the last batch gives
+            # up its last len % world events, which other epochs' orders place elsewhere
+            idx = idx[: len(idx) - len(idx) % world][rank::world]
+            if not len(idx):
+                continue
             out = self.train_step(self.users[idx], self.items[idx], None if self.positions is None else self.positions[idx])
             total += out.loss * len(idx)
             count += len(idx)
             bar.set_postfix(loss=f"{out.loss:.4f}")
+        if self.cluster is not None:  # the epoch's loss over all ranks' rows
+            sums = torch.tensor([total, float(count)], dtype=torch.float64)
+            torch.distributed.all_reduce(sums)
+            total, count = float(sums[0]), float(sums[1])
         return total / max(count, 1)
 
     def train_step(self, users: torch.Tensor, pos_items: torch.Tensor, positions: torch.Tensor | None = None) -> StepOutput:
-        ctx = Context(users, pos_items)
+        batch_items = None
+        if self.gather_in_batch:  # the ids of every rank's positives; this rank's item tower embeds them
+            shares = [torch.empty_like(pos_items) for _ in range(self.cluster.world)]
+            torch.distributed.all_gather(shares, pos_items)
+            batch_items = torch.cat(shares)
+        ctx = Context(users, pos_items, batch_items)
         blocks = self.sampler.sample(ctx, self.generator)
         # Each distinct item goes through the item tower once per step.
         parts = [pos_items] + [b.items.reshape(-1) for b in blocks]
         unique, inverse = torch.unique(torch.cat(parts), return_inverse=True)
         drop_id = torch.rand(len(unique), generator=self.generator) < self.item_id_dropout if self.item_id_dropout > 0 else None
-        item_emb = self.model.item_embeddings(self.features.item_features(unique, drop_id))
+        looked_up = unique
+        if self.cluster is not None:  # row-wise shards need the same lookup size on every rank: pad with a repeat
+            extra = self.cluster.max(len(unique)) - len(unique)
+            looked_up = torch.cat([unique, unique[:1].expand(extra)])
+            drop_id = None if drop_id is None else torch.cat([drop_id, drop_id[:1].expand(extra)])
         if positions is not None:
             user_features = self.features.user_features_before(users, positions)
         else:
             user_features = self.features.user_features(users, exclude=pos_items)
-        user_emb = self.model.user_embeddings(user_features)
+        user_emb, item_emb = self.forward(user_features, self.features.item_features(looked_up, drop_id))
+        item_emb = item_emb[: len(unique)]
         scale = self.model.scale
         offsets = np.cumsum([0] + [p.numel() for p in parts])
         pos_emb = item_emb[inverse[: offsets[1]]]
@@ -207,8 +256,13 @@ class Trainer:
         if self.memory_bank is not None:
             self.memory_bank.push(pos_items, pos_emb)
         self.optimizer.zero_grad(set_to_none=True)
+        if self.table_optimizer is not None:
+            self.table_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        if self.table_optimizer is not None:
+            self.table_optimizer.step()
+        self._version += 1
         if self.diagnostics is not None:
             self.diagnostics.update(ctx, blocks, neg_cos, self._rank_sample_scores(user_emb))
         return StepOutput(float(loss.detach()), blocks, neg_cos)
@@ -247,15 +301,45 @@ class Trainer:
     # -- evaluation -----------------------------------------------------------------------------
 
     def evaluate(self, evaluator: Evaluator | None = None, features: FeatureBuilder | None = None) -> dict[str, float]:
-        return (evaluator or self.evaluator).evaluate(model_scorer(self.model, features or self.features))
+        """Metrics of the current weights; distributed, rank 0 evaluates and every rank gets its
+        figures (call it on every rank)."""
+        model = self.unsharded_model()
+        if self.cluster is not None and not self.cluster.chief:
+            return self.cluster.broadcast(None)
+        result = (evaluator or self.evaluator).evaluate(model_scorer(model, features or self.features))
+        return result if self.cluster is None else self.cluster.broadcast(result)
+
+    def unsharded_model(self) -> TwoTower:
+        """The model as one process holds it. Distributed: a copy with the gathered weights, a
+        collective whenever the weights changed since the last gather (every rank calls it)."""
+        if self.sharded is None:
+            return self.model
+        if self._gathered_at != self._version:
+            self.sharded.gather()
+            self._gathered_at = self._version
+        return self.sharded.unsharded
+
+    def weights(self) -> dict:
+        """A copy of the current weights (this rank's shards, when distributed)."""
+        return self.sharded.local_weights() if self.sharded is not None else copy.deepcopy(self.model.state_dict())
+
+    def load_weights(self, weights: dict) -> None:
+        if self.sharded is not None:
+            self.sharded.load_local_weights(weights)
+        else:
+            self.model.load_state_dict(weights)
+        self._version += 1
 
     # -- state ----------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
         return {
-            "model": self.model.state_dict(),
+            "model": self.weights(),
             "optimizer": self.optimizer.state_dict(),
+            "table_optimizer": (self.table_optimizer.state_dict() if self.table_optimizer is not None
+                                else self.sharded.local_optimizer_state() if self.sharded is not None else None),
             "generator": self.generator.get_state(),
+            "order_generator": self.order_generator.get_state(),
             "epoch": self.epoch,
             "history": self.history,
             "should_stop": self.should_stop,
@@ -265,9 +349,15 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
+        self.load_weights(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.table_optimizer is not None:
+            self.table_optimizer.load_state_dict(state["table_optimizer"])
+        elif self.sharded is not None:
+            self.sharded.load_local_optimizer_state(state["table_optimizer"])
         self.generator.set_state(state["generator"])
+        if "order_generator" in state:
+            self.order_generator.set_state(state["order_generator"])
         self.epoch = state["epoch"]
         self.history = state["history"]
         self.should_stop = state["should_stop"]
