@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import logging
 import os
 import warnings
@@ -23,6 +24,8 @@ import torch
 import torch.distributed as dist
 
 from .config import ConfigError
+
+log = logging.getLogger(__name__)
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad}
 
@@ -62,18 +65,32 @@ class Cluster:
         return int(t)
 
 
+# rank 0 evaluates and builds the ANN index while the others wait in a collective: allow for a
+# long validation on a large catalog (gloo's default is 30 minutes)
+TIMEOUT = datetime.timedelta(hours=4)
+
+
 def cluster_from_env() -> Cluster | None:
-    """The cluster torchrun describes in the environment, or None for a single process."""
+    """The cluster torchrun describes in the environment, or None for a single process.
+
+    The ranks train on CPU with gloo. The GPU placement of the batch (features, samplers, loss
+    on the rank's device, nccl) is not built yet: on a CUDA host the ranks still run on CPU,
+    and say so."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return None
-    gpu = torch.cuda.is_available()
+    if torch.cuda.is_available():
+        log.warning("CUDA is available, but distributed training runs its ranks on CPU (gloo): GPU placement is not built yet")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if gpu else "gloo")
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if gpu:
-        torch.cuda.set_device(local)
-    return Cluster(dist.get_rank(), dist.get_world_size(), torch.device("cuda", local) if gpu else torch.device("cpu"))
+        dist.init_process_group("gloo", timeout=TIMEOUT)
+    return Cluster(dist.get_rank(), dist.get_world_size(), torch.device("cpu"))
+
+
+def check_supported(embedding_optimizer: str, cluster: Cluster | None) -> None:
+    """Refuse, before any run starts, what the sharded tables cannot train with here."""
+    if cluster is not None and cluster.device.type == "cpu" and embedding_optimizer == "adam":
+        raise ConfigError("train.embedding_optimizer: adam has no fused CPU kernel in fbgemm; sharded tables on CPU "
+                          "train with adagrad or rowwise_adagrad")
 
 
 def shutdown() -> None:
@@ -110,15 +127,16 @@ class ShardedTwoTower:
         from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
         from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
-        if table_optimizer == "adam" and cluster.device.type == "cpu":
-            raise ConfigError("train.embedding_optimizer: adam has no fused CPU kernel in fbgemm; sharded tables on CPU "
-                              "train with adagrad or rowwise_adagrad (GPUs also take adam)")
+        check_supported(table_optimizer, cluster)
         self.cluster = cluster
         seeded = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.unsharded = copy.deepcopy(model)  # filled by ``gather``: what evaluation and serving read
         apply_optimizer_in_backward(table_optimizer_class(table_optimizer), model.ebc.parameters(), {"lr": lr})
         tables = [t.name for t in model.ebc.embedding_bag_configs()]
-        constraints = None if sharding == "auto" else {t: ParameterConstraints(sharding_types=[sharding]) for t in tables}
+        # auto: the planner chooses among the sharded layouts (its data_parallel choice for a small
+        # table would hand that table to the dense optimizer instead of the configured one)
+        kinds = ["table_wise", "row_wise", "column_wise"] if sharding == "auto" else [sharding]
+        constraints = {t: ParameterConstraints(sharding_types=kinds) for t in tables}
         with _quiet_torchrec():
             planner = EmbeddingShardingPlanner(topology=Topology(world_size=cluster.world, compute_device=cluster.device.type),
                                                constraints=constraints)

@@ -28,7 +28,7 @@ from .data import (
 from .evaluation import Evaluator, mask_known, phase_counts, popularity_scorer, top_k
 from .index.ann_sampler import AnnSampler
 from .index.refresh import IndexRefresh
-from .distributed import Cluster, ShardedTwoTower, cluster_from_env
+from .distributed import Cluster, ShardedTwoTower, check_supported, cluster_from_env
 from .io import atomic_write
 from .sparse import SortedPairs
 from .models import FeatureBuilder, TowerSizes, TwoTower, model_scorer
@@ -205,20 +205,28 @@ def train(config: ExperimentConfig, *, resume: bool | str = False, extra_callbac
     torch.set_num_threads(config.train.num_threads)
     cluster = cluster_from_env()
     chief, rank, world = (cluster.chief, cluster.rank, cluster.world) if cluster is not None else (True, 0, 1)
+    check_supported(config.train.embedding_optimizer, cluster)
     state = None
     run_id = None
     if resume:
         if chief:
             ckpt = latest_checkpoint(config) if resume is True else checkpoint_path(config, resume)
-            run_id = load_checkpoint(ckpt)["extra"]["run_id"]
-            get_run(run_id, tracking_uri(config.tracking.uri))  # a resume against another store is refused by name
-        run_id = cluster.broadcast(run_id) if cluster is not None else run_id
-        ckpt = checkpoint_path(config, run_id, rank)
-        state = load_checkpoint(ckpt)
+            state = load_checkpoint(ckpt)
+            run_id = state["extra"]["run_id"]
+        if cluster is not None:  # the other ranks load their own shards of the run rank 0 chose
+            run_id = cluster.broadcast(run_id)
+            ckpt = checkpoint_path(config, run_id, rank)
+            state = state if chief else load_checkpoint(ckpt)
         _check_same_config(state["extra"]["config"], config, ckpt)
         if state["extra"].get("world", 1) != world:
             raise ConfigError(f"checkpoint {ckpt} holds the shards of {state['extra'].get('world', 1)} processes; "
                               f"resume it with that many, not {world}")
+        epoch = state["trainer"]["epoch"]
+        if cluster is not None and (cluster.max(epoch), -cluster.max(-epoch)) != (epoch, epoch):
+            # a rank that died between two ranks' checkpoint writes: their states do not fit together
+            raise ConfigError(f"run {run_id}: the ranks' checkpoints are from different epochs; it cannot be resumed")
+        if chief:
+            get_run(run_id, tracking_uri(config.tracking.uri))  # a resume against another store is refused by name
     data, split = load_data(config)
     sampler = build_sampler(config, data, split)  # refuses what the data cannot serve, before any run
     tags = {"dataset": config.data.dataset or config.data.train, "sampler_mix": describe_mix(config),
@@ -349,16 +357,18 @@ def refit_split(split: Split) -> Split:
 
 
 def _check_same_config(saved: dict, config: ExperimentConfig, path: Path) -> None:
-    now = config.to_dict()
+    """A key the saved config lacks (written before the key existed) had its default value."""
+    now, default = config.to_dict(), ExperimentConfig().to_dict()
     ignore = {("train", "progress"), ("train", "epochs")}
     for section, values in now.items():
         if not isinstance(values, dict):
-            if saved.get(section) != values:
+            if saved.get(section, default[section]) != values:
                 raise ConfigError(f"checkpoint {path} was written for {section}={saved.get(section)!r}, not {values!r}")
             continue
         for key, value in values.items():
-            if (section, key) not in ignore and saved.get(section, {}).get(key) != value:
-                raise ConfigError(f"checkpoint {path} was written for {section}.{key}={saved.get(section, {}).get(key)!r}, not {value!r}")
+            was = saved.get(section, {}).get(key, default[section][key])
+            if (section, key) not in ignore and was != value:
+                raise ConfigError(f"checkpoint {path} was written for {section}.{key}={was!r}, not {value!r}")
 
 
 def _log_model(model: TwoTower) -> None:

@@ -110,13 +110,17 @@ class Trainer:
         self.table_optimizer = None
         if sharded is not None:  # the tables' optimizer runs fused in the lookup's backward
             self.optimizer = torch.optim.Adam(sharded.dense_parameters(), lr=lr, weight_decay=weight_decay)
-        elif embedding_optimizer == "adam":
+        elif embedding_optimizer == "adam" and embedding_lr is None:
             self.optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
         else:
             tables = list(model.ebc.parameters())
             dense = [p for p in model.parameters() if all(p is not t for t in tables)]
-            self.optimizer = torch.optim.Adam(dense, lr=lr, weight_decay=weight_decay)
-            self.table_optimizer = table_optimizer_class(embedding_optimizer)(tables, lr=embedding_lr or lr)
+            if embedding_optimizer == "adam":
+                self.optimizer = torch.optim.Adam([{"params": dense}, {"params": tables, "lr": embedding_lr}], lr=lr,
+                                                  weight_decay=weight_decay)
+            else:
+                self.optimizer = torch.optim.Adam(dense, lr=lr, weight_decay=weight_decay)
+                self.table_optimizer = table_optimizer_class(embedding_optimizer)(tables, lr=embedding_lr or lr)
         self.generator = torch.Generator().manual_seed(seed)
         # the epoch's order is the same on every rank (each takes its share of every global
         # batch); the negatives differ by rank
