@@ -71,14 +71,15 @@ TIMEOUT = datetime.timedelta(hours=4)
 
 
 def cluster_from_env() -> Cluster | None:
-    """The cluster torchrun describes in the environment, or None for a single process.
+    """The cluster torchrun describes in the environment, or None for a process not started by
+    torchrun.
 
     The ranks train on CPU with gloo. The GPU placement of the batch (features, samplers, loss
     on the rank's device, nccl) is not built yet: on a CUDA host the ranks still run on CPU,
     and say so."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return None
+    if world <= 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None  # a plain process; under torchrun even one process shards (fused sparse table updates)
     if torch.cuda.is_available():
         log.warning("CUDA is available, but distributed training runs its ranks on CPU (gloo): GPU placement is not built yet")
     if not dist.is_initialized():

@@ -25,7 +25,7 @@ SETTINGS = {"train": {"epochs": 3, "embedding_optimizer": "rowwise_adagrad", "em
 def _torchrun(config, tmp_path, *args):
     path = tmp_path / f"config-{len(list(tmp_path.glob('config-*.yaml')))}.yaml"
     path.write_text(yaml.safe_dump(config.to_dict()))
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "TORCHELASTIC_RUN_ID")}
     out = subprocess.run([sys.executable, "-m", "recsys_hnm.cli", "train", "--config", str(path), "--nproc", "2", *args],
                          capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
