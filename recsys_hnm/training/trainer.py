@@ -338,7 +338,7 @@ class Trainer:
 
     def state_dict(self) -> dict:
         return {
-            "model": self.weights(),
+            "model": self.sharded.local_weights() if self.sharded is not None else self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "table_optimizer": (self.table_optimizer.state_dict() if self.table_optimizer is not None
                                 else self.sharded.local_optimizer_state() if self.sharded is not None else None),
