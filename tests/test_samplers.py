@@ -604,6 +604,40 @@ def test_sampled_partition_function_is_unbiased(mix_name):
         assert exact.min() == pytest.approx(np.exp(scores).sum())
 
 
+def test_a_memory_bank_joins_the_proposal_and_keeps_the_estimate_unbiased():
+    """A FIFO bank of recent positives holds stream draws: corrected by its own count alone it
+    estimates Z a second time (about 2Z beside in-batch + uniform); joined to the mixture (every
+    candidate corrected by its count under all sources together, as the Trainer does) the
+    estimate is unbiased."""
+    from recsys_hnm.training.mining import MemoryBank
+
+    stream = InBatchSampler(COUNTS + 1)
+    mix = MixtureSampler({"in_batch": stream, "uniform": UniformSampler(N_ITEMS)}, {"in_batch": 1.0, "uniform": 1.0}, 4)
+    bank = MemoryBank(6, 1, stream.log_p)
+    scores = torch.from_numpy(np.random.default_rng(0).uniform(-1.0, 1.0, N_ITEMS))
+    gen, rng = torch.Generator().manual_seed(0), np.random.default_rng(1)
+    B, T = 8, 4000
+    joined, alone = np.zeros(T), np.zeros(T)
+    for t in range(T):
+        pos = torch.from_numpy(rng.choice(N_ITEMS, B, p=STREAM))
+        bank.push(torch.from_numpy(rng.choice(N_ITEMS, 6, p=STREAM)), torch.zeros(6, 1))  # earlier batches' positives
+        ctx = Context(torch.arange(B), pos)
+        joined[t] = alone[t] = float(torch.exp(scores[pos[0]]))
+        for block in mix.sample(ctx, gen):
+            items = block.per_row_items(B)[0]  # row 0
+            keep = items != pos[0]
+            joined[t] += float(torch.exp(scores[items] - torch.logaddexp(block.log_q[0], bank.log_count(items)))[keep].sum())
+            alone[t] += float(torch.exp(scores[items] - block.log_q[0])[keep].sum())
+        queued = bank.items[bank.items >= 0]
+        keep = queued != pos[0]
+        own = bank.log_count(queued)
+        joined[t] += float(torch.exp(scores[queued] - mix.proposal_log_q(ctx, queued, own)[0])[keep].sum())
+        alone[t] += float(torch.exp(scores[queued] - own)[keep].sum())
+    exact = float(torch.exp(scores).sum())
+    assert joined.mean() == pytest.approx(exact, rel=4 * joined.std() / np.sqrt(T) / exact + 1e-3)
+    assert alone.mean() > 1.6 * exact  # the bank's own count alone: Z estimated twice
+
+
 def test_hard_roles_train_and_the_guard_logs_what_it_dropped(synthetic_files, tmp_path):
     config = small_config(synthetic_files, tmp_path, sampler={
         "num_negatives": 32, "mixture": {"in_batch": 1.0, "uniform": 1.0, "category": 1.0}, "hard": ["category"],

@@ -158,6 +158,11 @@ class MixtureSampler:
             blocks.append(Negatives(items, log_q, index, self._invalid(ctx, items), fallback, hard))
         return blocks
 
+    def proposal_log_q(self, ctx: Context, items: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+        """[B, n]: log expected count of shared ``items`` under this mixture's proposal plus an
+        ``extra`` source's log count [n] (e.g. a memory bank's), under the mixture correction."""
+        return torch.logaddexp(self._log_q(ctx, items, []), extra.expand(len(ctx), -1))
+
     def _log_q(self, ctx: Context, candidates: torch.Tensor, widths: list[tuple[str, int]]) -> torch.Tensor:
         """[B, N] log expected count of each candidate ([N] shared or [B, N]) under the chosen
         correction."""

@@ -49,7 +49,11 @@ class MemoryBank:
     the steps since they were computed); only the user side gets gradient through them.
 
     logQ: items enter the queue at their training-stream frequency p(j), like in-batch
-    negatives, so among ``n`` queued entries j is expected n p(j) times: log_q = log n + log p(j).
+    negatives, so among ``n`` queued entries j is expected n p(j) times (``log_count``). Under
+    the mixture correction the bank is one more proposal source: every candidate, queued or
+    sampled, is corrected by its expected count under all of them together (``join``). Corrected
+    by its own count alone, the bank would estimate the partition function a second time beside
+    the other sources (about 2Z), with no uniform share to bound the weight of rare queued items.
     Known positives of the row's user and the row's own positive are masked by id. ``log_p``
     None: no correction (log_q 0), as under ``logq: none``.
     """
@@ -79,6 +83,10 @@ class MemoryBank:
     def ready(self) -> bool:
         return self.step >= self.warmup_steps and self.filled > 0
 
+    def log_count(self, items: torch.Tensor) -> torch.Tensor:
+        """log of the expected number of queued entries of each item: log n + log p(j)."""
+        return math.log(self.filled) + self.log_p[items].float()
+
     def negatives(self, users: torch.Tensor, pos_items: torch.Tensor, known: KnownPositives | None):
         """(items [n], embeddings [n, d], log_q [n], invalid [B, n], staleness in steps) of the
         queued entries, oldest first."""
@@ -87,7 +95,7 @@ class MemoryBank:
         invalid = items[None, :] == pos_items[:, None]
         if known is not None:
             invalid |= known.contains(users, items)
-        log_q = math.log(self.filled) + self.log_p[items].float() if self.log_p is not None else torch.zeros(len(items))
+        log_q = self.log_count(items) if self.log_p is not None else torch.zeros(len(items))
         staleness = float((self.step - self.step_added[at]).float().mean())
         return items, self.embeddings[at], log_q, invalid, staleness
 

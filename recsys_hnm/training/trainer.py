@@ -227,6 +227,9 @@ class Trainer:
         pos_emb = item_emb[inverse[: offsets[1]]]
         pos_logits = (user_emb * pos_emb).sum(-1) * scale + self.model.bias(pos_items)
         neg_cos, terms = [], []  # per block: logits, log_q, invalid, hard
+        bank = self.memory_bank if self.memory_bank is not None and self.memory_bank.ready else None
+        # the mixture correction counts the bank as one more proposal source (see MemoryBank)
+        joint = bank is not None and bank.log_p is not None and self.sampler.logq == "mixture"
         for i, block in enumerate(blocks):
             emb = item_emb[inverse[offsets[i + 1]:offsets[i + 2]]]
             if block.shared:
@@ -239,10 +242,14 @@ class Trainer:
             invalid = block.invalid
             if block.hard:
                 invalid = self._guard(logits, pos_logits, pos_items, block, invalid)
-            terms.append((logits, block.log_q.expand(len(users), -1), invalid, block.hard))
-        if self.memory_bank is not None and self.memory_bank.ready:
-            items, emb, log_q, invalid, staleness = self.memory_bank.negatives(users, pos_items, self.sampler.known)
-            terms.append(((user_emb @ emb.T) * scale + self.model.bias(items), log_q.expand(len(users), -1), invalid, False))
+            log_q = block.log_q.expand(len(users), -1)
+            if joint and not block.hard:
+                log_q = torch.logaddexp(log_q, bank.log_count(block.items))
+            terms.append((logits, log_q, invalid, block.hard))
+        if bank is not None:
+            items, emb, log_q, invalid, staleness = bank.negatives(users, pos_items, self.sampler.known)
+            log_q = self.sampler.proposal_log_q(ctx, items, log_q) if joint else log_q.expand(len(users), -1)
+            terms.append(((user_emb @ emb.T) * scale + self.model.bias(items), log_q, invalid, False))
             self._note("bank.staleness_steps", staleness)
             self._note("bank.entries", len(items))
         if self.select != "none":
