@@ -2,7 +2,7 @@
 under torchrun.
 
 torchrun starts one process per rank and sets RANK / WORLD_SIZE; ``cluster_from_env`` joins
-them (gloo on CPU, nccl on GPU). ``ShardedTwoTower`` hands the TwoTower to DMP: TorchRec's
+them (gloo; the ranks run on CPU). ``ShardedTwoTower`` hands the TwoTower to DMP: TorchRec's
 planner places the embedding tables (table-wise, row-wise or column-wise), their optimizer runs
 fused in the lookup's backward, and DMP's data-parallel wrapper replicates the dense layers and
 all-reduces their gradients. The Trainer runs the same code on every rank, which keeps the
@@ -138,11 +138,10 @@ class ShardedTwoTower:
         # table would hand that table to the dense optimizer instead of the configured one)
         kinds = ["table_wise", "row_wise", "column_wise"] if sharding == "auto" else [sharding]
         constraints = {t: ParameterConstraints(sharding_types=kinds) for t in tables}
+        sharders = [_sharder()]
         with _quiet_torchrec():
             planner = EmbeddingShardingPlanner(topology=Topology(world_size=cluster.world, compute_device=cluster.device.type),
                                                constraints=constraints)
-        sharders = [_sharder()]
-        with _quiet_torchrec():
             self.plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
             self.dmp = DistributedModelParallel(model, device=cluster.device, plan=self.plan, sharders=sharders)
         self.module = self.dmp.module
