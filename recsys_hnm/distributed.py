@@ -84,6 +84,9 @@ def cluster_from_env() -> Cluster | None:
         log.warning("CUDA is available, but distributed training runs its ranks on CPU (gloo): GPU placement is not built yet")
     if not dist.is_initialized():
         dist.init_process_group("gloo", timeout=TIMEOUT)
+    # TorchRec 1.8's row-wise collectives call torch APIs that torch 2.13 marks deprecated; not ours to fix
+    warnings.filterwarnings("ignore", r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated",
+                            FutureWarning)
     return Cluster(dist.get_rank(), dist.get_world_size(), torch.device("cpu"))
 
 
@@ -185,10 +188,11 @@ class ShardedTwoTower:
         out = {}
         with _quiet_torchrec():
             state = self.dmp.state_dict()
-            sizes = {k: v.size() for k, v in state.items() if _is_sharded(v)}
+            shapes = {k: (v.size(), v.dtype) for k, v in state.items() if _is_sharded(v)}
         for key, value in state.items():
             if _is_sharded(value):
-                full = torch.zeros(sizes[key], dtype=value.dtype, device=self.cluster.device)
+                size, dtype = shapes[key]
+                full = torch.zeros(size, dtype=dtype, device=self.cluster.device)
                 for shard in value.local_shards():
                     full[_slices(shard)] = shard.tensor
                 dist.all_reduce(full)  # shards are disjoint: the sum assembles the table
