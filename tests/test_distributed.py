@@ -35,8 +35,14 @@ def _torchrun(config, tmp_path, *args):
 
 
 def _runs(config):
-    return mlflow.MlflowClient(config.tracking.uri).search_runs(
-        [mlflow.MlflowClient(config.tracking.uri).get_experiment_by_name(config.tracking.experiment).experiment_id])
+    client = mlflow.MlflowClient(config.tracking.uri)
+    return client.search_runs([client.get_experiment_by_name(config.tracking.experiment).experiment_id])
+
+
+def _plan(config, run_id, tmp_path):
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="sharding_plan.json", dst_path=str(tmp_path),
+                                               tracking_uri=config.tracking.uri)
+    return json.loads(open(path).read())
 
 
 def _history(config, run_id):
@@ -51,9 +57,7 @@ def test_two_processes_row_wise_match_one_process(synthetic_files, tmp_path):
 
     runs = _runs(config)
     assert [r.info.run_id for r in runs] == [run_id] and runs[0].info.status == "FINISHED"
-    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="sharding_plan.json", dst_path=str(tmp_path),
-                                               tracking_uri=config.tracking.uri)
-    plan = json.loads(open(path).read())
+    plan = _plan(config, run_id, tmp_path)
     assert plan["world_size"] == 2
     assert all(kind == "row_wise" and ranks == [0, 1] for kind, ranks in plan["tables"].values()), plan
 
@@ -81,9 +85,7 @@ def test_two_processes_table_wise_resume_where_they_stopped(synthetic_files, tmp
     # with in-batch negatives from the global batch (every rank's positives)
     config = small_config(synthetic_files, tmp_path, distributed={"sharding": "table_wise", "gather_in_batch": True}, **SETTINGS)
     straight, _ = _torchrun(config, tmp_path)
-    path = mlflow.artifacts.download_artifacts(run_id=straight, artifact_path="sharding_plan.json", dst_path=str(tmp_path),
-                                               tracking_uri=config.tracking.uri)
-    tables = json.loads(open(path).read())["tables"]
+    tables = _plan(config, straight, tmp_path)["tables"]
     assert all(kind == "table_wise" and len(ranks) == 1 for kind, ranks in tables.values())
     assert {r for _, ranks in tables.values() for r in ranks} == {0, 1}  # the planner spread the tables over both ranks
 
