@@ -162,14 +162,16 @@ class TrainConfig:
     checkpoint_dir: str = "mlruns/checkpoints"
     refit: bool = False  # after selection on validation, train afresh on train + valid for the best epoch count
     progress: bool = True
-    # the embedding tables' optimizer: adam (with the dense layers), or adagrad / rowwise_adagrad,
-    # which TorchRec fuses into the table lookup's backward when the tables are sharded (fbgemm's
-    # CPU kernels have no fused adam); embedding_lr: their learning rate (null = lr)
+    # the embedding tables' optimizer: adam (with the dense layers: every row every step);
+    # sparse_adam (lazy Adam on the rows a step looked up: the cost follows the batch, not the
+    # catalog; single process); or adagrad / rowwise_adagrad, which TorchRec fuses into the table
+    # lookup's backward when the tables are sharded (fbgemm's CPU kernels have no fused adam).
+    # embedding_lr: the tables' learning rate (null = lr)
     embedding_optimizer: str = "adam"
     embedding_lr: float | None = None
 
 
-EMBEDDING_OPTIMIZERS = ("adam", "adagrad", "rowwise_adagrad")
+EMBEDDING_OPTIMIZERS = ("adam", "sparse_adam", "adagrad", "rowwise_adagrad")
 
 
 @dataclass

@@ -27,7 +27,7 @@ from .config import ConfigError
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad}
+OPTIMIZERS = {"adam": torch.optim.Adam, "sparse_adam": torch.optim.SparseAdam, "adagrad": torch.optim.Adagrad}
 
 
 def table_optimizer_class(name: str):
@@ -92,6 +92,9 @@ def cluster_from_env() -> Cluster | None:
 
 def check_supported(embedding_optimizer: str, cluster: Cluster | None) -> None:
     """Refuse, before any run starts, what the sharded tables cannot train with here."""
+    if cluster is not None and embedding_optimizer == "sparse_adam":
+        raise ConfigError("train.embedding_optimizer: sparse_adam is the single-process lazy Adam; sharded tables train "
+                          "with TorchRec's fused optimizers: adagrad or rowwise_adagrad")
     if cluster is not None and cluster.device.type == "cpu" and embedding_optimizer == "adam":
         raise ConfigError("train.embedding_optimizer: adam has no fused CPU kernel in fbgemm; sharded tables on CPU "
                           "train with adagrad or rowwise_adagrad")

@@ -103,6 +103,8 @@ def test_sharded_adam_on_cpu_and_bad_nproc_are_refused(tmp_path):
 
     with pytest.raises(ConfigError, match="adam has no fused CPU kernel"):
         ShardedTwoTower(TwoTower(TowerSizes(5, 10, 2), dim=8), Cluster(0, 2, torch.device("cpu")), table_optimizer="adam")
+    with pytest.raises(ConfigError, match="sparse_adam is the single-process lazy Adam"):
+        ShardedTwoTower(TwoTower(TowerSizes(5, 10, 2), dim=8), Cluster(0, 2, torch.device("cpu")), table_optimizer="sparse_adam")
     assert main(["train", "--nproc", "0"]) == 2
 
 

@@ -425,6 +425,25 @@ def test_known_positives_never_count_in_the_loss(data):
     assert hits > 0  # the in-batch and popular sources do hit known items here
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_known_positives_without_the_bitmap_answer_as_the_bitmap_does(shared):
+    rng = np.random.default_rng(0)
+    n_users, n_items = 40, 30
+    m = sp.random(n_users, n_items, density=0.2, format="csr", random_state=1)
+    m = (sp.diags((np.arange(n_users) != 3).astype(float)) @ m).tocsr()  # user 3 knows no items
+    m.eliminate_zeros()
+    bitmap, search = KnownPositives(m), KnownPositives(m)
+    search.bitmap = None  # the large-catalog path
+    users = torch.tensor(rng.integers(0, n_users, 200))
+    users[:5] = 3
+    items = torch.tensor(rng.integers(0, n_items, 50 if shared else (200, 50)))
+    expected = torch.from_numpy(m.toarray()[users.numpy()[:, None], items.numpy() if shared else items.numpy()] > 0)
+    assert torch.equal(bitmap.contains(users, items), expected)
+    assert torch.equal(search.contains(users, items), expected)
+    assert expected.any() and not expected.all()
+    assert search.contains(users, items[..., :0]).shape == (200, 0)
+
+
 # -- sampled softmax on a hand-built example ------------------------------------------------------
 #
 # row 0: positive 2.0; negatives 1.0 (q: log 2), 0.0 (log 1), 3.0 (log 0.5, masked)

@@ -162,3 +162,31 @@ def test_with_logq_scores_learn_log_popularity_as_the_full_softmax_does(tmp_path
         slopes[logq] = np.polyfit(np.log(counts[seen]), mean_score[seen], 1)[0]
     assert 0.8 < slopes["mixture"] < 1.25, slopes
     assert slopes["none"] < 0.4, slopes
+
+
+@pytest.mark.parametrize("optimizer", ["sparse_adam", "adam"])
+def test_sparse_adam_moves_only_the_rows_a_step_looked_up(synthetic_files, tmp_path, optimizer):
+    config = small_config(synthetic_files, tmp_path, train={"embedding_optimizer": optimizer, "embedding_lr": 0.01})
+    data, split = load_data(config)
+    trainer, _ = build_trainer(config, data, split, build_sampler(config, data, split), [], tmp_path, validate=False)
+    model = trainer.model
+    looked_up = []
+    forward = model.ebc.forward
+
+    def recording(features):
+        looked_up.append(torch.cat([features["history"].values(), features["item_id"].values()]))
+        return forward(features)
+
+    model.ebc.forward = recording
+    table = model.ebc.embedding_bags["item_table"].weight
+    for step in range(2):
+        looked_up.clear()
+        before = table.detach().clone()
+        rows = slice(step * 256, (step + 1) * 256)
+        trainer.train_step(trainer.users[rows], trainer.items[rows])
+    moved = set(torch.nonzero((table.detach() != before).any(1)).squeeze(1).tolist())
+    step_rows = set(torch.cat(looked_up).tolist())
+    assert moved and step_rows < set(range(data.n_items))
+    # lazy Adam leaves alone the rows the second step did not touch; dense Adam keeps moving
+    # every row the first step gave momentum
+    assert (moved <= step_rows) == (optimizer == "sparse_adam")

@@ -25,6 +25,9 @@ from ..sparse import SortedPairs
 
 log = logging.getLogger(__name__)
 
+# table optimizers that take sparse gradients (adagrad's update is the same either way)
+SPARSE_GRADIENT_OPTIMIZERS = ("sparse_adam", "adagrad")
+
 
 @dataclass
 class StepOutput:
@@ -119,6 +122,10 @@ class Trainer:
                 self.optimizer = torch.optim.Adam([{"params": dense}, {"params": tables, "lr": embedding_lr}], lr=lr,
                                                   weight_decay=weight_decay)
             else:
+                if embedding_optimizer in SPARSE_GRADIENT_OPTIMIZERS:
+                    # gradients of the looked-up rows only: no dense [catalog, dim] gradient per step
+                    for bag in model.ebc.embedding_bags.values():
+                        bag.sparse = True
                 self.optimizer = torch.optim.Adam(dense, lr=lr, weight_decay=weight_decay)
                 self.table_optimizer = table_optimizer_class(embedding_optimizer)(tables, lr=embedding_lr or lr)
         self.generator = torch.Generator().manual_seed(seed)
