@@ -6,7 +6,7 @@ Each (size, mix) runs in its own process, so peak RSS is that run's own. Per run
 generated (5 events per item, one user per 20 items: long-tail catalogs), the ANN pools are
 refreshed once (its seconds reported), then --steps training steps of batch 1024 are timed.
 Usage: python benchmarks/train_scale.py [--sizes 10000 100000 1000000] [--dataset ../shared/datasets/epinions]
-       [--steps 30] [--per-row-negatives 32]
+       [--steps 30] [--per-row-negatives 32] [--embedding-optimizer sparse_adam]
 Output: {"sizes": [{"items": N, "default": {"examples_per_s", "peak_rss_mb"},
                     "full": {"examples_per_s", "refresh_s", "peak_rss_mb"}}, ...]}
 """
@@ -27,20 +27,20 @@ MIXES = {
 }
 
 
-def run(items: int | None, dataset: str | None, mix: str, steps: int, per_row: int | None, queue) -> None:
+def run(items: int | None, dataset: str | None, mix: str, steps: int, per_row: int | None, optimizer: str, queue) -> None:
     from recsys_hnm.config import load_config
-    from recsys_hnm.data import leave_last_out, load_dataset, synthetic
+    from recsys_hnm.data import leave_last_out, load_dataset, ratio_split, synthetic
     from recsys_hnm.experiment import build_sampler, build_trainer
 
     torch.set_num_threads(1)
     overrides = [f"sampler.mixture={json.dumps(MIXES[mix])}", "sampler.ann.warmup_epochs=0", "train.progress=false",
                  "sampler.copurchase.source=basket" if dataset is None else "sampler.copurchase.source=auto",
-                 "sampler.copurchase.top_n=100"]
+                 "sampler.copurchase.top_n=100", f"train.embedding_optimizer={optimizer}"]
     if per_row is not None:
         overrides.append(f"sampler.per_row_negatives={per_row}")
     config = load_config("pipelines/quickstart.yaml", overrides)
     data = load_dataset(dataset) if dataset else synthetic(max(items // 20, 100), items, 5 * items, n_categories=max(items // 500, 20), seed=0)
-    split = leave_last_out(data)
+    split = leave_last_out(data) if data.has_time else ratio_split(data, by_time=False)
     with tempfile.TemporaryDirectory() as tmp:
         trainer, refresh = build_trainer(config, data, split, build_sampler(config, data, split), [], Path(tmp) / "items.index",
                                          validate=False)
@@ -67,10 +67,10 @@ def run(items: int | None, dataset: str | None, mix: str, steps: int, per_row: i
     queue.put(out)
 
 
-def measure(items, dataset, mix, steps, per_row) -> dict:
+def measure(items, dataset, mix, steps, per_row, optimizer) -> dict:
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=run, args=(items, dataset, mix, steps, per_row, queue))
+    proc = ctx.Process(target=run, args=(items, dataset, mix, steps, per_row, optimizer, queue))
     proc.start()
     result = queue.get()
     proc.join()
@@ -83,19 +83,22 @@ def main() -> None:
     parser.add_argument("--dataset", help="also a real dataset folder, e.g. ../shared/datasets/epinions")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--per-row-negatives", type=int, default=32, help="per-row sources' own count (sampler.per_row_negatives)")
+    parser.add_argument("--embedding-optimizer", default="sparse_adam",
+                        help="train.embedding_optimizer: sparse_adam updates only the rows a step looked up; adam every row")
     args = parser.parse_args()
     runs = [(n, None) for n in args.sizes] + ([(None, args.dataset)] if args.dataset else [])
     sizes = []
     for items, dataset in runs:
-        default = measure(items, dataset, "default", args.steps, None)
-        full = measure(items, dataset, "full", args.steps, args.per_row_negatives)
+        default = measure(items, dataset, "default", args.steps, None, args.embedding_optimizer)
+        full = measure(items, dataset, "full", args.steps, args.per_row_negatives, args.embedding_optimizer)
         entry = {"items": default.pop("items"), "default": default, "full": {k: v for k, v in full.items() if k != "items"}}
         if dataset:
             entry["dataset"] = dataset
         entry["full_over_default"] = round(full["examples_per_s"] / default["examples_per_s"], 2)
         sizes.append(entry)
         print(json.dumps(entry), flush=True)
-    print(json.dumps({"sizes": sizes, "steps": args.steps, "batch": 1024, "per_row_negatives": args.per_row_negatives}))
+    print(json.dumps({"sizes": sizes, "steps": args.steps, "batch": 1024, "per_row_negatives": args.per_row_negatives,
+                      "embedding_optimizer": args.embedding_optimizer}))
 
 
 if __name__ == "__main__":
