@@ -190,3 +190,19 @@ def test_sparse_adam_moves_only_the_rows_a_step_looked_up(synthetic_files, tmp_p
     # lazy Adam leaves alone the rows the second step did not touch; dense Adam keeps moving
     # every row the first step gave momentum
     assert (moved <= step_rows) == (optimizer == "sparse_adam")
+
+
+def test_adagrad_takes_sparse_gradients_with_the_dense_update(synthetic_files, tmp_path):
+    config = small_config(synthetic_files, tmp_path, train={"embedding_optimizer": "adagrad", "embedding_lr": 0.05})
+    data, split = load_data(config)
+    tables = []
+    for sparse in (True, False):
+        trainer, _ = build_trainer(config, data, split, build_sampler(config, data, split), [], tmp_path, validate=False)
+        for bag in trainer.model.ebc.embedding_bags.values():
+            assert bag.sparse  # the trainer asked for sparse gradients
+            bag.sparse = sparse
+        for step in range(3):
+            rows = slice(step * 256, (step + 1) * 256)
+            trainer.train_step(trainer.users[rows], trainer.items[rows])
+        tables.append(trainer.model.ebc.embedding_bags["item_table"].weight.detach())
+    assert torch.allclose(tables[0], tables[1], atol=1e-6)

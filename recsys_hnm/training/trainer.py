@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -126,6 +127,8 @@ class Trainer:
                     # gradients of the looked-up rows only: no dense [catalog, dim] gradient per step
                     for bag in model.ebc.embedding_bags.values():
                         bag.sparse = True
+                    # torch's sparse adagrad asks callers to opt in or out of checks they never enabled
+                    warnings.filterwarnings("ignore", "Sparse invariant checks are implicitly disabled", UserWarning)
                 self.optimizer = torch.optim.Adam(dense, lr=lr, weight_decay=weight_decay)
                 self.table_optimizer = table_optimizer_class(embedding_optimizer)(tables, lr=embedding_lr or lr)
         self.generator = torch.Generator().manual_seed(seed)
