@@ -52,7 +52,9 @@ class ModelConfig:
     user_id: bool = True  # false: no user id embedding, the history alone (cold users with a history are served)
     history_decay: float = 1.0  # weight of an item in the history bag: decay ** age (0 = newest), normalised; 1 = mean
     train_history: str = "all"  # all: every other training item of the user | causal: only items before the positive
-    history_encoder: str = "bag"  # bag: recency-weighted mean | last_k: last k items concatenated | sasrec: self-attention
+    # bag: recency-weighted mean | learned_recency: the same with a learned weight per age (from
+    # history_decay) | last_k: last k items concatenated | sasrec: self-attention
+    history_encoder: str = "bag"
     last_k: int = 5  # last_k: how many of the most recent items
     attention_layers: int = 2  # sasrec: Transformer blocks, heads and dropout
     attention_heads: int = 2
@@ -410,7 +412,7 @@ def validate(c: ExperimentConfig, check_run_name: bool = True) -> None:
     if s.per_row_negatives is not None:
         _positive(s.per_row_negatives, "sampler.per_row_negatives", strict=False)
     _choice(m.train_history, ("all", "causal"), "model.train_history")
-    _choice(m.history_encoder, ("bag", "last_k", "sasrec"), "model.history_encoder")
+    _choice(m.history_encoder, ("bag", "learned_recency", "last_k", "sasrec"), "model.history_encoder")
     for key, v in (("model.last_k", m.last_k), ("model.attention_layers", m.attention_layers), ("model.attention_heads", m.attention_heads)):
         _positive(v, key)
     if m.history_encoder == "last_k" and m.last_k > m.history_len:

@@ -1,4 +1,4 @@
-"""History encoders (bag, last_k, sasrec) and cold items scored from their features.
+"""History encoders (bag, learned_recency, last_k, sasrec) and cold items scored from their features.
 
 The sequence data is hand-built so that only the last item predicts the next one: each user's
 sequence is pairs (r, perm(r)) of a random item followed by its fixed successor. A mean of the
@@ -20,7 +20,8 @@ from recsys_hnm.models.two_tower import HISTORY_ENCODERS, TowerSizes, TwoTower
 
 from conftest import small_config
 
-ENCODER_ARGS = {"bag": {}, "last_k": {"last_k": 3}, "sasrec": {"layers": 2, "heads": 2, "dropout": 0.0}}
+ENCODER_ARGS = {"bag": {}, "learned_recency": {"history_decay": 0.5}, "last_k": {"last_k": 3},
+                "sasrec": {"layers": 2, "heads": 2, "dropout": 0.0}}
 
 
 @pytest.mark.parametrize("encoder", HISTORY_ENCODERS)
@@ -43,7 +44,7 @@ def test_no_encoder_sees_the_positive_or_anything_after_it(encoder):
     assert not torch.allclose(base, row_embedding(earlier_changed))
 
 
-@pytest.mark.parametrize("encoder", ["last_k", "sasrec"])
+@pytest.mark.parametrize("encoder", ["learned_recency", "last_k", "sasrec"])
 def test_sequence_encoders_read_order_and_ignore_padding(encoder):
     # the same items in another order give another user vector; empty histories stay finite
     torch.manual_seed(0)
@@ -101,13 +102,16 @@ def test_only_sequence_encoders_learn_that_the_last_item_predicts_the_next(tmp_p
     for encoder in HISTORY_ENCODERS:
         config = small_config(files, tmp_path, model={
             "dim": 32, "hidden": [64], "history_len": 10, "user_id": False, "train_history": "causal",
-            "history_encoder": encoder, "last_k": 2, "attention_layers": 1, "attention_dropout": 0.0},
+            "history_encoder": encoder, "last_k": 2, "attention_layers": 1, "attention_dropout": 0.0,
+            "history_decay": 0.9 if encoder == "learned_recency" else 1.0},
             train={"epochs": 8, "batch_size": 256, "lr": 0.003, "patience": 0, "progress": False,
                    "checkpoint_dir": str(tmp_path / "ckpt")})
         hits[encoder] = _fit_and_test(config)
     # the mean cannot know which of the five random items came last: at best about 1 in 5
     assert hits["bag"] < 0.3, hits
     assert hits["last_k"] > 0.9 and hits["sasrec"] > 0.9, hits
+    # learned weights per age: from a near-flat start (0.9 ** age) to the last item
+    assert hits["learned_recency"] > 0.9, hits
 
 
 def test_a_cold_item_is_ranked_by_its_category(tmp_path):

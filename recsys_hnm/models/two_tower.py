@@ -13,7 +13,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, JaggedTensor, K
 # Feature names of the KeyedJaggedTensors the towers read.
 USER_ID, HISTORY, ITEM_ID, ITEM_CATEGORY = "user_id", "history", "item_id", "item_category"
 FEATURES = (USER_ID, HISTORY, ITEM_ID, ITEM_CATEGORY)
-HISTORY_ENCODERS = ("bag", "last_k", "sasrec")
+HISTORY_ENCODERS = ("bag", "learned_recency", "last_k", "sasrec")
 # Bounds of a learned temperature; a fixed one is used exactly as configured.
 LEARNED_T_MIN, LEARNED_T_MAX = 0.01, 1.0
 
@@ -76,11 +76,27 @@ class LastKEncoder(nn.Module):
         return self.project(items[:, -self.k:].flatten(1))
 
 
+class LearnedRecencyEncoder(nn.Module):
+    """A weighted mean of the history with one learned weight per age (0 = the most recent
+    item), starting from the bag's decay ** age: the recency curve is fit to the data instead of
+    fixed. The weights are a softmax over the valid positions; an empty history gives zeros."""
+
+    def __init__(self, max_len: int, decay: float):
+        super().__init__()
+        ages = torch.arange(max_len - 1, -1, -1, dtype=torch.float32)  # right-aligned: the last cell is age 0
+        self.logits = nn.Parameter(ages * math.log(decay))
+
+    def forward(self, items: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        logits = self.logits[-items.shape[1]:].masked_fill(~valid, float("-inf"))
+        weights = torch.nan_to_num(logits.softmax(dim=1))  # a row with no valid cell: all NaN -> 0
+        return (weights.unsqueeze(-1) * items).sum(1)
+
+
 class TwoTower(nn.Module):
     """User tower: user id (optional) + an encoding of the user's recent items; item tower: item
     id + mean of its categories. The history encoder is ``bag`` (a recency-weighted mean, see
-    ``FeatureBuilder``; decay 1 is the plain mean), ``last_k`` or ``sasrec`` (both read the
-    sequence in order). One EmbeddingBagCollection holds the tables (the item table is shared by
+    ``FeatureBuilder``; decay 1 is the plain mean), ``learned_recency`` (the same with learned
+    weights per age), ``last_k`` or ``sasrec`` (these three read the sequence in order). One EmbeddingBagCollection holds the tables (the item table is shared by
     the item id and the history), an MLP tops each tower, outputs are L2-normalised and the
     score is their dot product divided by a temperature (fixed or learned), plus an optional
     per-item bias that lets the item side express popularity.
@@ -100,6 +116,7 @@ class TwoTower(nn.Module):
         item_bias: bool = False,
         history_encoder: str = "bag",
         history_len: int = 100,
+        history_decay: float = 1.0,
         last_k: int = 5,
         layers: int = 2,
         heads: int = 2,
@@ -137,7 +154,9 @@ class TwoTower(nn.Module):
             raise ValueError(f"history encoder must be one of {HISTORY_ENCODERS}, not {history_encoder!r}")
         self.history_len = history_len
         self.sequence_encoder: nn.Module | None = None
-        if history_encoder == "last_k":
+        if history_encoder == "learned_recency":
+            self.sequence_encoder = LearnedRecencyEncoder(history_len, history_decay)
+        elif history_encoder == "last_k":
             if not 1 <= last_k <= history_len:
                 raise ValueError(f"last_k must be in [1, history_len={history_len}], not {last_k}")
             self.sequence_encoder = LastKEncoder(dim, last_k)
