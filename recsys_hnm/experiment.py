@@ -84,8 +84,8 @@ def build_model(config: ExperimentConfig, data: Interactions) -> TwoTower:
         return TwoTower(
             TowerSizes(data.n_users, data.n_items, n_side), dim=m.dim, hidden=m.hidden,
             temperature=m.temperature, learn_temperature=m.learn_temperature, item_bias=m.item_bias,
-            history_encoder=m.history_encoder, history_len=m.history_len, history_decay=m.history_decay, last_k=m.last_k, layers=m.attention_layers,
-            heads=m.attention_heads, dropout=m.attention_dropout,
+            history_encoder=m.history_encoder, history_len=m.history_len, history_decay=m.history_decay,
+            last_k=m.last_k, layers=m.attention_layers, heads=m.attention_heads, dropout=m.attention_dropout,
         )
     except ValueError as e:
         raise ConfigError(f"model.temperature: {e}") from e

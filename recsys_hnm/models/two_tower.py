@@ -96,8 +96,9 @@ class TwoTower(nn.Module):
     """User tower: user id (optional) + an encoding of the user's recent items; item tower: item
     id + mean of its categories. The history encoder is ``bag`` (a recency-weighted mean, see
     ``FeatureBuilder``; decay 1 is the plain mean), ``learned_recency`` (the same with learned
-    weights per age), ``last_k`` or ``sasrec`` (these three read the sequence in order). One EmbeddingBagCollection holds the tables (the item table is shared by
-    the item id and the history), an MLP tops each tower, outputs are L2-normalised and the
+    weights per age), ``last_k`` or ``sasrec`` (these three read the sequence in order). One
+    EmbeddingBagCollection holds the tables (the item table is shared by the item id and the
+    history), an MLP tops each tower, outputs are L2-normalised and the
     score is their dot product divided by a temperature (fixed or learned), plus an optional
     per-item bias that lets the item side express popularity.
 
