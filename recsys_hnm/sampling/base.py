@@ -143,7 +143,7 @@ class KnownPositives:
         """[B, n] bool: is (users[b], items[b, j]) known? ``items`` is [B, n] or shared [n]."""
         B = len(users)
         if self.bitmap is not None:
-            return self.bitmap[users[:, None] * self.n_items + (items if items.dim() == 2 else items[None])]
+            return self.bitmap[users[:, None] * self.n_items + items]  # shared [n] broadcasts to [B, n]
         if items.numel() == 0:
             return torch.zeros(B, items.shape[-1], dtype=torch.bool)
         starts = self.indptr[users]
