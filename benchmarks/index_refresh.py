@@ -3,7 +3,8 @@ on clustered d=64 embeddings of 100,000 and 1,000,000 items (clusters of --items
 items, queries drawn around the same centres); prints JSON, one object per size.
 
 Exact search is timed on a sample of queries and scaled linearly (said so in the output).
-Annoy: 10 trees, search_k 10,000; HNSW: M 32, efConstruction 80, efSearch 128; both cores.
+Annoy: 10 trees, search_k 10,000; HNSW: the library's defaults (M, efConstruction, efSearch in the
+JSON); both cores.
 "best": the backend with the largest speedup over exact among those with recall@100 >= 0.9.
 Usage: python benchmarks/index_refresh.py [--sizes 100000 1000000] [--queries 100000]
 """
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from recsys_hnm.index import AnnoyItemIndex, ExactIndex, HnswItemIndex, recall_at_k
+from recsys_hnm.index.item_index import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M
 
 DIM, K = 64, 100
 
@@ -37,7 +39,7 @@ def run(n_items: int, n_queries: int, exact_sample: int, n_trees: int, search_k:
     out = {"items": n_items, "queries": n_queries, "dim": DIM, "k": K, "items_per_cluster": per_cluster}
     builders = {
         "annoy": lambda path: AnnoyItemIndex.build(items, path, n_trees=n_trees, search_k=search_k, n_jobs=jobs),
-        "hnsw": lambda path: HnswItemIndex.build(items, path, m=32, ef_construction=80, ef_search=128, n_jobs=jobs),
+        "hnsw": lambda path: HnswItemIndex.build(items, path, n_jobs=jobs),
     }
     timed = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,6 +63,7 @@ def run(n_items: int, n_queries: int, exact_sample: int, n_trees: int, search_k:
             "speedup": round(exact_mine_s / (build_s + mine_s), 2),
         }
     out["annoy"].update(n_trees=n_trees, search_k=search_k)
+    out["hnsw"].update(m=HNSW_M, ef_construction=HNSW_EF_CONSTRUCTION, ef_search=HNSW_EF_SEARCH)
     out["exact"] = {"mine_s": round(exact_mine_s, 2), "queries_per_s": round(n_queries / exact_mine_s),
                     "timed_queries": sample, "scaled_linearly": sample < n_queries}
     good = [name for name in timed if out[name]["recall_at_100"] >= 0.9]

@@ -243,7 +243,5 @@ def test_auto_backend_follows_the_measured_size_thresholds(tmp_path, monkeypatch
     from recsys_hnm.index import item_index
 
     monkeypatch.setattr(item_index, "AUTO_HNSW_MIN_ITEMS", 100)
-    monkeypatch.setattr(item_index, "AUTO_ANNOY_MIN_ITEMS", 200)
     assert isinstance(make_index(clustered(99, 8), "auto", tmp_path / "a"), ExactIndex)
     assert isinstance(make_index(clustered(150, 8), "auto", tmp_path / "b"), HnswItemIndex)
-    assert isinstance(make_index(clustered(250, 8), "auto", tmp_path / "c"), AnnoyItemIndex)

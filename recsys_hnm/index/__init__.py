@@ -2,11 +2,11 @@
 
 from .ann_sampler import AnnSampler, resolve_window
 from .item_index import (
-    AUTO_ANNOY_MIN_ITEMS, AUTO_HNSW_MIN_ITEMS, AnnoyItemIndex, ExactIndex, HnswItemIndex, IndexFileError, ItemIndex, load_index, make_index, recall_at_k,
+    AUTO_HNSW_MIN_ITEMS, AnnoyItemIndex, ExactIndex, HnswItemIndex, IndexFileError, ItemIndex, load_index, make_index, recall_at_k,
 )
 from .refresh import IndexRefresh
 
 __all__ = [
-    "AUTO_ANNOY_MIN_ITEMS", "AUTO_HNSW_MIN_ITEMS", "AnnSampler", "AnnoyItemIndex", "ExactIndex", "HnswItemIndex", "IndexFileError", "IndexRefresh", "ItemIndex",
+    "AUTO_HNSW_MIN_ITEMS", "AnnSampler", "AnnoyItemIndex", "ExactIndex", "HnswItemIndex", "IndexFileError", "IndexRefresh", "ItemIndex",
     "load_index", "make_index", "recall_at_k", "resolve_window",
 ]

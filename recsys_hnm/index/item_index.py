@@ -20,15 +20,16 @@ import scipy.sparse as sp
 import torch
 from annoy import AnnoyIndex
 
+from ..config import AnnConfig
 from ..evaluation.evaluator import mask_known, top_k
 from ..io import atomic_write
 from ..sparse import SortedPairs
 
 # Measured on 2 cores (benchmarks/index_refresh.py, README): below 100,000 items exact search
-# wins; at 100,000 items faiss HNSW refreshes fastest (recall@100 0.997; Annoy loses to exact);
-# at 1,000,000 items Annoy's refresh was 4.2x exact (HNSW not yet measured there).
+# wins; from there faiss HNSW refreshes fastest (Annoy loses to exact at 100,000 items).
 AUTO_HNSW_MIN_ITEMS = 100_000
-AUTO_ANNOY_MIN_ITEMS = 500_000
+# HNSW defaults: those of the config (chosen there by measurement)
+HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = AnnConfig.hnsw_m, AnnConfig.ef_construction, AnnConfig.ef_search
 
 
 class IndexFileError(ValueError):
@@ -158,13 +159,14 @@ class HnswItemIndex:
     ``ef_construction`` and ``ef_search`` the build and search beam widths (search uses at least
     k); faiss searches a batch of queries on ``n_jobs`` threads."""
 
-    def __init__(self, index, meta: dict, path: Path, ef_search: int = 128, n_jobs: int = 2):
+    def __init__(self, index, meta: dict, path: Path, ef_search: int = HNSW_EF_SEARCH, n_jobs: int = 2):
         self.index, self.meta, self.path = index, meta, path
         self.n_items, self.dim = meta["n_items"], meta["dim"]
         self.ef_search, self.n_jobs = ef_search, max(1, n_jobs)
 
     @classmethod
-    def build(cls, vectors: np.ndarray, path: str | Path, m: int = 32, ef_construction: int = 80, ef_search: int = 128,
+    def build(cls, vectors: np.ndarray, path: str | Path, m: int = HNSW_M, ef_construction: int = HNSW_EF_CONSTRUCTION,
+              ef_search: int = HNSW_EF_SEARCH,
               n_jobs: int = 2, seed: int = 0) -> "HnswItemIndex":
         import faiss
 
@@ -186,7 +188,7 @@ class HnswItemIndex:
         return cls(index, meta, path, ef_search, n_jobs)
 
     @classmethod
-    def load(cls, path: str | Path, dim: int | None = None, ef_search: int = 128, n_jobs: int = 2, verify: bool = True) -> "HnswItemIndex":
+    def load(cls, path: str | Path, dim: int | None = None, ef_search: int = HNSW_EF_SEARCH, n_jobs: int = 2, verify: bool = True) -> "HnswItemIndex":
         import faiss
 
         path = Path(path)
@@ -227,15 +229,15 @@ BACKENDS = ("auto", "exact", "annoy", "hnsw")
 
 
 def make_index(vectors: np.ndarray, backend: str = "auto", path: str | Path | None = None, *, n_trees: int = 10,
-               search_k: int = -1, n_jobs: int = 2, seed: int = 0, hnsw_m: int = 32, ef_construction: int = 80,
-               ef_search: int = 128) -> ItemIndex:
+               search_k: int = -1, n_jobs: int = 2, seed: int = 0, hnsw_m: int = HNSW_M,
+               ef_construction: int = HNSW_EF_CONSTRUCTION, ef_search: int = HNSW_EF_SEARCH) -> ItemIndex:
     """``exact``, ``annoy``, ``hnsw`` (faiss), or ``auto``: what measured fastest per catalog size
-    (exact below AUTO_HNSW_MIN_ITEMS, HNSW up to AUTO_ANNOY_MIN_ITEMS, Annoy from there)."""
+    (exact below AUTO_HNSW_MIN_ITEMS, HNSW from there: 5.8x exact at 100,000 items and 8.1x at
+    1,000,000, where Annoy is 3.9x; Annoy stays the memory-mapped, fork-friendly choice)."""
     if backend not in BACKENDS:
         raise ValueError(f"index backend must be one of {BACKENDS}, not {backend!r}")
     if backend == "auto":
-        n = len(vectors)
-        backend = "exact" if n < AUTO_HNSW_MIN_ITEMS else "hnsw" if n < AUTO_ANNOY_MIN_ITEMS else "annoy"
+        backend = "exact" if len(vectors) < AUTO_HNSW_MIN_ITEMS else "hnsw"
     if backend == "exact":
         return ExactIndex(vectors)
     if path is None:

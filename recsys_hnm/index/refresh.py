@@ -13,7 +13,7 @@ from ..models import item_embeddings, user_embeddings
 from ..sampling import MixtureSampler
 from ..training.callbacks import Callback
 from .ann_sampler import AnnSampler
-from .item_index import ExactIndex, load_index, make_index, recall_at_k
+from .item_index import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M, ExactIndex, load_index, make_index, recall_at_k
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +46,9 @@ class IndexRefresh(Callback):
         n_jobs: int = 2,
         recall_sample: int = 200,
         seed: int = 0,
-        hnsw_m: int = 32,
-        ef_construction: int = 80,
-        ef_search: int = 128,
+        hnsw_m: int = HNSW_M,
+        ef_construction: int = HNSW_EF_CONSTRUCTION,
+        ef_search: int = HNSW_EF_SEARCH,
     ):
         if refresh_every < 1:
             raise ValueError(f"refresh_every must be >= 1, not {refresh_every}")
