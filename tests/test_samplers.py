@@ -87,6 +87,25 @@ def test_alias_tables_are_exact_for_skewed_and_segmented_weights():
         assert _fits(x, lp, 8) > 1e-3
 
 
+def test_alias_tables_hold_each_entrys_exact_share_in_long_chains():
+    # what every slot's table gives each entry, summed without sampling: its own share plus the
+    # aliased remainders, over the segment's size. Segments of random, staircase (long chains of
+    # drained slots) and single-heavy weights, zero weights, and small integer counts (exact ties
+    # between interval ends) after a long segment (prefix sums far from 0 round at those ties).
+    rng = np.random.default_rng(0)
+    parts = [rng.exponential(size=50), np.arange(1.0, 301.0), np.r_[1000.0, np.ones(99)], rng.pareto(1.0, 500),
+             np.r_[0.0, 0.0, 5.0], np.ones(7), rng.integers(1, 3, 20_000).astype(float)]
+    parts += [rng.choice([1.0, 2.0, 2.0, 3.0, 4.0], 300) for _ in range(20)]
+    w = np.concatenate(parts)
+    indptr = np.r_[0, np.cumsum([len(p) for p in parts])]
+    table = SegmentedAlias(indptr, np.arange(len(w)), w)
+    prob, alias = table.prob.double().numpy(), table.alias.numpy()
+    got = prob + np.bincount(alias, weights=1 - prob, minlength=len(w))
+    for lo, hi in zip(indptr[:-1], indptr[1:]):
+        assert ((alias[lo:hi] >= lo) & (alias[lo:hi] < hi)).all()
+        np.testing.assert_allclose(got[lo:hi] / (hi - lo), w[lo:hi] / w[lo:hi].sum(), rtol=1e-5, atol=1e-9)
+
+
 def test_category_sampler_stays_in_the_positives_categories_and_falls_back(data):
     # item 0 alone in its own category -> must fall back
     ic = sp.lil_matrix((6, 3))
