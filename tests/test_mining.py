@@ -99,6 +99,36 @@ def test_each_pattern_and_loss_trains_end_to_end(synthetic_files, tmp_path, sett
         assert torch.equal(state["items"], trainer.memory_bank.items)
 
 
+def test_the_memory_bank_trains_the_user_tower_and_leaves_the_item_towers_gradient_as_without_it(synthetic_files, tmp_path):
+    """Queued entries take softmax weight from the in-batch items, whose repulsion is what keeps
+    item embeddings apart: the item tower's gradient must be the one without the bank."""
+    config = small_config(synthetic_files, tmp_path, sampler={"memory_bank": {"size": 256, "warmup_steps": 0}})
+    data, split = load_data(config)
+    with_bank, _ = build_trainer(config, data, split, build_sampler(config, data, split), [], tmp_path / "a", epochs=1)
+    without, _ = build_trainer(config, data, split, build_sampler(config, data, split), [], tmp_path / "b", epochs=1)
+    without.memory_bank = None
+    rows = torch.arange(128)
+    with_bank.train_step(with_bank.users[rows], with_bank.items[rows])  # fills the bank
+    without.model.load_state_dict(with_bank.model.state_dict())
+    without.generator.set_state(with_bank.generator.get_state())
+    grads = {}
+    for name, trainer in (("bank", with_bank), ("plain", without)):
+        trainer.diagnostics = None
+        trainer.optimizer.step = lambda: None  # keep the gradients and the weights as they are
+        if trainer.table_optimizer is not None:
+            trainer.table_optimizer.step = lambda: None
+        batch = torch.arange(128, 256)
+        trainer.train_step(trainer.users[batch], trainer.items[batch])
+        grads[name] = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None and "mlp" in n}
+    assert with_bank.step_means["bank.entries"][0] > 0  # the bank took part
+    item = [n for n in grads["bank"] if n.startswith("item_mlp")]
+    user = [n for n in grads["bank"] if n.startswith("user_mlp")]
+    assert item and user
+    for n in item:
+        torch.testing.assert_close(grads["bank"][n], grads["plain"][n])
+    assert any(not torch.allclose(grads["bank"][n], grads["plain"][n]) for n in user)
+
+
 def test_offline_mining_round_trips_into_the_static_source(synthetic_files, tmp_path, capsys):
     from recsys_hnm.cli import main
     from recsys_hnm.data import read_table
