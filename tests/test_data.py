@@ -5,6 +5,7 @@ import zipfile
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 
 from recsys_hnm.cli import main
 from recsys_hnm.data import (
@@ -297,6 +298,29 @@ def test_copurchase_top_n_keeps_strongest_and_stays_symmetric():
     # a and b keep each other; c (tied a:1, b:1, lower index wins) and d keep a
     assert d[0, 1] == 2 and d[0, 2] == 1 and d[0, 3] == 1
     assert d[1, 2] == 0 and d[2, 3] == 0
+
+
+def test_copurchase_top_n_by_count_histogram_matches_a_full_sort():
+    """The histogram path (integer counts), its fallback for rows with n counts at the cap, and
+    non-integer weights all keep what sorting each row by (weight desc, column asc) keeps."""
+    from recsys_hnm.data.copurchase import _top_n_per_row
+    from recsys_hnm.sparse import row_ids
+
+    def by_sorting(m, n):
+        rows = row_ids(m.indptr)
+        order = np.lexsort((m.indices, -m.data, rows))
+        keep = order[np.arange(len(order)) - m.indptr[rows[order]] < n]
+        return sp.csr_matrix((m.data[keep], (rows[keep], m.indices[keep])), shape=m.shape)
+
+    rng = np.random.default_rng(0)
+    for trial in range(8):
+        m = sp.random(60, 300, density=0.2, random_state=trial, format="csr")
+        m.data = np.floor(rng.pareto(1.0, m.nnz) * (1, 3, 100)[trial % 3]) + 1  # many ties
+        for n in (1, 5, 40):
+            for cap in (2, 64):
+                assert (_top_n_per_row(m, n, cap) != by_sorting(m, n)).nnz == 0
+    m.data += 0.5
+    assert (_top_n_per_row(m, 5) != by_sorting(m, 5)).nnz == 0
 
 
 def test_copurchase_needs_its_source_column():

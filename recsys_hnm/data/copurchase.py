@@ -118,13 +118,42 @@ def _window_counts(events: pd.DataFrame, n_items: int, window: int) -> sp.csr_ma
     return m
 
 
-def _top_n_per_row(m: sp.csr_matrix, n: int) -> sp.csr_matrix:
+def _top_n_per_row(m: sp.csr_matrix, n: int, cap: int = 64) -> sp.csr_matrix:
+    """Each row's ``n`` largest entries, ties to the lower column. Counts are small integers, so
+    no row needs a sort: a per-row histogram of the counts (capped at ``cap``) gives the count
+    of the n-th largest; entries above it are kept, and entries equal to it fill the rest in
+    column order. Rows with n counts at the cap, and non-integer weights, are sorted."""
     m = m.tocsr()
+    m.sort_indices()
     rows = row_ids(m.indptr)
-    order = np.lexsort((m.indices, -m.data, rows))  # by row, count desc, item asc
-    rank = np.arange(len(order)) - m.indptr[rows]
-    keep = order[rank < n]
-    return sp.csr_matrix((m.data[keep], (rows[keep], m.indices[keep])), shape=m.shape)
+    data = m.data
+    keep = np.zeros(len(data), bool)
+    sort_rows = np.arange(m.shape[0])
+    if len(data) and data.min() >= 0 and (data == np.round(data)).all():
+        c = np.minimum(data, cap).astype(np.int64)
+        hist = np.bincount(rows * (cap + 1) + c, minlength=m.shape[0] * (cap + 1)).reshape(-1, cap + 1)
+        at_least = np.cumsum(hist[:, ::-1], axis=1)[:, ::-1]  # [row, v]: entries with count >= v
+        at_least = np.append(at_least, np.zeros((m.shape[0], 1), np.int64), axis=1)
+        threshold = (at_least >= n).sum(axis=1) - 1  # the row's n-th largest count; -1: fewer than n
+        room = n - at_least[np.arange(m.shape[0]), threshold + 1]  # places left for entries equal to it
+        t = threshold[rows]
+        equal = c == t
+        tie_rank = np.cumsum(equal) - 1  # among the row's tied entries, in column order
+        tie_rank -= np.r_[0, np.cumsum(np.bincount(rows[equal], minlength=m.shape[0]))[:-1]][rows]
+        keep = (c > t) | (equal & (tie_rank < room[rows]))
+        sort_rows = np.flatnonzero(threshold >= cap)
+    if len(sort_rows):
+        sorted_here = np.zeros(m.shape[0], bool)
+        sorted_here[sort_rows] = True
+        at = np.flatnonzero(sorted_here[rows])
+        keep[at] = False
+        order = at[np.lexsort((m.indices[at], -data[at], rows[at]))]  # by row, weight desc, column asc
+        sizes = np.diff(m.indptr)[sort_rows]
+        first = np.zeros(m.shape[0], np.int64)
+        first[sort_rows] = np.r_[0, np.cumsum(sizes)[:-1]]
+        keep[order[np.arange(len(order)) - first[rows[order]] < n]] = True
+    return sp.csr_matrix((data[keep], m.indices[keep], np.r_[0, np.cumsum(np.bincount(rows[keep], minlength=m.shape[0]))]),
+                         shape=m.shape)
 
 
 def describe_graph(graph: sp.csr_matrix) -> dict:
