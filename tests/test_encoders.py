@@ -11,7 +11,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from recsys_hnm.data import Interactions, leave_last_out
+from recsys_hnm.data import Interactions
 from recsys_hnm.evaluation import Evaluator
 from recsys_hnm.experiment import build_features, build_sampler, build_trainer
 from recsys_hnm.models import model_scorer
