@@ -166,8 +166,7 @@ class HnswItemIndex:
 
     @classmethod
     def build(cls, vectors: np.ndarray, path: str | Path, m: int = HNSW_M, ef_construction: int = HNSW_EF_CONSTRUCTION,
-              ef_search: int = HNSW_EF_SEARCH,
-              n_jobs: int = 2, seed: int = 0) -> "HnswItemIndex":
+              ef_search: int = HNSW_EF_SEARCH, n_jobs: int = 2, seed: int = 0) -> "HnswItemIndex":
         import faiss
 
         vectors = np.asarray(vectors, dtype=np.float32)
