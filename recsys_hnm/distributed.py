@@ -19,11 +19,13 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from .config import ConfigError
+from .io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,33 @@ def cluster_from_env() -> Cluster | None:
     warnings.filterwarnings("ignore", r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated",
                             FutureWarning)
     return Cluster(dist.get_rank(), dist.get_world_size(), torch.device("cpu"))
+
+
+class PeerFailures:
+    """How rank 0 learns why the other ranks stopped. When a rank fails, torchrun stops the
+    others with SIGTERM, and rank 0's run would end KILLED, as if a user had stopped it. A
+    failing rank leaves its error in a file first; rank 0 reads it when it stops, and the run
+    ends FAILED with that error. One folder per torchrun launch, under the checkpoint folder
+    (which several hosts must share for resuming anyway)."""
+
+    def __init__(self, checkpoint_dir: str | Path, name: str):
+        self.folder = Path(checkpoint_dir) / name / "failures" / os.environ.get("TORCHELASTIC_RUN_ID", "local")
+
+    @contextlib.contextmanager
+    def reported(self, rank: int):
+        """Leave this rank's error behind if the block raises."""
+        try:
+            yield
+        except Exception as e:
+            text = f"rank {rank}: {type(e).__name__}: {e}"
+            with contextlib.suppress(OSError):  # the error itself matters more than its report
+                atomic_write(self.folder / f"rank{rank}.txt", lambda tmp: Path(tmp).write_text(text))
+            raise
+
+    def message(self) -> str | None:
+        """The other ranks' errors, or None when none failed."""
+        reports = sorted(self.folder.glob("rank*.txt")) if self.folder.is_dir() else []
+        return "; ".join(p.read_text() for p in reports) or None
 
 
 def check_supported(embedding_optimizer: str, cluster: Cluster | None) -> None:

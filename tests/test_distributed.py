@@ -95,6 +95,42 @@ def test_two_processes_table_wise_resume_where_they_stopped(synthetic_files, tmp
     assert _history(config, resumed) == pytest.approx(_history(config, straight), abs=1e-6)
 
 
+FAILING_RANK = """
+import sys
+from recsys_hnm.cli import main
+from recsys_hnm.training.trainer import Trainer
+
+step = Trainer.train_step
+calls = []
+
+def failing_on_rank_1(self, *args, **kwargs):
+    if self.cluster.rank == 1:
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("injected failure on rank 1")
+    return step(self, *args, **kwargs)
+
+Trainer.train_step = failing_on_rank_1
+sys.exit(main(["train", "--config", sys.argv[1]]))
+"""
+
+
+def test_a_failing_rank_ends_the_run_failed_with_its_error(synthetic_files, tmp_path):
+    # torchrun stops rank 0 with SIGTERM when rank 1 fails: the run must not look stopped by a user
+    config = small_config(synthetic_files, tmp_path, **SETTINGS)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    script = tmp_path / "failing.py"
+    script.write_text(FAILING_RANK)
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "TORCHELASTIC_RUN_ID")}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(path)],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode != 0
+    (run,) = _runs(config)
+    assert run.info.status == "FAILED"
+    assert "rank 1: RuntimeError: injected failure on rank 1" in run.data.tags["error"]
+
+
 def test_sharded_adam_on_cpu_and_bad_nproc_are_refused(tmp_path):
     from recsys_hnm.cli import main
     from recsys_hnm.config import ConfigError

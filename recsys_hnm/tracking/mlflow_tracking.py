@@ -11,6 +11,7 @@ import subprocess
 import tempfile
 import threading
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -96,9 +97,12 @@ def git_commit() -> str:
 
 
 @contextlib.contextmanager
-def tracked_run(uri: str | None, experiment: str, run_name: str | None = None, run_id: str | None = None, tags: dict | None = None):
+def tracked_run(uri: str | None, experiment: str, run_name: str | None = None, run_id: str | None = None, tags: dict | None = None,
+                peer_failure: Callable[[], str | None] | None = None):
     """An active MLflow run (new, or ``run_id`` reopened to resume). An exception ends it as
-    FAILED with the error in the tag ``error`` and the traceback as ``error.txt``."""
+    FAILED with the error in the tag ``error`` and the traceback as ``error.txt``; Ctrl-C or
+    SIGTERM ends it KILLED, unless ``peer_failure`` names another process's error that stopped
+    this one (a failed torchrun rank): then it is FAILED with that error."""
     uri = tracking_uri(uri)
     mlflow.set_tracking_uri(uri)
     exp_id = experiment_id(experiment, uri)
@@ -113,10 +117,12 @@ def tracked_run(uri: str | None, experiment: str, run_name: str | None = None, r
         except BaseException as e:
             if mlflow.active_run() is None:  # stopped before the run existed
                 raise
+            peer = peer_failure() if peer_failure is not None else None
+            error = f"{type(e).__name__}: {e}" if peer is None else f"{peer} (and here: {type(e).__name__}: {e})"
             with contextlib.suppress(Exception):
-                mlflow.set_tag("error", f"{type(e).__name__}: {e}"[:5000])
+                mlflow.set_tag("error", error[:5000])
                 mlflow.log_text(traceback.format_exc(), "error.txt")
-            killed = isinstance(e, (KeyboardInterrupt, Terminated))
+            killed = isinstance(e, (KeyboardInterrupt, Terminated)) and peer is None
             mlflow.end_run(status=RunStatus.to_string(RunStatus.KILLED if killed else RunStatus.FAILED))
             raise
         else:
