@@ -61,8 +61,9 @@ def _build(seg: np.ndarray, w: np.ndarray, sizes: np.ndarray, totals: np.ndarray
     1 - overflow, where overflow is how far the last deficit starting inside its interval (or
     before it) reaches past the interval's end, and takes the next large slot as its alias.
     Both come from the same merged order, so float rounding at ties moves a deficit to a
-    neighbour without losing mass. (Rounds of bulk matching needed one round per link of the
-    longest chain instead: minutes on Epinions' co-purchase graph.)
+    neighbour's interval without losing mass (a first version with two separate searches lost
+    whole deficits at such ties). The earlier rounds of bulk matching needed one round per link
+    of the longest chain: minutes on Epinions' co-purchase graph.
     """
     with np.errstate(divide="ignore", invalid="ignore"):
         q = np.where(totals[seg] > 0, w * sizes[seg] / totals[seg], 1.0)
@@ -75,25 +76,22 @@ def _build(seg: np.ndarray, w: np.ndarray, sizes: np.ndarray, totals: np.ndarray
     seg_small, seg_large = seg[small], seg[large]
     deficit_end = _segment_cumsum(seg_small, 1.0 - q[small])
     excess_end = _segment_cumsum(seg_large, q[large] - 1.0)
-    # merged by (segment, position); a deficit starting exactly at an interval's end is the next one's
-    keys = (np.r_[np.zeros(len(large), np.int8), np.ones(len(small), np.int8)],
-            np.r_[excess_end, deficit_end - (1.0 - q[small])], np.r_[seg_large, seg_small])
-    order = np.lexsort(keys)
-    is_large = order < len(large)
-    larges_before = np.cumsum(is_large) - is_large
-    smalls_before = np.cumsum(~is_large) - ~is_large
+    # one merged order of deficit starts and excess ends, by (segment, position): segments apart
+    # by a stride beyond any segment's length; a deficit starting exactly at an interval's end
+    # is the next interval's. Both searches read the same keys, so they agree.
+    stride = float(sizes.max() + 1)
+    large_key = excess_end + seg_large * stride
+    small_key = deficit_end - (1.0 - q[small]) + seg_small * stride
     # an under-full slot: the first large slot after its start in its segment (else the
     # segment's last one: rounding at the very end)
-    j = np.empty(len(small), np.int64)
-    j[order[~is_large] - len(large)] = larges_before[~is_large]
+    j = np.searchsorted(large_key, small_key, side="right")
     first_after = (j < len(large)) & (seg_large[np.minimum(j, len(large) - 1)] == seg_small)
     j = np.where(first_after, j, j - 1)
     has_large = (j >= 0) & (seg_large[np.maximum(j, 0)] == seg_small)
     prob[small] = np.where(has_large, q[small], 1.0)  # no large slot in the segment: rounding
     alias[small] = np.where(has_large, large[np.maximum(j, 0)], small)
     # a large slot: the last deficit starting before its interval's end, in its segment
-    i = np.empty(len(large), np.int64)
-    i[order[is_large]] = smalls_before[is_large] - 1
+    i = np.searchsorted(small_key, large_key, side="left") - 1
     last = (i >= 0) & (seg_small[np.maximum(i, 0)] == seg_large)
     overflow = np.where(last, deficit_end[np.maximum(i, 0)] - excess_end, 0.0)
     next_same = np.r_[seg_large[1:] == seg_large[:-1], False]  # a segment's last large keeps its slot
