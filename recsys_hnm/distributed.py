@@ -17,6 +17,7 @@ import copy
 import datetime
 import logging
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +102,7 @@ class PeerFailures:
 
     def __init__(self, checkpoint_dir: str | Path, name: str):
         self.folder = Path(checkpoint_dir) / name / "failures" / os.environ.get("TORCHELASTIC_RUN_ID", "local")
+        self.since = time.time() - 60  # a launch that reuses a rendezvous id must not read older reports
 
     @contextlib.contextmanager
     def reported(self, rank: int):
@@ -114,9 +116,12 @@ class PeerFailures:
             raise
 
     def message(self) -> str | None:
-        """The other ranks' errors, or None when none failed."""
-        reports = sorted(self.folder.glob("rank*.txt")) if self.folder.is_dir() else []
-        return "; ".join(p.read_text() for p in reports) or None
+        """The other ranks' errors in this launch, or None when none failed (or none can be read)."""
+        try:
+            reports = sorted(p for p in self.folder.glob("rank*.txt") if p.stat().st_mtime >= self.since)
+            return "; ".join(p.read_text() for p in reports) or None
+        except OSError:
+            return None
 
 
 def check_supported(embedding_optimizer: str, cluster: Cluster | None) -> None:
