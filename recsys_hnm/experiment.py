@@ -205,16 +205,16 @@ def train(config: ExperimentConfig, *, resume: bool | str = False, extra_callbac
     torch.set_num_threads(config.train.num_threads)
     cluster = cluster_from_env()
     if cluster is None:
-        return _train(config, None, None, resume, extra_callbacks)
+        return _train(config, None, resume, extra_callbacks)
     failures = PeerFailures(config.train.checkpoint_dir, config.name)
-    if cluster.chief:
-        return _train(config, cluster, failures, resume, extra_callbacks)
+    if cluster.chief:  # ends the run FAILED with another rank's error when that stopped it
+        return _train(config, cluster, resume, extra_callbacks, failures.message)
     with failures.reported(cluster.rank):
-        return _train(config, cluster, failures, resume, extra_callbacks)
+        return _train(config, cluster, resume, extra_callbacks)
 
 
-def _train(config: ExperimentConfig, cluster: Cluster | None, failures: PeerFailures | None, resume: bool | str,
-           extra_callbacks) -> TrainResult:
+def _train(config: ExperimentConfig, cluster: Cluster | None, resume: bool | str, extra_callbacks,
+           peer_failure=None) -> TrainResult:
     chief, rank, world = (cluster.chief, cluster.rank, cluster.world) if cluster is not None else (True, 0, 1)
     check_supported(config.train.embedding_optimizer, cluster)
     state = None
@@ -244,7 +244,7 @@ def _train(config: ExperimentConfig, cluster: Cluster | None, failures: PeerFail
             "logq": config.sampler.logq, "git_commit": git_commit(), "config_name": config.name, "model": "two_tower",
             **config.tracking.tags}
     tracking = tracked_run(config.tracking.uri, config.tracking.experiment, config.tracking.run_name or config.name, run_id,
-                           None if run_id else tags, failures.message if failures else None) if chief else contextlib.nullcontext()
+                           None if run_id else tags, peer_failure) if chief else contextlib.nullcontext()
     with tracking as run:
         run_id = run.info.run_id if chief else None
         run_id = cluster.broadcast(run_id) if cluster is not None else run_id

@@ -130,17 +130,18 @@ def _top_n_per_row(m: sp.csr_matrix, n: int, cap: int = 64) -> sp.csr_matrix:
     keep = np.zeros(len(data), bool)
     sort_rows = np.arange(m.shape[0])
     if len(data) and data.min() >= 0 and (data == np.round(data)).all():
-        c = np.minimum(data, cap).astype(np.int64)
+        # small dtypes: on Epinions these arrays hold 187 M pairs each
+        c = np.minimum(data, cap).astype(np.int8)
         hist = np.bincount(rows * (cap + 1) + c, minlength=m.shape[0] * (cap + 1)).reshape(-1, cap + 1)
         at_least = np.cumsum(hist[:, ::-1], axis=1)[:, ::-1]  # [row, v]: entries with count >= v
         at_least = np.append(at_least, np.zeros((m.shape[0], 1), np.int64), axis=1)
         threshold = (at_least >= n).sum(axis=1) - 1  # the row's n-th largest count; -1: fewer than n
         room = n - at_least[np.arange(m.shape[0]), threshold + 1]  # places left for entries equal to it
-        t = threshold[rows]
+        t = threshold.astype(np.int8)[rows]
         equal = c == t
-        tie_rank = np.cumsum(equal) - 1  # among the row's tied entries, in column order
-        tie_rank -= np.r_[0, np.cumsum(np.bincount(rows[equal], minlength=m.shape[0]))[:-1]][rows]
-        keep = (c > t) | (equal & (tie_rank < room[rows]))
+        # rank among the row's tied entries, in column order
+        tie_rank = np.cumsum(equal, dtype=np.int64) - np.r_[0, np.cumsum(np.bincount(rows[equal], minlength=m.shape[0]))[:-1]][rows]
+        keep = (c > t) | (equal & (tie_rank <= room[rows]))
         sort_rows = np.flatnonzero(threshold >= cap)
     if len(sort_rows):
         sorted_here = np.zeros(m.shape[0], bool)
