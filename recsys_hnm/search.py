@@ -15,7 +15,8 @@
 
 Each trial is one MLflow child run of the pipeline's parent run (variant ``trial-<n>``, key
 ``search/trial-<n>``); the objective is the best validation value of ``metric`` over the run's
-epochs, so the test split plays no part in the selection. The best config is then trained once
+epochs, so the test split plays no part in the selection. Trials skip ``train.refit`` (only their
+validation is read); the best config's runs keep it. The best config is then trained once
 per seed (variant ``search-best``, key ``search/best/s<seed>``).
 
 Pruned trials: the median pruner stops the training after the epoch it prunes at; the run still
@@ -322,7 +323,8 @@ def run_search(spec: dict, base: str, name: str, uri: str | None, seeds: list[in
             n = trial.number
             pruning = PruningCallback(trial, monitor)
             try:  # a combination the config refuses fails this trial only (no run)
-                config = load_config(base, [*overrides, *_sets(params), *_names(name, f"trial-{n}", uri)])
+                # a trial is read on validation only: the refit on train + valid is the best runs' job
+                config = load_config(base, [*overrides, *_sets(params), "train.refit=false", *_names(name, f"trial-{n}", uri)])
                 config.tracking.tags = {
                     **config.tracking.tags, "variant": f"trial-{n}", PARENT_TAG: name, KEY_TAG: f"search/trial-{n}",
                     "search.trial": str(n), "search.params": json.dumps(params, sort_keys=True),

@@ -52,7 +52,7 @@ def test_search_runs_trials_under_one_parent_and_selects_on_validation(synthetic
         "train.lr": {"type": "float", "low": 0.0005, "high": 0.02, "log": True},
         "model.dim": {"type": "categorical", "choices": [16, 32]},
     }}
-    result = run_search(spec, base, NAME, uri, seeds=[0, 1], overrides=["model.hidden=[32]"])
+    result = run_search(spec, base, NAME, uri, seeds=[0, 1], overrides=["model.hidden=[32]", "train.refit=true"])
 
     parents, trials, best = _runs(uri)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
@@ -61,6 +61,9 @@ def test_search_runs_trials_under_one_parent_and_selects_on_validation(synthetic
     assert all(r.info.status == "FINISHED" and r.data.tags["search.pruned"] == "false" for r in trials)
     assert all(r.data.tags["mlflow.parentRunId"] == parent and r.data.tags["pipeline"] == NAME for r in trials + best)
     assert all(r.data.params["model.hidden"] == "[32]" for r in trials + best)  # the pipeline's overrides apply
+    # trials are selection runs (validation only): the refit is left to the best config's runs
+    assert all(r.data.params["train.refit"] == "False" for r in trials)
+    assert all(r.data.params["train.refit"] == "True" and "refit.epochs" in r.data.metrics for r in best)
     assert [r.data.tags["variant"] for r in trials] == ["trial-0", "trial-1", "trial-2"]
     # the selection: the trial whose best epoch on validation is highest
     best_valid = {r.info.run_id: max(_valid_history(uri, r.info.run_id).values()) for r in trials}
