@@ -135,12 +135,15 @@ class SamplerConfig:
     logq: str = "mixture"  # mixture | per_source | none
     mixture: dict[str, float] = field(default_factory=lambda: {"in_batch": 1.0, "uniform": 1.0})
     known_positives: str = "mask"  # mask | redraw
-    # roles: sources named here are hard (mined) negatives, in the loss without logQ; the others
-    # form the corrected proposal. joint: one softmax over all; separate: softmax(positive vs
+    # roles: sources named here are hard (mined) negatives, extras beside the corrected proposal
+    # that the others form. joint: one softmax over all; separate: softmax(positive vs
     # proposal) + hard_weight * softmax(positive vs hard)
     hard: list[str] = field(default_factory=list)
     hard_loss: str = "joint"
     hard_weight: float = 1.0
+    # what a hard candidate stands for: none, itself (log_q 0); source, the share of its source's
+    # pool it was drawn from (that source's own log n q): see MixtureSampler
+    hard_correction: str = "none"
     false_negative_guard: bool = False  # drop hard negatives scoring above the row's positive
     guard_cooccurrence: int = 0  # > 0: drop hard negatives that at least this many users have together with the positive
     select: SelectConfig = field(default_factory=SelectConfig)
@@ -434,6 +437,7 @@ def validate(c: ExperimentConfig, check_run_name: bool = True) -> None:
     if not any(w > 0 for w in s.mixture.values()):
         raise ConfigError("sampler.mixture: all weights are zero")
     _choice(s.hard_loss, ("joint", "separate"), "sampler.hard_loss")
+    _choice(s.hard_correction, ("none", "source"), "sampler.hard_correction")
     _positive(s.guard_cooccurrence, "sampler.guard_cooccurrence", strict=False)
     _positive(s.hard_weight, "sampler.hard_weight", strict=False)
     for name in s.hard:

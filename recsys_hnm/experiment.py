@@ -140,6 +140,7 @@ def build_sampler(config: ExperimentConfig, data: Interactions, split: Split) ->
     return MixtureSampler(
         components, s.mixture, s.num_negatives, KnownPositives(split.matrix("train")),
         logq=s.logq, known_policy=s.known_positives, hard=set(s.hard), per_row_negatives=s.per_row_negatives,
+        hard_correction=s.hard_correction,
     )
 
 

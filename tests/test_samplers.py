@@ -553,6 +553,8 @@ def test_bad_sampler_configs_are_refused_naming_the_key(synthetic_files, tmp_pat
         small_config(synthetic_files, tmp_path, sampler={"mixture": {"category": 1.0}, "hard": ["category"]})
     with pytest.raises(ConfigError, match="sampler.hard_loss: 'sum' is not one of"):
         small_config(synthetic_files, tmp_path, sampler={"hard_loss": "sum"})
+    with pytest.raises(ConfigError, match="sampler.hard_correction: 'pool' is not one of"):
+        small_config(synthetic_files, tmp_path, sampler={"hard_correction": "pool"})
     config = small_config(synthetic_files, tmp_path, sampler={"mixture": {"copurchase": 1.0}, "copurchase": {"source": "session"}})
     data, split = load_data(config)
     assert build_sampler(config, data, split).counts == {"copurchase": 64}
@@ -640,6 +642,44 @@ def test_sampled_partition_function_is_unbiased(mix_name):
         assert est == pytest.approx(exact)
     if "in_batch" in weights:  # in-batch alone covers every training positive: the whole catalog here
         assert exact.min() == pytest.approx(np.exp(scores).sum())
+
+
+@pytest.mark.parametrize("hard_source", ["popularity", "category", "copurchase"])
+def test_a_hard_source_corrected_by_itself_estimates_its_own_pools_mass(hard_source):
+    """hard_correction=source: each hard candidate weighed by exp(-log n q) of its own source
+    estimates, without bias, the mass of that source's support (the positive left out), so in a
+    joint softmax the mined region counts once more beside the proposal; with ``none`` the same
+    block carries log_q 0."""
+    ic, graph = _small_catalog()
+    components = {
+        "in_batch": InBatchSampler(COUNTS + 1), "uniform": UniformSampler(N_ITEMS),
+        "popularity": PopularitySampler(COUNTS, POP_ALPHA, shared=False),
+        "category": CategorySampler(ic, UniformSampler(N_ITEMS, shared=False), COUNTS, alpha=CAT_ALPHA),
+        "copurchase": CopurchaseSampler(graph, PopularitySampler(COUNTS, FB_POP_ALPHA, shared=False), beta=CP_BETA),
+    }
+    weights = {"in_batch": 1.0, "uniform": 1.0, hard_source: 1.0}
+    corrected = MixtureSampler(components, weights, 16, hard={hard_source}, hard_correction="source")
+    plain = MixtureSampler(components, weights, 16, hard={hard_source})
+    scores = np.random.default_rng(0).uniform(-1.0, 1.0, N_ITEMS)
+    gen = torch.Generator().manual_seed(0)
+    rng = np.random.default_rng(1)
+    B, T = 8, 4000
+    est, exact = np.zeros(T), np.zeros(T)
+    for t in range(T):
+        pos = rng.choice(N_ITEMS, B, p=STREAM)
+        ctx = Context(torch.arange(B), torch.from_numpy(pos))
+        (block,) = [b for b in corrected.sample(ctx, gen) if b.hard]
+        items = block.per_row_items(B)[0].numpy()
+        keep = items != pos[0]
+        est[t] = np.exp(scores[items[keep]] - block.log_q[0].numpy()[keep].astype(np.float64)).sum()
+        support = components[hard_source].log_prob(ctx, torch.arange(N_ITEMS)).expand(B, -1)[0].numpy() > -np.inf
+        support[pos[0]] = False
+        exact[t] = np.exp(scores[support]).sum()
+    assert est.mean() == pytest.approx(exact.mean(), rel=4 * est.std() / np.sqrt(T) / exact.mean() + 1e-3)
+    (block,) = [b for b in plain.sample(ctx, gen) if b.hard]
+    assert not block.log_q.any()
+
+
 
 
 def test_a_memory_bank_joins_the_proposal_and_keeps_the_estimate_unbiased():

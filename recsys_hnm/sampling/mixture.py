@@ -38,8 +38,14 @@ class MixtureSampler:
 
     Roles: each source is a proposal source or, when named in ``hard``, a hard one. The
     proposal sources together are the importance-sampling proposal that logQ corrects; hard
-    sources (mined negatives) enter the loss uncorrected (log_q 0), as extra terms of the one
-    softmax or as a separate loss term (the Trainer's ``hard_loss``).
+    sources (mined negatives) are extra terms beside it, in the one softmax or as a separate loss
+    term (the Trainer's ``hard_loss``). ``hard_correction`` says what a hard candidate stands for:
+      ``none``    itself alone (log_q 0). Beside corrected proposal candidates, each of which
+                  stands for 1 / (n q) items (about 1,000 for 256 uniform draws from 300k
+                  items), such extras barely move a joint softmax;
+      ``source``  the share of its source's pool it was drawn from (log n q of its own source),
+                  so the mined region's mass enters the softmax once more beside the proposal's
+                  estimate of it: hard items weigh twice what the exact softmax gives them.
 
     logq (of the proposal sources):
       ``mixture``     every candidate is corrected by log sum_k n_k q_k(item | context), the
@@ -62,6 +68,7 @@ class MixtureSampler:
         redraw_tries: int = 5,
         hard: frozenset[str] | set[str] = frozenset(),
         per_row_negatives: int | None = None,
+        hard_correction: Literal["none", "source"] = "none",
     ):
         unknown = {k for k, w in weights.items() if w > 0} - set(components)
         if unknown:
@@ -86,6 +93,9 @@ class MixtureSampler:
             raise ValueError(f"hard source(s) {sorted(unknown_hard)} are not in the mixture (sources: {self.names})")
         if FULL in self.hard or not set(self.names) - self.hard:
             raise ValueError(f"the proposal needs a source that is not hard, and 'full' cannot be hard (hard: {sorted(self.hard)})")
+        if hard_correction not in ("none", "source"):
+            raise ValueError(f"hard_correction must be 'none' or 'source', not {hard_correction!r}")
+        self.hard_correction = hard_correction
         self._allocate()
         self.known = known
         self.logq = logq
@@ -136,7 +146,7 @@ class MixtureSampler:
             drawn.append(items)
         # log_q per source over all shared proposal candidates at once, then all per-row ones:
         # sources compute shared items faster (one matmul or scatter instead of B x n lookups).
-        # Hard sources' candidates are not corrected (log_q 0), so they are not computed.
+        # Hard sources' candidates are not part of the proposal's correction.
         parts = {}
         for kind, dims in (("shared", 1), ("per_row", 2)):
             group = [(name, x) for (_, name), x in zip(active, drawn) if x.dim() == dims and name not in self.hard]
@@ -146,8 +156,10 @@ class MixtureSampler:
         blocks, offset = [], {"shared": 0, "per_row": 0}
         for (index, name), items in zip(active, drawn):
             hard = name in self.hard
-            if hard:
+            if hard and self.hard_correction == "none":
                 log_q = torch.zeros(B, items.shape[-1])
+            elif hard:
+                log_q = self.components[name].log_prob(ctx, items).expand(B, -1) + math.log(self.draws(name, batch))
             else:
                 kind = "shared" if items.dim() == 1 else "per_row"
                 start, end = offset[kind], offset[kind] + items.shape[-1]
