@@ -680,8 +680,6 @@ def test_a_hard_source_corrected_by_itself_estimates_its_own_pools_mass(hard_sou
     assert not block.log_q.any()
 
 
-
-
 def test_a_memory_bank_joins_the_proposal_and_keeps_the_estimate_unbiased():
     """A FIFO bank of recent positives holds stream draws: corrected by its own count alone it
     estimates Z a second time (about 2Z beside in-batch + uniform); joined to the mixture (every
