@@ -597,6 +597,18 @@ Z_MIXES = {
 }
 
 
+def _small_catalog_sources() -> dict:
+    """Every source over the small catalog, as the partition-function tests mix them."""
+    ic, graph = _small_catalog()
+    return {
+        "in_batch": InBatchSampler(COUNTS + 1), "uniform": UniformSampler(N_ITEMS),
+        "popularity": PopularitySampler(COUNTS, POP_ALPHA),
+        "category": CategorySampler(ic, UniformSampler(N_ITEMS, shared=False), COUNTS, alpha=CAT_ALPHA),
+        "copurchase": CopurchaseSampler(graph, PopularitySampler(COUNTS, FB_POP_ALPHA, shared=False), beta=CP_BETA),
+        "full": FullCatalog(N_ITEMS),
+    }
+
+
 @pytest.mark.parametrize("mix_name", list(Z_MIXES))
 def test_sampled_partition_function_is_unbiased(mix_name):
     """Z = sum_j exp(s_j). With log_q the expected count of each candidate under the whole
@@ -605,16 +617,7 @@ def test_sampled_partition_function_is_unbiased(mix_name):
     (so in-batch candidates are real draws); per-row sources are conditioned on each positive.
     As in the loss, the positive is its own term and candidates equal to it are masked."""
     weights, hard = Z_MIXES[mix_name] if isinstance(Z_MIXES[mix_name], tuple) else (Z_MIXES[mix_name], set())
-    ic, graph = _small_catalog()
-    uniform = UniformSampler(N_ITEMS, shared=False)
-    components = {
-        "in_batch": InBatchSampler(COUNTS + 1), "uniform": UniformSampler(N_ITEMS),
-        "popularity": PopularitySampler(COUNTS, POP_ALPHA),
-        "category": CategorySampler(ic, uniform, COUNTS, alpha=CAT_ALPHA),
-        "copurchase": CopurchaseSampler(graph, PopularitySampler(COUNTS, FB_POP_ALPHA, shared=False), beta=CP_BETA),
-        "full": FullCatalog(N_ITEMS),
-    }
-    mix = MixtureSampler(components, weights, 16, hard=hard)
+    mix = MixtureSampler(_small_catalog_sources(), weights, 16, hard=hard)
     scores = np.random.default_rng(0).uniform(-1.0, 1.0, N_ITEMS)
     gen = torch.Generator().manual_seed(0)
     rng = np.random.default_rng(1)
@@ -650,13 +653,7 @@ def test_a_hard_source_corrected_by_itself_estimates_its_own_pools_mass(hard_sou
     estimates, without bias, the mass of that source's support (the positive left out), so in a
     joint softmax the mined region counts once more beside the proposal; with ``none`` the same
     block carries log_q 0."""
-    ic, graph = _small_catalog()
-    components = {
-        "in_batch": InBatchSampler(COUNTS + 1), "uniform": UniformSampler(N_ITEMS),
-        "popularity": PopularitySampler(COUNTS, POP_ALPHA, shared=False),
-        "category": CategorySampler(ic, UniformSampler(N_ITEMS, shared=False), COUNTS, alpha=CAT_ALPHA),
-        "copurchase": CopurchaseSampler(graph, PopularitySampler(COUNTS, FB_POP_ALPHA, shared=False), beta=CP_BETA),
-    }
+    components = _small_catalog_sources()
     weights = {"in_batch": 1.0, "uniform": 1.0, hard_source: 1.0}
     corrected = MixtureSampler(components, weights, 16, hard={hard_source}, hard_correction="source")
     plain = MixtureSampler(components, weights, 16, hard={hard_source})

@@ -159,7 +159,7 @@ class MixtureSampler:
             if hard and self.hard_correction == "none":
                 log_q = torch.zeros(B, items.shape[-1])
             elif hard:
-                log_q = self.components[name].log_prob(ctx, items).expand(B, -1) + math.log(self.draws(name, batch))
+                log_q = self._own_log_q(ctx, name, items)
             else:
                 kind = "shared" if items.dim() == 1 else "per_row"
                 start, end = offset[kind], offset[kind] + items.shape[-1]
@@ -175,6 +175,10 @@ class MixtureSampler:
         ``extra`` source's log count [n] (e.g. a memory bank's), under the mixture correction."""
         return torch.logaddexp(self._log_q(ctx, items, []), extra.expand(len(ctx), -1))
 
+    def _own_log_q(self, ctx: Context, name: str, items: torch.Tensor) -> torch.Tensor:
+        """[B, n]: log expected count of ``items`` among source ``name``'s draws alone."""
+        return self.components[name].log_prob(ctx, items).expand(len(ctx), -1) + math.log(self.draws(name, ctx.in_batch_size))
+
     def _log_q(self, ctx: Context, candidates: torch.Tensor, widths: list[tuple[str, int]]) -> torch.Tensor:
         """[B, N] log expected count of each candidate ([N] shared or [B, N]) under the chosen
         correction."""
@@ -185,7 +189,7 @@ class MixtureSampler:
             parts, start = [], 0
             for name, width in widths:
                 cols = candidates[..., start:start + width]
-                parts.append(self.components[name].log_prob(ctx, cols).expand(B, -1) + math.log(self.draws(name, batch)))
+                parts.append(self._own_log_q(ctx, name, cols))
                 start += width
             return torch.cat(parts, dim=1)
         total = None

@@ -62,8 +62,9 @@ def _build(seg: np.ndarray, w: np.ndarray, sizes: np.ndarray, totals: np.ndarray
     before it) reaches past the interval's end, and takes the next large slot as its alias.
     Both come from the same merged order, so float rounding at ties moves a deficit to a
     neighbour's interval without losing mass (a first version, which placed the large slots
-    by the deficits' ends instead, lost whole deficits at such ties). The earlier rounds of bulk matching needed one round per link
-    of the longest chain: minutes on Epinions' co-purchase graph.
+    by the deficits' ends instead, lost whole deficits at such ties). The earlier rounds of
+    bulk matching needed one round per link of the longest chain: minutes on Epinions'
+    co-purchase graph.
     """
     with np.errstate(divide="ignore", invalid="ignore"):
         q = np.where(totals[seg] > 0, w * sizes[seg] / totals[seg], 1.0)
