@@ -5,9 +5,9 @@ import pandas as pd
 import pytest
 import torch
 
-from recsys_hnm.data import Interactions, leave_last_out
-from recsys_hnm.evaluation import Evaluator, popularity_scorer
-from recsys_hnm.evaluation.evaluator import top_k
+from recsys_hnm.data import Interactions, leave_last_out, ratio_split
+from recsys_hnm.evaluation import Evaluator, popularity_scorer, ranking_metrics
+from recsys_hnm.evaluation.evaluator import RANKED_BY_COUNT, top_k
 
 
 def test_top_k_breaks_ties_by_lower_item_index():
@@ -92,3 +92,34 @@ def test_a_masked_item_in_a_short_list_is_never_a_hit():
     split = leave_last_out(data)
     values = Evaluator(split, "test", ks=[3]).evaluate(popularity_scorer(np.ones(data.n_items)))
     assert values["hr@3"] == 0.0
+
+
+def _metrics_from_top_k(ev: Evaluator, scorer, kmax: int) -> dict:
+    """The plain reference: a top-k of every row, then which of its items are relevant."""
+    top, scores = ev.top_k(scorer, ev.users, kmax)
+    hits = ev.relevant.contains(ev.users, top) & torch.isfinite(scores)
+    hits = torch.nn.functional.pad(hits, (0, kmax - hits.shape[1]))
+    return ranking_metrics(hits, ev.n_relevant, ev.ks)
+
+
+@pytest.mark.parametrize("levels", [3, 0])  # 3: many ties, at and around the relevant items; 0: distinct floats
+def test_ranking_by_counting_gives_the_top_k_metrics(levels):
+    # 1 to 12 relevant items per user (a ratio split), so both paths run: counting for rows with
+    # few relevant items, the top-k for the others
+    rng = np.random.default_rng(0)
+    rows = [(u, i, t) for u in range(60) for t, i in enumerate(rng.choice(40, rng.integers(5, 40), replace=False))]
+    frame = pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"])
+    split = ratio_split(Interactions.from_frames(frame), (0.5, 0.2, 0.3))
+    ev = Evaluator(split, "test", ks=[1, 5, 10], chunk_size=7)
+    n_rel = ev.n_relevant.numpy()
+    assert (n_rel <= RANKED_BY_COUNT).any() and (n_rel > RANKED_BY_COUNT).any()
+    gen = torch.Generator().manual_seed(2)
+    table = torch.randint(0, levels, (60, 40), generator=gen).float() if levels else torch.randn(60, 40, generator=gen)
+    scorer = lambda users: table[users].clone()  # noqa: E731
+    got = ev.evaluate(scorer, per_user=True)
+    expected = _metrics_from_top_k(ev, scorer, 10)
+    for name, values in expected.items():
+        assert torch.allclose(got[name], values), name
+    # a catalog shorter than K: every unmasked item is ranked
+    short = Evaluator(split, "test", ks=[50])
+    assert torch.allclose(short.evaluate(scorer, per_user=True)["ndcg@50"], _metrics_from_top_k(short, scorer, 50)["ndcg@50"])

@@ -15,10 +15,12 @@ from ..sparse import row_ids
 from .metrics import ranking_metrics
 
 Scorer = Callable[[torch.Tensor], torch.Tensor]  # user indices [c] -> scores [c, n_items]
+# rows with at most this many relevant items are ranked by counting (Evaluator._hits), the others by a top-k
+RANKED_BY_COUNT = 4
 
 
 class Evaluator:
-    """Scores users of ``phase`` in chunks (scores, mask, top-k), so memory stays at
+    """Scores users of ``phase`` in chunks (scores, mask, rank), so memory stays at
     ``chunk_size x n_items`` floats, and at most ``max_cells`` of them, whatever the number of
     users or items. Users without items in the phase are skipped; the items a user had before the
     phase (``Split.known``) are masked."""
@@ -56,15 +58,49 @@ class Evaluator:
 
     def evaluate(self, scorer: Scorer, per_user: bool = False) -> dict:
         kmax = max(self.ks)
+        hits = torch.zeros(len(self.users), kmax, dtype=torch.bool)
         with torch.no_grad():
-            top, scores = self.top_k(scorer, self.users, kmax)
-            hits = self.relevant.contains(self.users, top) & torch.isfinite(scores)  # masked items never hit
-            if hits.shape[1] < kmax:  # K beyond the catalog: the missing ranks are misses
-                hits = torch.nn.functional.pad(hits, (0, kmax - hits.shape[1]))
+            for start in range(0, len(self.users), self.chunk_size):
+                chunk = self.users[start:start + self.chunk_size]
+                s = scorer(chunk)
+                mask_known(s, self.known, chunk)
+                hits[start:start + len(chunk)] = self._hits(s, chunk, kmax)
             values = ranking_metrics(hits, self.n_relevant, self.ks)
         if per_user:
             return values
         return {name: float(v.mean()) for name, v in values.items()}
+
+    def _hits(self, scores: torch.Tensor, users: torch.Tensor, kmax: int) -> torch.Tensor:
+        """[c, kmax] bool: is the item at rank r of each row relevant (ranked as ``top_k`` does)?
+
+        Metrics need only where the relevant items rank. A row with few of them (leave-last-out:
+        one) gets each one's rank by counting the items that score above it, and its ties with
+        lower indices: one compare-and-count pass per relevant item, a fraction of a top-k's
+        cost. Rows with more relevant items take the top-k. Masked (non-finite) items never hit.
+        """
+        truth = self.truth[users.numpy()]
+        n_rel = np.diff(truth.indptr)
+        hits = torch.zeros(len(users), kmax, dtype=torch.bool)
+        many = n_rel > RANKED_BY_COUNT
+        if many.any():
+            rows = torch.from_numpy(np.flatnonzero(many))
+            top, top_scores = top_k(scores[rows], kmax)
+            found = self.relevant.contains(users[rows], top) & torch.isfinite(top_scores)
+            hits[rows, :found.shape[1]] = found
+        s = scores.numpy()
+        for m in range(int(n_rel[~many].max(initial=0))):  # the m-th relevant item of each row that has one
+            rows = np.flatnonzero(~many & (n_rel > m))
+            items = truth.indices[truth.indptr[rows] + m]
+            block = s if len(rows) == len(s) else s[rows]
+            target = block[np.arange(len(rows)), items]
+            above = np.count_nonzero(block > target[:, None], axis=1)
+            near = np.flatnonzero(np.isfinite(target) & (above < kmax))  # may rank within kmax
+            # equal scores go to the lower item index
+            ties = (block[near] == target[near, None]) & (np.arange(s.shape[1]) < items[near, None])
+            rank = above[near] + np.count_nonzero(ties, axis=1)
+            inside = rank < kmax
+            hits[torch.from_numpy(rows[near[inside]]), torch.from_numpy(rank[inside])] = True
+        return hits
 
 
 def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
