@@ -1,10 +1,10 @@
-"""A full index refresh (build + mining the pools of 100,000 users) with Annoy and faiss HNSW vs exact search,
+"""A full index refresh (build + mining the pools of 100,000 users) with Annoy, faiss HNSW and faiss IVF vs exact search,
 on clustered d=64 embeddings of 100,000 and 1,000,000 items (clusters of --items-per-cluster
 items, queries drawn around the same centres); prints JSON, one object per size.
 
 Exact search is timed on a sample of queries and scaled linearly (said so in the output).
-Annoy: 10 trees, search_k 10,000; HNSW: the library's defaults (M, efConstruction, efSearch in the
-JSON); both cores.
+Annoy: 10 trees, search_k 10,000; HNSW and IVF: the library's defaults (M, efConstruction, efSearch;
+nlist, nprobe in the JSON); both cores.
 "best": the backend with the largest speedup over exact among those with recall@100 >= 0.9.
 Usage: python benchmarks/index_refresh.py [--sizes 100000 1000000] [--queries 100000]
 """
@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recsys_hnm.index import AnnoyItemIndex, ExactIndex, HnswItemIndex, recall_at_k
-from recsys_hnm.index.item_index import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M
+from recsys_hnm.index import AnnoyItemIndex, ExactIndex, HnswItemIndex, IvfItemIndex, recall_at_k
+from recsys_hnm.index.item_index import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M, IVF_NPROBE
 
 DIM, K = 64, 100
 
@@ -40,8 +40,9 @@ def run(n_items: int, n_queries: int, exact_sample: int, n_trees: int, search_k:
     builders = {
         "annoy": lambda path: AnnoyItemIndex.build(items, path, n_trees=n_trees, search_k=search_k, n_jobs=jobs),
         "hnsw": lambda path: HnswItemIndex.build(items, path, n_jobs=jobs),
+        "ivf": lambda path: IvfItemIndex.build(items, path, n_jobs=jobs),
     }
-    timed = {}
+    timed, nlist = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, build in builders.items():
             start = time.perf_counter()
@@ -50,6 +51,7 @@ def run(n_items: int, n_queries: int, exact_sample: int, n_trees: int, search_k:
             start = time.perf_counter()
             found = index.search(queries, K)
             timed[name] = (build_s, time.perf_counter() - start, found)
+            nlist[name] = index.meta.get("nlist")
     exact = ExactIndex(items)
     sample = min(exact_sample, n_queries)
     start = time.perf_counter()
@@ -64,6 +66,7 @@ def run(n_items: int, n_queries: int, exact_sample: int, n_trees: int, search_k:
         }
     out["annoy"].update(n_trees=n_trees, search_k=search_k)
     out["hnsw"].update(m=HNSW_M, ef_construction=HNSW_EF_CONSTRUCTION, ef_search=HNSW_EF_SEARCH)
+    out["ivf"].update(nlist=nlist["ivf"], nprobe=IVF_NPROBE)
     out["exact"] = {"mine_s": round(exact_mine_s, 2), "queries_per_s": round(n_queries / exact_mine_s),
                     "timed_queries": sample, "scaled_linearly": sample < n_queries}
     good = [name for name in timed if out[name]["recall_at_100"] >= 0.9]

@@ -328,7 +328,7 @@ def build_trainer(config: ExperimentConfig, data: Interactions, split: Split, sa
             sampler.components["ann"], sampler, exclude=split.matrix("train"), backend=a.backend,
             refresh_every=a.refresh_every, warmup_epochs=a.warmup_epochs, ramp_epochs=a.ramp_epochs,
             index_path=index_path, n_trees=a.n_trees, search_k=a.search_k, n_jobs=a.n_jobs, hnsw_m=a.hnsw_m,
-            ef_construction=a.ef_construction, ef_search=a.ef_search,
+            ef_construction=a.ef_construction, ef_search=a.ef_search, ivf_nlist=a.ivf_nlist, ivf_nprobe=a.ivf_nprobe,
             recall_sample=a.recall_sample, seed=config.train.seed,
         )
         callbacks = [refresh, *callbacks]

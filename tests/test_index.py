@@ -7,8 +7,8 @@ from mlflow.tracking import MlflowClient
 from recsys_hnm.config import ConfigError, config_from_dict
 from recsys_hnm.experiment import train
 from recsys_hnm.index import (
-    AnnoyItemIndex, AnnSampler, ExactIndex, HnswItemIndex, IndexFileError, IndexRefresh, load_index, make_index, recall_at_k,
-    resolve_window,
+    AnnoyItemIndex, AnnSampler, ExactIndex, HnswItemIndex, IndexFileError, IndexRefresh, IvfItemIndex, load_index, make_index,
+    recall_at_k, resolve_window,
 )
 from recsys_hnm.io import atomic_write
 from recsys_hnm.sampling import Context, MixtureSampler, UniformSampler
@@ -47,18 +47,19 @@ def test_annoy_agrees_with_exact_on_a_small_index(tmp_path, normalise):
 
 
 @pytest.mark.parametrize("normalise", [True, False])
-def test_hnsw_agrees_with_exact_and_its_file_is_validated(tmp_path, normalise):
+@pytest.mark.parametrize("backend", ["hnsw", "ivf"])
+def test_faiss_indexes_agree_with_exact_and_their_files_are_validated(tmp_path, normalise, backend):
     items = clustered(2000, 16, normalise=normalise)
     queries = clustered(100, 16, seed=1, normalise=normalise)
-    path = tmp_path / "i.hnsw"
-    hnsw = make_index(items, "hnsw", path, hnsw_m=16, ef_search=200)
-    assert isinstance(hnsw, HnswItemIndex)
+    path = tmp_path / f"i.{backend}"
+    index = make_index(items, backend, path, hnsw_m=16, ef_search=200, ivf_nprobe=16)
+    assert isinstance(index, {"hnsw": HnswItemIndex, "ivf": IvfItemIndex}[backend])
     exact = ExactIndex(items)
-    assert recall_at_k(hnsw.search(queries, 20), exact.search(queries, 20)) > 0.95  # inner product, normalised or not
+    assert recall_at_k(index.search(queries, 20), exact.search(queries, 20)) > 0.95  # inner product, normalised or not
     exclude = sp.csr_matrix((np.ones(100), (np.arange(100), exact.search(queries, 1)[:, 0])), shape=(100, 2000))
-    assert not (hnsw.search(queries, 10, exclude) == exclude.indices[:, None]).any()
-    loaded = load_index(path, dim=16, ef_search=200)
-    assert np.array_equal(loaded.search(queries, 10), hnsw.search(queries, 10))
+    assert not (index.search(queries, 10, exclude) == exclude.indices[:, None]).any()
+    loaded = load_index(path, dim=16, ef_search=200, ivf_nprobe=16)
+    assert np.array_equal(loaded.search(queries, 10), index.search(queries, 10))
     with pytest.raises(IndexFileError, match="built for dimension 16, not 8"):
         load_index(path, dim=8)
     data = path.read_bytes()
@@ -180,6 +181,10 @@ def test_bad_ann_configs_are_refused():
         config_from_dict({"sampler": {"ann": {"refresh_every": 0}}})
     with pytest.raises(ConfigError, match="sampler.ann.window"):
         config_from_dict({"sampler": {"ann": {"window": [100, 10]}}})
+    with pytest.raises(ConfigError, match="sampler.ann.ivf_nprobe: must be > 0"):
+        config_from_dict({"sampler": {"ann": {"backend": "ivf", "ivf_nprobe": 0}}})
+    with pytest.raises(ConfigError, match="sampler.ann.backend"):
+        config_from_dict({"sampler": {"ann": {"backend": "ivfpq"}}})
     with pytest.raises(ConfigError, match="ann needs another source"):
         config_from_dict({"sampler": {"mixture": {"ann": 1.0}}})
 
@@ -242,6 +247,6 @@ def test_refresh_mines_the_window_of_the_real_model_with_item_bias():
 def test_auto_backend_follows_the_measured_size_thresholds(tmp_path, monkeypatch):
     from recsys_hnm.index import item_index
 
-    monkeypatch.setattr(item_index, "AUTO_HNSW_MIN_ITEMS", 100)
+    monkeypatch.setattr(item_index, "AUTO_ANN_MIN_ITEMS", 100)
     assert isinstance(make_index(clustered(99, 8), "auto", tmp_path / "a"), ExactIndex)
-    assert isinstance(make_index(clustered(150, 8), "auto", tmp_path / "b"), HnswItemIndex)
+    assert isinstance(make_index(clustered(150, 8), "auto", tmp_path / "b"), IvfItemIndex)

@@ -1,6 +1,6 @@
-"""Item indexes over embeddings: Annoy (approximate) and exact (matmul + top-k), one interface.
+"""Item indexes over embeddings: exact (matmul + top-k), Annoy, and faiss HNSW and IVF, one interface.
 
-Both answer "the top-k items for each query vector by inner product, leaving out each query's
+All answer "the top-k items for each query vector by inner product, leaving out each query's
 excluded items". L2-normalised embeddings use Annoy's angular metric (same order as the dot
 product); other vectors use the standard MIPS augmentation: items get an extra coordinate
 sqrt(M^2 - |x|^2), queries a 0, and the Euclidean nearest neighbour is the maximum inner product.
@@ -26,10 +26,13 @@ from ..io import atomic_write
 from ..sparse import SortedPairs
 
 # Measured on 2 cores (benchmarks/index_refresh.py, README): below 100,000 items exact search
-# wins; from there faiss HNSW refreshes fastest (Annoy loses to exact at 100,000 items).
-AUTO_HNSW_MIN_ITEMS = 100_000
-# HNSW defaults: those of the config (chosen there by measurement)
+# wins; from there faiss IVF refreshes fastest (HNSW's build is most of its refresh, and Annoy
+# loses to exact at 100,000 items).
+AUTO_ANN_MIN_ITEMS = 100_000
+# HNSW and IVF defaults: those of the config (chosen there by measurement)
 HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = AnnConfig.hnsw_m, AnnConfig.ef_construction, AnnConfig.ef_search
+IVF_NLIST, IVF_NPROBE = AnnConfig.ivf_nlist, AnnConfig.ivf_nprobe
+IVF_KMEANS_ITERATIONS = 10  # faiss' default is 25: a refresh needs cells, not a converged k-means (recall in the benchmark)
 
 
 class IndexFileError(ValueError):
@@ -154,48 +157,56 @@ class AnnoyItemIndex:
         _copy_index(self.path, Path(path), self.meta)
 
 
-class HnswItemIndex:
-    """A faiss HNSW graph (``IndexHNSWFlat``, inner product) kept in a file: ``m`` links per node,
-    ``ef_construction`` and ``ef_search`` the build and search beam widths (search uses at least
-    k); faiss searches a batch of queries on ``n_jobs`` threads."""
+class FaissItemIndex:
+    """A faiss index kept in a file, over the vectors as ``_mips_vectors`` stores them (inner
+    product for unit vectors, else the MIPS augmentation to L2, since an index over inner
+    products, which is no metric, loses recall: 0.91 at 2,000 items in the HNSW test). faiss
+    searches a batch of queries on ``n_jobs`` threads. Subclasses say how the index is made
+    (``_new``) and set its search width for ``k`` results (``_prepare``)."""
 
-    def __init__(self, index, meta: dict, path: Path, ef_search: int = HNSW_EF_SEARCH, n_jobs: int = 2):
+    backend = ""
+
+    def __init__(self, index, meta: dict, path: Path, n_jobs: int = 2):
         self.index, self.meta, self.path = index, meta, path
         self.n_items, self.dim = meta["n_items"], meta["dim"]
-        self.ef_search, self.n_jobs = ef_search, max(1, n_jobs)
+        self.n_jobs = max(1, n_jobs)
 
     @classmethod
-    def build(cls, vectors: np.ndarray, path: str | Path, m: int = HNSW_M, ef_construction: int = HNSW_EF_CONSTRUCTION,
-              ef_search: int = HNSW_EF_SEARCH, n_jobs: int = 2, seed: int = 0) -> "HnswItemIndex":
+    def _build(cls, vectors: np.ndarray, path: str | Path, n_jobs: int, params: dict, **new_options) -> tuple:
+        """(faiss index, meta, path): made by ``_new``, filled with ``vectors``, written atomically with its metadata."""
         import faiss
 
         vectors = np.asarray(vectors, dtype=np.float32)
         n, dim = vectors.shape
         faiss.omp_set_num_threads(max(1, n_jobs))
-        # unit vectors: inner product directly; others: the MIPS augmentation to L2, since a graph
-        # over inner products, which is no metric, loses recall (0.91 at 2,000 items in the test)
         stored, augmented = _mips_vectors(vectors)
-        metric = "l2" if augmented else "inner_product"
-        index = faiss.IndexHNSWFlat(stored.shape[1], m, faiss.METRIC_L2 if augmented else faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = ef_construction
-        index.add(np.ascontiguousarray(stored))  # insertion order is the only randomness: deterministic for given vectors
+        stored = np.ascontiguousarray(stored)
+        index = cls._new(stored, faiss.METRIC_L2 if augmented else faiss.METRIC_INNER_PRODUCT, **new_options)
+        index.add(stored)
         path = Path(path)
         atomic_write(path, lambda tmp: faiss.write_index(index, tmp))
-        meta = {"backend": "hnsw", "dim": dim, "n_items": n, "metric": metric, "m": m, "ef_construction": ef_construction,
+        meta = {"backend": cls.backend, "dim": dim, "n_items": n, "metric": "l2" if augmented else "inner_product", **params,
                 "bytes": path.stat().st_size, "sha256": _sha256(path)}
         _write_meta(path, meta)
-        return cls(index, meta, path, ef_search, n_jobs)
+        return index, meta, path
 
     @classmethod
-    def load(cls, path: str | Path, dim: int | None = None, ef_search: int = HNSW_EF_SEARCH, n_jobs: int = 2, verify: bool = True) -> "HnswItemIndex":
+    def _read(cls, path: str | Path, dim: int | None, verify: bool) -> tuple:
         import faiss
 
         path = Path(path)
-        meta = _checked_meta(path, "hnsw", dim, verify)
+        meta = _checked_meta(path, cls.backend, dim, verify)
         index = faiss.read_index(str(path))
         if index.ntotal != meta["n_items"]:
             raise IndexFileError(f"{path}: holds {index.ntotal} items, expected {meta['n_items']}")
-        return cls(index, meta, path, ef_search, n_jobs)
+        return index, meta, path
+
+    @staticmethod
+    def _new(stored: np.ndarray, metric: int, **options):
+        raise NotImplementedError
+
+    def _prepare(self, k: int) -> None:
+        """Set the search width for ``k`` results."""
 
     def search(self, queries: np.ndarray, k: int, exclude: sp.csr_matrix | None = None, chunk: int = 1024) -> np.ndarray:
         import faiss
@@ -208,7 +219,7 @@ class HnswItemIndex:
         for start in range(0, len(q), chunk):
             rows = np.arange(start, min(start + chunk, len(q)))
             kk = int(min(k + extra[rows].max(), self.n_items))  # room for the excluded items
-            self.index.hnsw.efSearch = max(self.ef_search, kk)
+            self._prepare(kk)
             _, found = self.index.search(q[rows], kk)
             drop = found < 0
             if excluded is not None:
@@ -224,37 +235,116 @@ class HnswItemIndex:
         _copy_index(self.path, Path(path), self.meta)
 
 
-BACKENDS = ("auto", "exact", "annoy", "hnsw")
+class HnswItemIndex(FaissItemIndex):
+    """faiss HNSW (``IndexHNSWFlat``): ``m`` links per node, ``ef_construction`` and ``ef_search``
+    the build and search beam widths (search uses at least k)."""
+
+    backend = "hnsw"
+
+    def __init__(self, index, meta: dict, path: Path, ef_search: int = HNSW_EF_SEARCH, n_jobs: int = 2):
+        super().__init__(index, meta, path, n_jobs)
+        self.ef_search = ef_search
+
+    @classmethod
+    def build(cls, vectors: np.ndarray, path: str | Path, m: int = HNSW_M, ef_construction: int = HNSW_EF_CONSTRUCTION,
+              ef_search: int = HNSW_EF_SEARCH, n_jobs: int = 2, seed: int = 0) -> "HnswItemIndex":
+        # insertion order is the only randomness: deterministic for given vectors, whatever the seed
+        index, meta, path = cls._build(vectors, path, n_jobs, {"m": m, "ef_construction": ef_construction}, m=m, ef_construction=ef_construction)
+        return cls(index, meta, path, ef_search, n_jobs)
+
+    @staticmethod
+    def _new(stored: np.ndarray, metric: int, m: int, ef_construction: int):
+        import faiss
+
+        index = faiss.IndexHNSWFlat(stored.shape[1], m, metric)
+        index.hnsw.efConstruction = ef_construction
+        return index
+
+    @classmethod
+    def load(cls, path: str | Path, dim: int | None = None, ef_search: int = HNSW_EF_SEARCH, n_jobs: int = 2, verify: bool = True) -> "HnswItemIndex":
+        return cls(*cls._read(path, dim, verify), ef_search, n_jobs)
+
+    def _prepare(self, k: int) -> None:
+        self.index.hnsw.efSearch = max(self.ef_search, k)
+
+
+class IvfItemIndex(FaissItemIndex):
+    """faiss inverted lists (``IndexIVFFlat``): k-means cuts the items into ``nlist`` cells (0:
+    2 sqrt(n)), and a query scans the items of its ``nprobe`` nearest cells exactly. Its build is
+    a short k-means and one assignment pass, which is what a refresh every epoch needs: at
+    1,000,000 items it refreshed 2.5x faster than HNSW at recall@100 0.92 (benchmarks/index_refresh.py)."""
+
+    backend = "ivf"
+
+    def __init__(self, index, meta: dict, path: Path, nprobe: int = IVF_NPROBE, n_jobs: int = 2):
+        super().__init__(index, meta, path, n_jobs)
+        self.nprobe = nprobe
+
+    @classmethod
+    def build(cls, vectors: np.ndarray, path: str | Path, nlist: int = 0, nprobe: int = IVF_NPROBE, n_jobs: int = 2,
+              seed: int = 0) -> "IvfItemIndex":
+        n = len(vectors)
+        nlist = int(min(n, nlist or max(1, round(2 * np.sqrt(n)))))
+        index, meta, path = cls._build(vectors, path, n_jobs, {"nlist": nlist}, nlist=nlist, seed=seed)
+        return cls(index, meta, path, nprobe, n_jobs)
+
+    @staticmethod
+    def _new(stored: np.ndarray, metric: int, nlist: int, seed: int):
+        import faiss
+
+        quantizer = faiss.IndexFlatIP(stored.shape[1]) if metric == faiss.METRIC_INNER_PRODUCT else faiss.IndexFlatL2(stored.shape[1])
+        index = faiss.IndexIVFFlat(quantizer, stored.shape[1], nlist, metric)
+        index.cp.niter, index.cp.seed = IVF_KMEANS_ITERATIONS, seed
+        # k-means on a seeded sample of 40 points per cell (faiss asks for at least 39)
+        sample = np.random.default_rng(seed).choice(len(stored), min(len(stored), 40 * nlist), replace=False)
+        index.train(stored[np.sort(sample)])
+        return index
+
+    @classmethod
+    def load(cls, path: str | Path, dim: int | None = None, nprobe: int = IVF_NPROBE, n_jobs: int = 2, verify: bool = True) -> "IvfItemIndex":
+        return cls(*cls._read(path, dim, verify), nprobe, n_jobs)
+
+    def _prepare(self, k: int) -> None:
+        self.index.nprobe = min(self.nprobe, self.meta["nlist"])
+
+
+BACKENDS = ("auto", "exact", "annoy", "hnsw", "ivf")
 
 
 def make_index(vectors: np.ndarray, backend: str = "auto", path: str | Path | None = None, *, n_trees: int = 10,
                search_k: int = -1, n_jobs: int = 2, seed: int = 0, hnsw_m: int = HNSW_M,
-               ef_construction: int = HNSW_EF_CONSTRUCTION, ef_search: int = HNSW_EF_SEARCH) -> ItemIndex:
-    """``exact``, ``annoy``, ``hnsw`` (faiss), or ``auto``: what measured fastest per catalog size
-    (exact below AUTO_HNSW_MIN_ITEMS, HNSW from there: 5.8x exact at 100,000 items and 8.1x at
-    1,000,000, where Annoy is 3.9x; Annoy stays the memory-mapped, fork-friendly choice)."""
+               ef_construction: int = HNSW_EF_CONSTRUCTION, ef_search: int = HNSW_EF_SEARCH,
+               ivf_nlist: int = IVF_NLIST, ivf_nprobe: int = IVF_NPROBE) -> ItemIndex:
+    """``exact``, ``annoy``, ``hnsw`` or ``ivf`` (faiss), or ``auto``: what measured fastest per
+    catalog size (benchmarks/index_refresh.py: exact below AUTO_ANN_MIN_ITEMS, IVF from there;
+    Annoy stays the memory-mapped, fork-friendly choice)."""
     if backend not in BACKENDS:
         raise ValueError(f"index backend must be one of {BACKENDS}, not {backend!r}")
     if backend == "auto":
-        backend = "exact" if len(vectors) < AUTO_HNSW_MIN_ITEMS else "hnsw"
+        backend = "exact" if len(vectors) < AUTO_ANN_MIN_ITEMS else "ivf"
     if backend == "exact":
         return ExactIndex(vectors)
     if path is None:
         path = Path(tempfile.mkdtemp(prefix="recsys-hnm-index-")) / "items.index"
     if backend == "hnsw":
         return HnswItemIndex.build(vectors, path, hnsw_m, ef_construction, ef_search, n_jobs, seed)
+    if backend == "ivf":
+        return IvfItemIndex.build(vectors, path, ivf_nlist, ivf_nprobe, n_jobs, seed)
     return AnnoyItemIndex.build(vectors, path, n_trees=n_trees, search_k=search_k, n_jobs=n_jobs, seed=seed)
 
 
 def load_index(path: str | Path, dim: int | None = None, **options) -> ItemIndex:
     """An index saved by ``save``, refused with a clear error when missing, truncated or built
     for another dimension. ``options``: search settings; each backend takes its own
-    (annoy: search_k, n_jobs; hnsw: ef_search, n_jobs) and the rest do not apply to it."""
+    (annoy: search_k, n_jobs; hnsw: ef_search, n_jobs; ivf: ivf_nprobe, n_jobs) and the rest do
+    not apply to it."""
     meta = _read_meta(Path(path))
     if meta["backend"] == "annoy":
         return AnnoyItemIndex.load(path, dim, **{k: options[k] for k in ("search_k", "n_jobs") if k in options})
     if meta["backend"] == "hnsw":
         return HnswItemIndex.load(path, dim, **{k: options[k] for k in ("ef_search", "n_jobs") if k in options})
+    if meta["backend"] == "ivf":
+        return IvfItemIndex.load(path, dim, nprobe=options.get("ivf_nprobe", IVF_NPROBE), n_jobs=options.get("n_jobs", 2))
     vectors = torch.load(path, weights_only=True)
     if dim is not None and vectors.shape[1] != dim:
         raise IndexFileError(f"{path}: built for dimension {vectors.shape[1]}, not {dim}")

@@ -13,7 +13,7 @@ from ..models import item_embeddings, user_embeddings
 from ..sampling import MixtureSampler
 from ..training.callbacks import Callback
 from .ann_sampler import AnnSampler
-from .item_index import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M, ExactIndex, load_index, make_index, recall_at_k
+from .item_index import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M, IVF_NLIST, IVF_NPROBE, ExactIndex, load_index, make_index, recall_at_k
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,8 @@ class IndexRefresh(Callback):
         hnsw_m: int = HNSW_M,
         ef_construction: int = HNSW_EF_CONSTRUCTION,
         ef_search: int = HNSW_EF_SEARCH,
+        ivf_nlist: int = IVF_NLIST,
+        ivf_nprobe: int = IVF_NPROBE,
     ):
         if refresh_every < 1:
             raise ValueError(f"refresh_every must be >= 1, not {refresh_every}")
@@ -63,7 +65,7 @@ class IndexRefresh(Callback):
         self.ramp_epochs = ramp_epochs
         self.index_path = Path(index_path) if index_path else None
         self.index_options = {"n_trees": n_trees, "search_k": search_k, "n_jobs": n_jobs, "seed": seed, "hnsw_m": hnsw_m,
-                              "ef_construction": ef_construction, "ef_search": ef_search}
+                              "ef_construction": ef_construction, "ef_search": ef_search, "ivf_nlist": ivf_nlist, "ivf_nprobe": ivf_nprobe}
         self.recall_sample = recall_sample
         self.index = None
         self.stats: dict[str, float] = {}
