@@ -111,7 +111,7 @@ class AnnConfig:
     hnsw_m: int = 16
     ef_construction: int = 40
     ef_search: int = 100
-    # ivf: k-means cells (0: 2 sqrt(n)) and how many of the nearest a query scans: 2.5x faster
+    # ivf: k-means cells (0: 2 sqrt(n)) and how many of the nearest a query scans: 2.2x faster
     # than HNSW at 1,000,000 items, recall@100 0.92 on clustered embeddings (benchmarks/index_refresh.py)
     ivf_nlist: int = 0
     ivf_nprobe: int = 8

@@ -272,7 +272,7 @@ class IvfItemIndex(FaissItemIndex):
     """faiss inverted lists (``IndexIVFFlat``): k-means cuts the items into ``nlist`` cells (0:
     2 sqrt(n)), and a query scans the items of its ``nprobe`` nearest cells exactly. Its build is
     a short k-means and one assignment pass, which is what a refresh every epoch needs: at
-    1,000,000 items it refreshed 2.5x faster than HNSW at recall@100 0.92 (benchmarks/index_refresh.py)."""
+    1,000,000 items it refreshed 2.2x faster than HNSW at recall@100 0.92 (benchmarks/index_refresh.py)."""
 
     backend = "ivf"
 
