@@ -136,8 +136,8 @@ def _mine_chunk(rows: pd.DataFrame, users_emb, items_t, bias, known, samplers, c
     negatives = torch.cat(parts, 1)
     neg_scores = scores[local[:, None], negatives]
     K = negatives.shape[1]
-    # rank: 1 + the number of items scoring higher, by one batched binary search in the users'
-    # sorted rows; each user's negatives are laid out on its own row of a padded grid
+    # rank: 1 + the number of items scoring higher; each user's negatives are laid out on its
+    # own row of a padded grid
     counts = torch.bincount(local, minlength=len(chunk_users))
     order = torch.argsort(local, stable=True)
     slot = torch.empty_like(local)
@@ -145,9 +145,7 @@ def _mine_chunk(rows: pd.DataFrame, users_emb, items_t, bias, known, samplers, c
     cols = slot[:, None] * K + torch.arange(K)
     grid = torch.full((len(chunk_users), int(counts.max()) * K), float("inf"))
     grid[local[:, None], cols] = neg_scores
-    ordered = scores.sort(dim=1).values
-    above = ordered.shape[1] - torch.searchsorted(ordered, grid, right=True)
-    rank = 1 + above[local[:, None], cols]
+    rank = 1 + items_above(scores, grid)[local[:, None], cols]
     return pd.DataFrame({
         "user_id": data.users.to_raw(users.repeat_interleave(K).numpy()),
         "item_id": data.items.to_raw(positives.repeat_interleave(K).numpy()),
@@ -156,3 +154,12 @@ def _mine_chunk(rows: pd.DataFrame, users_emb, items_t, bias, known, samplers, c
         "rank": rank.reshape(-1).numpy().astype(np.int64),
         "score": neg_scores.reshape(-1).numpy().astype(np.float32),
     })
+
+
+def items_above(scores: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """[U, M]: how many of row u's ``scores`` [U, n] exceed each ``values[u, m]``: a binary search
+    in each sorted row. numpy's (SIMD) sort of 256 x 20,000 scores took 18 ms here, torch's 590 ms,
+    which was 85% of mining."""
+    ordered = np.sort(scores.numpy(), axis=1)
+    n = ordered.shape[1]
+    return torch.from_numpy(np.stack([n - np.searchsorted(row, v, side="right") for row, v in zip(ordered, values.numpy())]))

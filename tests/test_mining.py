@@ -206,3 +206,14 @@ def test_mining_a_run_with_hard_roles_uses_the_mining_sources_only(synthetic_fil
     out = tmp_path / "mined.CSV"  # the suffix decides the format, whatever its case
     assert mine(run_id, str(out), sources=("category",), per_positive=2, uri=config.tracking.uri, progress=False) > 0
     assert set(read_table(out)["source"]) == {"category"}
+
+
+def test_items_above_counts_strictly_higher_scores_with_ties_and_masked_items():
+    from recsys_hnm.offline import items_above
+
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randint(-3, 4, (20, 300), generator=gen).float()  # many ties
+    scores[scores == -3] = float("-inf")  # masked (known) items
+    values = torch.randint(-2, 4, (20, 40), generator=gen).float()
+    values[:, -5:] = float("inf")  # the padding of a grid
+    assert torch.equal(items_above(scores, values), (scores[:, None, :] > values[:, :, None]).sum(2))
