@@ -609,42 +609,63 @@ def _small_catalog_sources() -> dict:
     }
 
 
+Z_SCORES = np.random.default_rng(0).uniform(-1.0, 1.0, N_ITEMS)
+
+
+def _z_trials(estimate, exact, B: int = 8, T: int = 4000) -> tuple[np.ndarray, np.ndarray]:
+    """(estimates, exact values) of a partition function over T batches of B positives drawn
+    from the training stream each batch, as in training (so in-batch candidates are real draws).
+    ``estimate(ctx, pos)`` and ``exact(ctx, pos)`` give row 0's; the mean of the estimates must
+    match the mean of the exact values within 4 standard errors."""
+    rng = np.random.default_rng(1)
+    est, ref = np.zeros(T), np.zeros(T)
+    for t in range(T):
+        pos = rng.choice(N_ITEMS, B, p=STREAM)
+        ctx = Context(torch.arange(B), torch.from_numpy(pos))
+        est[t], ref[t] = estimate(ctx, pos), exact(ctx, pos)
+    assert est.mean() == pytest.approx(ref.mean(), rel=4 * est.std() / np.sqrt(T) / ref.mean() + 1e-3)
+    return est, ref
+
+
+def _row0_mass(block, pos: np.ndarray) -> float:
+    """sum over row 0's candidates of exp(s - log_q), the row's positive left out (the loss masks it)."""
+    items = block.per_row_items(len(pos))[0].numpy()
+    keep = items != pos[0]
+    return np.exp(Z_SCORES[items[keep]] - block.log_q[0].numpy()[keep].astype(np.float64)).sum()
+
+
 @pytest.mark.parametrize("mix_name", list(Z_MIXES))
 def test_sampled_partition_function_is_unbiased(mix_name):
     """Z = sum_j exp(s_j). With log_q the expected count of each candidate under the whole
     proposal, sum over candidates of exp(s_c - log_q_c) estimates Z without bias, over the
-    proposal's support. Positives are drawn from the training stream each batch, as in training
-    (so in-batch candidates are real draws); per-row sources are conditioned on each positive.
-    As in the loss, the positive is its own term and candidates equal to it are masked."""
+    proposal's support. Per-row sources are conditioned on each positive. As in the loss, the
+    positive is its own term and candidates equal to it are masked."""
     weights, hard = Z_MIXES[mix_name] if isinstance(Z_MIXES[mix_name], tuple) else (Z_MIXES[mix_name], set())
     mix = MixtureSampler(_small_catalog_sources(), weights, 16, hard=hard)
-    scores = np.random.default_rng(0).uniform(-1.0, 1.0, N_ITEMS)
     gen = torch.Generator().manual_seed(0)
-    rng = np.random.default_rng(1)
-    B, T = 8, 4000
-    est, exact = np.zeros(T), np.zeros(T)
-    for t in range(T):
-        pos = rng.choice(N_ITEMS, B, p=STREAM)
-        ctx = Context(torch.arange(B), torch.from_numpy(pos))
-        est[t] = np.exp(scores[pos[0]])
+
+    def estimate(ctx, pos):
+        total = np.exp(Z_SCORES[pos[0]])
         for block in mix.sample(ctx, gen):
             assert block.hard == (mix.names[block.source] in hard)
             if block.hard:  # uncorrected extras: not part of the estimate
                 assert not block.log_q.any()
                 continue
-            items = block.per_row_items(B)[0].numpy()  # row 0
-            keep = items != pos[0]
-            est[t] += np.exp(scores[items[keep]] - block.log_q[0].numpy()[keep].astype(np.float64)).sum()
+            total += _row0_mass(block, pos)
+        return total
+
+    def exact(ctx, pos):
         # row 0's exact Z over the proposal's support given its positive (every item when the
         # mix holds a full-support source; the positive's category or neighbours otherwise)
         support = mix._log_q(ctx, torch.arange(N_ITEMS), [])[0].numpy() > -np.inf
         support[pos[0]] = True
-        exact[t] = np.exp(scores[support]).sum()
-    assert est.mean() == pytest.approx(exact.mean(), rel=4 * est.std() / np.sqrt(T) / exact.mean() + 1e-3)
+        return np.exp(Z_SCORES[support]).sum()
+
+    est, ref = _z_trials(estimate, exact)
     if weights == {"full": 1.0}:  # the full softmax: every item once, exact at every step
-        assert est == pytest.approx(exact)
+        assert est == pytest.approx(ref)
     if "in_batch" in weights:  # in-batch alone covers every training positive: the whole catalog here
-        assert exact.min() == pytest.approx(np.exp(scores).sum())
+        assert ref.min() == pytest.approx(np.exp(Z_SCORES).sum())
 
 
 @pytest.mark.parametrize("hard_source", ["popularity", "category", "copurchase"])
@@ -657,22 +678,19 @@ def test_a_hard_source_corrected_by_itself_estimates_its_own_pools_mass(hard_sou
     weights = {"in_batch": 1.0, "uniform": 1.0, hard_source: 1.0}
     corrected = MixtureSampler(components, weights, 16, hard={hard_source}, hard_correction="source")
     plain = MixtureSampler(components, weights, 16, hard={hard_source})
-    scores = np.random.default_rng(0).uniform(-1.0, 1.0, N_ITEMS)
     gen = torch.Generator().manual_seed(0)
-    rng = np.random.default_rng(1)
-    B, T = 8, 4000
-    est, exact = np.zeros(T), np.zeros(T)
-    for t in range(T):
-        pos = rng.choice(N_ITEMS, B, p=STREAM)
-        ctx = Context(torch.arange(B), torch.from_numpy(pos))
+
+    def estimate(ctx, pos):
         (block,) = [b for b in corrected.sample(ctx, gen) if b.hard]
-        items = block.per_row_items(B)[0].numpy()
-        keep = items != pos[0]
-        est[t] = np.exp(scores[items[keep]] - block.log_q[0].numpy()[keep].astype(np.float64)).sum()
-        support = components[hard_source].log_prob(ctx, torch.arange(N_ITEMS)).expand(B, -1)[0].numpy() > -np.inf
+        return _row0_mass(block, pos)
+
+    def exact(ctx, pos):
+        support = components[hard_source].log_prob(ctx, torch.arange(N_ITEMS)).expand(len(pos), -1)[0].numpy() > -np.inf
         support[pos[0]] = False
-        exact[t] = np.exp(scores[support]).sum()
-    assert est.mean() == pytest.approx(exact.mean(), rel=4 * est.std() / np.sqrt(T) / exact.mean() + 1e-3)
+        return np.exp(Z_SCORES[support]).sum()
+
+    _z_trials(estimate, exact)
+    ctx = Context(torch.arange(8), torch.from_numpy(np.random.default_rng(2).choice(N_ITEMS, 8, p=STREAM)))
     (block,) = [b for b in plain.sample(ctx, gen) if b.hard]
     assert not block.log_q.any()
 
