@@ -95,6 +95,19 @@ def test_two_processes_table_wise_resume_where_they_stopped(synthetic_files, tmp
     assert _history(config, resumed) == pytest.approx(_history(config, straight), abs=1e-6)
 
 
+@pytest.mark.parametrize("dataset,code", [("ml-latest-small", 0), ("no-such-dataset", 2)])
+def test_a_torchrun_worker_exits_with_its_output_and_code(dataset, code):
+    # a worker skips C++ static destructors at exit (os._exit): what it printed and its code stay
+    env = {**os.environ, "TORCHELASTIC_RUN_ID": "exit-test"}
+    out = subprocess.run([sys.executable, "-m", "recsys_hnm.cli", "datasets", "describe", dataset],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == code, out.stderr[-2000:]
+    if code == 0:
+        assert json.loads(out.stdout)["interactions"] == 100836
+    else:
+        assert "unknown dataset 'no-such-dataset'" in out.stderr
+
+
 FAILING_RANK = """
 import sys
 from recsys_hnm.cli import main
