@@ -19,19 +19,50 @@ def jagged_positions(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tenso
 
 
 class SortedPairs:
-    """(row, col) lookup in a CSR matrix: keys row * n_cols + col, sorted, and one binary search
-    for all queries (measured 2x faster here than a search bounded to each row)."""
+    """(row, col) lookup in a CSR matrix, for a batch of rows [B] each with its candidates [B, n].
+
+    The lookup gathers the queried rows' own entries, and binary-searches only the candidates
+    that one of them holds (a bitmap over the columns) among those few keys, which stay in
+    cache. When the queried rows hold many more entries than there are candidates, one binary
+    search over every stored pair costs less, and is used."""
+
+    LOCAL_MAX_ENTRIES_PER_QUERY = 4  # beyond: gathering the rows' entries costs more than it saves
 
     def __init__(self, matrix: sp.csr_matrix):
         m = matrix.tocsr()
         m.sort_indices()
         self.n_cols = m.shape[1]
+        self.indptr = torch.from_numpy(m.indptr.astype(np.int64))
         self.keys = torch.from_numpy(row_ids(m.indptr) * self.n_cols + m.indices.astype(np.int64))
+
+    def entries(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The stored entries of ``rows``: (index into ``rows``, entry position, column) of each,
+        in row order and, within a row, by column."""
+        starts = self.indptr[rows]
+        lengths = self.indptr[rows + 1] - starts
+        at = jagged_positions(starts, lengths)
+        return torch.repeat_interleave(torch.arange(len(rows)), lengths), at, self.keys[at] % self.n_cols
 
     def find(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """Position in the matrix's stored entries of (rows[b], cols[b, j]), or -1 if absent."""
-        if len(self.keys) == 0:
-            return torch.full(cols.shape, -1, dtype=torch.long)
-        keys = rows[:, None] * self.n_cols + cols
-        at = torch.searchsorted(self.keys, keys).clamp_(max=len(self.keys) - 1)
-        return torch.where(self.keys[at] == keys, at, -1)
+        found = torch.full(cols.shape, -1, dtype=torch.long)
+        if len(self.keys) == 0 or cols.numel() == 0:
+            return found
+        held = self.indptr[rows + 1] - self.indptr[rows]
+        if int(held.sum()) > self.LOCAL_MAX_ENTRIES_PER_QUERY * cols.numel():
+            return _search(self.keys, rows[:, None] * self.n_cols + cols, torch.arange(len(self.keys)), found)
+        local, at, held_cols = self.entries(rows)
+        some_row_holds = torch.zeros(self.n_cols, dtype=torch.bool)
+        some_row_holds[held_cols] = True
+        flat = cols.reshape(-1)
+        query = torch.index_select(some_row_holds, 0, flat).nonzero().squeeze(1)
+        keys = local * self.n_cols + held_cols  # sorted as they come
+        found.view(-1)[query] = _search(keys, (query // cols.shape[1]) * self.n_cols + flat[query], at,
+                                        torch.full(query.shape, -1, dtype=torch.long))
+        return found
+
+
+def _search(keys: torch.Tensor, queries: torch.Tensor, positions: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out`` with ``positions[i]`` where ``queries`` equals ``keys[i]`` (keys sorted)."""
+    at = torch.searchsorted(keys, queries).clamp_(max=len(keys) - 1)
+    return torch.where(keys[at] == queries, positions[at], out)

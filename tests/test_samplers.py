@@ -12,6 +12,7 @@ from recsys_hnm.config import ConfigError
 from recsys_hnm.data import Interactions, copurchase_graph, leave_last_out, synthetic
 from recsys_hnm.experiment import build_sampler, build_trainer, load_data
 from recsys_hnm.losses import sampled_softmax
+from recsys_hnm.sparse import SortedPairs
 from recsys_hnm.sampling import (
     AliasTable, CategorySampler, Context, CopurchaseSampler, FullCatalog, InBatchSampler, KnownPositives, MixtureSampler,
     PopularitySampler, SegmentedAlias, UniformSampler, allocate,
@@ -148,6 +149,50 @@ def test_copurchase_sampler_uses_co_counts_and_falls_back():
     assert cp.fallback_rows(_one_context(3)).all()
     draws = cp.sample(_one_context(3, 100), 10, torch.Generator().manual_seed(0))
     assert len(draws.unique()) > 1  # uniform fallback
+
+
+@pytest.mark.parametrize("n_cats,width", [(6, 3), (400, 2)])
+def test_per_row_log_prob_equals_the_shared_one_for_each_sampler(n_cats, width):
+    # per-row candidates take other paths than shared ones (category: comparing categories when
+    # that beats a dense table, which only the many-category case does here; co-purchase: a
+    # search among the positives' own neighbours); each must give the shared path's values
+    rng = np.random.default_rng(3)
+    n_items, B, n = 300, 64, 20
+    item_cats = sp.csr_matrix((np.ones(n_items * width), (np.repeat(np.arange(n_items), width),
+                               rng.integers(0, n_cats, n_items * width))), shape=(n_items, n_cats))
+    assert (width * width * n < n_cats) == (n_cats == 400)  # which category path runs
+    graph = sp.random(n_items, n_items, density=0.03, format="csr", random_state=4)
+    graph.data[:] = rng.integers(1, 5, graph.nnz)
+    uniform = UniformSampler(n_items, shared=False)
+    samplers = [CategorySampler(item_cats, uniform, rng.integers(0, 50, n_items), alpha=0.75),
+                CopurchaseSampler(graph, uniform, beta=1.0)]
+    ctx = Context(torch.zeros(B, dtype=torch.long), torch.tensor(rng.integers(0, n_items, B)))
+    for sampler in samplers:
+        items = torch.cat([sampler.sample(ctx, n // 2, torch.Generator().manual_seed(0)),
+                           torch.tensor(rng.integers(0, n_items, (B, n - n // 2)))], dim=1)
+        shared = sampler.log_prob(ctx, torch.arange(n_items))
+        expected = torch.gather(shared, 1, items)
+        got = sampler.log_prob(ctx, items)
+        assert torch.isfinite(expected).any() and torch.isinf(expected).any()
+        assert torch.equal(torch.isinf(got), torch.isinf(expected))
+        torch.testing.assert_close(got[torch.isfinite(got)], expected[torch.isfinite(expected)])
+
+
+@pytest.mark.parametrize("local", [True, False])
+def test_sorted_pairs_find_each_pairs_stored_entry(local):
+    m = sp.random(50, 40, density=0.2, format="csr", random_state=1)
+    m.sort_indices()
+    pairs = SortedPairs(m)
+    if not local:  # the one search over every stored pair, for rows holding many entries
+        pairs.LOCAL_MAX_ENTRIES_PER_QUERY = 0
+    rng = np.random.default_rng(0)
+    rows, cols = torch.tensor(rng.integers(0, 50, 100)), torch.tensor(rng.integers(0, 40, (100, 30)))
+    entry = np.full((50, 40), -1)
+    entry[np.repeat(np.arange(50), np.diff(m.indptr)), m.indices] = np.arange(m.nnz)
+    expected = torch.from_numpy(entry[rows.numpy()[:, None], cols.numpy()])
+    assert (expected >= 0).any() and (expected < 0).any()
+    assert torch.equal(pairs.find(rows, cols), expected)
+    assert pairs.find(rows, cols[:, :0]).shape == (100, 0)
 
 
 def test_in_batch_log_prob_is_the_stream_frequency_not_the_batch_count():
@@ -751,7 +796,6 @@ def test_hard_roles_train_and_the_guard_logs_what_it_dropped(synthetic_files, tm
 def test_the_guard_drops_exactly_the_mined_negatives_above_the_positive_or_co_consumed(synthetic_files, tmp_path):
     from recsys_hnm.data import copurchase_graph
     from recsys_hnm.sampling import Negatives
-    from recsys_hnm.sparse import SortedPairs
 
     config = small_config(synthetic_files, tmp_path, sampler={"mixture": {"in_batch": 1.0, "category": 1.0}, "hard": ["category"],
                                                               "false_negative_guard": True, "guard_cooccurrence": 2})

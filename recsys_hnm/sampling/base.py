@@ -5,11 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-import numpy as np
 import scipy.sparse as sp
 import torch
 
-from ..sparse import SortedPairs, jagged_positions
+from ..sparse import SortedPairs
 
 
 @dataclass(frozen=True)
@@ -121,44 +120,28 @@ def scatter_rows(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, i
 
 class KnownPositives:
     """Fast (user, item) membership in a users x items matrix. Where a dense bitmap fits, a
-    gather per lookup. Else from the queried users' own entries: shared candidates [n] get a
-    [B, n] grid filled from those entries; per-row candidates a binary search among them (keys
-    that stay in cache), only for items some queried user knows. At 22k users x 296k items this
-    is 4-5x faster than one binary search over every stored pair."""
+    gather per lookup. Else from the queried users' own entries (``SortedPairs``): shared
+    candidates [n] get a [B, n] grid filled from those entries, per-row ones a binary search
+    among them. At 22k users x 296k items this is 4-5x faster than one binary search over
+    every stored pair."""
 
     DENSE_LIMIT = 64_000_000  # cells; 64 MB of bools
 
     def __init__(self, matrix: sp.csr_matrix):
-        m = matrix.tocsr()
-        m.sort_indices()
-        self.n_items = m.shape[1]
-        self.indptr = torch.from_numpy(m.indptr.astype(np.int64))
-        self.indices = torch.from_numpy(m.indices.astype(np.int64))
+        self.pairs = SortedPairs(matrix)
+        self.n_items = matrix.shape[1]
         self.bitmap = None
-        if m.shape[0] * m.shape[1] <= self.DENSE_LIMIT:
-            self.bitmap = torch.zeros(m.shape[0] * m.shape[1], dtype=torch.bool)
-            self.bitmap[SortedPairs(m).keys] = True
+        if matrix.shape[0] * matrix.shape[1] <= self.DENSE_LIMIT:
+            self.bitmap = torch.zeros(matrix.shape[0] * matrix.shape[1], dtype=torch.bool)
+            self.bitmap[self.pairs.keys] = True
 
     def contains(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """[B, n] bool: is (users[b], items[b, j]) known? ``items`` is [B, n] or shared [n]."""
-        B = len(users)
         if self.bitmap is not None:
             return self.bitmap[users[:, None] * self.n_items + items]  # shared [n] broadcasts to [B, n]
-        if items.numel() == 0:
-            return torch.zeros(B, items.shape[-1], dtype=torch.bool)
-        starts = self.indptr[users]
-        lengths = self.indptr[users + 1] - starts
-        cols = self.indices[jagged_positions(starts, lengths)]
-        rows = torch.repeat_interleave(torch.arange(B), lengths)
         if items.dim() == 1:
-            return scatter_rows(rows, cols, torch.ones(len(cols), dtype=torch.bool), items, B)
-        keys = rows * self.n_items + cols  # sorted as they come: rows in order, items sorted within a row
-        some_row_knows = torch.zeros(self.n_items, dtype=torch.bool)
-        some_row_knows[cols] = True
-        flat = items.reshape(-1)
-        at = torch.index_select(some_row_knows, 0, flat).nonzero().squeeze(1)
-        queries = (at // items.shape[1]) * self.n_items + flat[at]
-        where = torch.searchsorted(keys, queries).clamp_(max=max(len(keys) - 1, 0))
-        found = torch.zeros(flat.shape, dtype=torch.bool)
-        found[at] = keys[where] == queries
-        return found.view(items.shape)
+            if items.numel() == 0:
+                return torch.zeros(len(users), 0, dtype=torch.bool)
+            rows, _, cols = self.pairs.entries(users)
+            return scatter_rows(rows, cols, torch.ones(len(cols), dtype=torch.bool), items, len(users))
+        return self.pairs.find(users, items) >= 0

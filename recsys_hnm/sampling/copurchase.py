@@ -7,7 +7,7 @@ import scipy.sparse as sp
 import torch
 
 from .base import Context, fallback_log_prob, scatter_rows, with_fallback
-from ..sparse import SortedPairs, jagged_positions
+from ..sparse import SortedPairs
 from .tables import SegmentedAlias
 
 
@@ -42,11 +42,8 @@ class CopurchaseSampler:
 
     def log_prob(self, ctx: Context, items: torch.Tensor) -> torch.Tensor:
         if items.dim() == 1:  # shared items: scatter the positives' neighbour rows
-            t = self.table
-            sizes = t.sizes[ctx.pos_items]
-            rows = torch.repeat_interleave(torch.arange(len(ctx)), sizes)
-            entries = jagged_positions(t.indptr[ctx.pos_items], sizes)
-            q = scatter_rows(rows, t.indices[entries], t.entry_prob[entries], items, len(ctx))
+            rows, entries, neighbours = self.pairs.entries(ctx.pos_items)
+            q = scatter_rows(rows, neighbours, self.table.entry_prob[entries], items, len(ctx))
             return fallback_log_prob(self, ctx, items.expand(len(ctx), -1), q)
         at = self.pairs.find(ctx.pos_items, items)
         q = torch.where(at >= 0, self.table.entry_prob[at.clamp(min=0)], 0.0)
