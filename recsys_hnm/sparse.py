@@ -41,7 +41,7 @@ class SortedPairs:
         starts = self.indptr[rows]
         lengths = self.indptr[rows + 1] - starts
         at = jagged_positions(starts, lengths)
-        return torch.repeat_interleave(torch.arange(len(rows)), lengths), at, self.keys[at] % self.n_cols
+        return torch.repeat_interleave(torch.arange(len(rows)), lengths), at, self.keys.take(at) % self.n_cols
 
     def find(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """Position in the matrix's stored entries of (rows[b], cols[b, j]), or -1 if absent."""
@@ -65,4 +65,4 @@ class SortedPairs:
 def _search(keys: torch.Tensor, queries: torch.Tensor, positions: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``out`` with ``positions[i]`` where ``queries`` equals ``keys[i]`` (keys sorted)."""
     at = torch.searchsorted(keys, queries).clamp_(max=len(keys) - 1)
-    return torch.where(keys[at] == queries, positions[at], out)
+    return torch.where(keys.take(at) == queries, positions.take(at), out)

@@ -46,5 +46,5 @@ class CopurchaseSampler:
             q = scatter_rows(rows, neighbours, self.table.entry_prob[entries], items, len(ctx))
             return fallback_log_prob(self, ctx, items.expand(len(ctx), -1), q)
         at = self.pairs.find(ctx.pos_items, items)
-        q = torch.where(at >= 0, self.table.entry_prob[at.clamp(min=0)], 0.0)
+        q = torch.where(at >= 0, self.table.entry_prob.take(at.clamp(min=0)), 0.0)
         return fallback_log_prob(self, ctx, items, q)

@@ -154,7 +154,7 @@ class MixtureSampler:
                 candidates = torch.cat([x for _, x in group], dim=-1)
                 parts[kind] = self._log_q(ctx, candidates, [(name, x.shape[-1]) for name, x in group])
         blocks, offset = [], {"shared": 0, "per_row": 0}
-        for (index, name), items in zip(active, drawn):
+        for (index, name), items, invalid in zip(active, drawn, self._invalid_blocks(ctx, drawn)):
             hard = name in self.hard
             if hard and self.hard_correction == "none":
                 log_q = torch.zeros(B, items.shape[-1])
@@ -167,7 +167,7 @@ class MixtureSampler:
                 log_q = parts[kind][:, start:end]
             sampler = self.components[name]
             fallback = sampler.fallback_rows(ctx) if hasattr(sampler, "fallback_rows") else None
-            blocks.append(Negatives(items, log_q, index, self._invalid(ctx, items), fallback, hard))
+            blocks.append(Negatives(items, log_q, index, invalid, fallback, hard))
         return blocks
 
     def proposal_log_q(self, ctx: Context, items: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
@@ -205,6 +205,19 @@ class MixtureSampler:
         invalid = items == ctx.pos_items[:, None]
         if self.known is not None:
             invalid |= self.known.contains(ctx.users, items)
+        return invalid
+
+    def _invalid_blocks(self, ctx: Context, drawn: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``_invalid`` of each block, with one known-positive lookup for all shared blocks and
+        one for all per-row ones (each lookup gathers the users' own entries first)."""
+        invalid = [items == ctx.pos_items[:, None] for items in drawn]
+        if self.known is not None:
+            for dims in (1, 2):
+                group = [i for i, items in enumerate(drawn) if items.dim() == dims]
+                if group:
+                    known = self.known.contains(ctx.users, torch.cat([drawn[i] for i in group], dim=-1))
+                    for i, part in zip(group, known.split([drawn[i].shape[-1] for i in group], dim=1)):
+                        invalid[i] |= part
         return invalid
 
     def _redraw(self, sampler, ctx: Context, items: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -27,4 +27,4 @@ class PopularitySampler:
         return self.table.draw(shape, generator)
 
     def log_prob(self, ctx: Context, items: torch.Tensor) -> torch.Tensor:
-        return self.log_probs[items]
+        return self.log_probs.take(items)

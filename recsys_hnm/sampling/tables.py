@@ -46,8 +46,8 @@ class SegmentedAlias:
         shape = torch.broadcast_shapes(starts.shape, sizes.shape)
         u = torch.rand(shape, generator=generator)
         slot = starts + (u * sizes).long().minimum(sizes - 1)
-        keep = torch.rand(shape, generator=generator) < self.prob[slot]
-        return self.indices[torch.where(keep, slot, self.alias[slot])]
+        keep = torch.rand(shape, generator=generator) < self.prob.take(slot)
+        return self.indices.take(torch.where(keep, slot, self.alias.take(slot)))
 
 
 def _build(seg: np.ndarray, w: np.ndarray, sizes: np.ndarray, totals: np.ndarray, n: int):
@@ -122,5 +122,5 @@ class AliasTable(SegmentedAlias):
 
     def draw(self, shape, generator: torch.Generator) -> torch.Tensor:
         slot = torch.randint(0, self.n, shape, generator=generator)
-        keep = torch.rand(shape, generator=generator) < self.prob[slot]
-        return torch.where(keep, slot, self.alias[slot])
+        keep = torch.rand(shape, generator=generator) < self.prob.take(slot)
+        return torch.where(keep, slot, self.alias.take(slot))
