@@ -50,21 +50,25 @@ def run(items: int | None, dataset: str | None, mix: str, steps: int, per_row: i
             start = time.perf_counter()
             refresh.on_epoch_start(trainer, 0)
             out["refresh_s"] = round(time.perf_counter() - start, 2)
-        trainer.model.train()
-        order = torch.randperm(len(trainer.users), generator=torch.Generator().manual_seed(0))
-        batch = config.train.batch_size
-        positions = trainer.positions
-        done, start = 0, None
-        for i in range(steps + 2):  # two warm-up steps
-            if i == 2:
-                start = time.perf_counter()
-            idx = order[(i * batch) % len(order):][:batch]
-            trainer.train_step(trainer.users[idx], trainer.items[idx], None if positions is None else positions[idx])
-            done += len(idx) if i >= 2 else 0
-        out["examples_per_s"] = round(done / (time.perf_counter() - start))
+        out["examples_per_s"] = examples_per_s(trainer, config.train.batch_size, steps)
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     out["items"] = data.n_items
     queue.put(out)
+
+
+def examples_per_s(trainer, batch: int, steps: int) -> int:
+    """Training examples per second over ``steps`` steps of shuffled batches, after two warm-up steps."""
+    trainer.model.train()
+    order = torch.randperm(len(trainer.users), generator=torch.Generator().manual_seed(0))
+    positions = trainer.positions
+    done, start = 0, None
+    for i in range(steps + 2):
+        if i == 2:
+            start = time.perf_counter()
+        idx = order[(i * batch) % len(order):][:batch]
+        trainer.train_step(trainer.users[idx], trainer.items[idx], None if positions is None else positions[idx])
+        done += len(idx) if i >= 2 else 0
+    return round(done / (time.perf_counter() - start))
 
 
 def measure(items, dataset, mix, steps, per_row, optimizer) -> dict:
