@@ -508,6 +508,32 @@ def test_known_positives_without_the_bitmap_answer_as_the_bitmap_does(shared):
     assert search.contains(users, items[..., :0]).shape == (200, 0)
 
 
+@pytest.mark.parametrize("bitmap", [True, False])
+def test_the_mixture_masks_each_blocks_known_positives_and_hits(data, bitmap):
+    # one known-positive lookup serves all per-row blocks (and one all shared ones): each block
+    # must get back exactly its own mask
+    uniform = UniformSampler(data.n_items, shared=False)
+    known = KnownPositives(data.matrix)
+    if not bitmap:
+        known.bitmap = None
+    mixture = MixtureSampler(
+        {"in_batch": InBatchSampler(data.item_popularity), "uniform": UniformSampler(data.n_items),
+         "popularity": PopularitySampler(data.item_popularity, 0.75, shared=False),
+         "category": CategorySampler(data.item_categories, uniform), "copurchase": CopurchaseSampler(copurchase_graph(data.events, data.n_items), uniform)},
+        {"in_batch": 1.0, "uniform": 1.0, "popularity": 1.0, "category": 1.0, "copurchase": 1.0}, 64, known)
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randint(0, len(data.events), (128,), generator=gen).numpy()
+    ctx = Context(torch.tensor(data.events["user"].to_numpy()[rows]), torch.tensor(data.events["item"].to_numpy()[rows]))
+    blocks = mixture.sample(ctx, gen)
+    assert sum(not b.shared for b in blocks) == 3 and sum(b.shared for b in blocks) == 2
+    dense = torch.from_numpy(data.matrix.toarray() > 0)
+    for b in blocks:
+        items = b.per_row_items(len(ctx))
+        expected = dense[ctx.users[:, None], items] | (items == ctx.pos_items[:, None])
+        assert torch.equal(b.invalid, expected)
+    assert any(b.invalid.any() for b in blocks if not b.shared)
+
+
 # -- sampled softmax on a hand-built example ------------------------------------------------------
 #
 # row 0: positive 2.0; negatives 1.0 (q: log 2), 0.0 (log 1), 3.0 (log 0.5, masked)
