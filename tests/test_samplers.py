@@ -519,7 +519,8 @@ def test_the_mixture_masks_each_blocks_known_positives_and_hits(data, bitmap):
     mixture = MixtureSampler(
         {"in_batch": InBatchSampler(data.item_popularity), "uniform": UniformSampler(data.n_items),
          "popularity": PopularitySampler(data.item_popularity, 0.75, shared=False),
-         "category": CategorySampler(data.item_categories, uniform), "copurchase": CopurchaseSampler(copurchase_graph(data.events, data.n_items), uniform)},
+         "category": CategorySampler(data.item_categories, uniform),
+         "copurchase": CopurchaseSampler(copurchase_graph(data.events, data.n_items), uniform)},
         {"in_batch": 1.0, "uniform": 1.0, "popularity": 1.0, "category": 1.0, "copurchase": 1.0}, 64, known)
     gen = torch.Generator().manual_seed(0)
     rows = torch.randint(0, len(data.events), (128,), generator=gen).numpy()
