@@ -89,6 +89,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         worker(args.items, args.steps, args.sharding)
+        if "TORCHELASTIC_RUN_ID" in os.environ:
+            from recsys_hnm.cli import exit_worker
+
+            exit_worker(0)  # a rank may abort in C++ static destructors at exit (see exit_worker)
         return
     # one plain process (the dense table update touches every row each step), one process under
     # torchrun (DMP on one rank: the fused optimizer updates only the rows looked up), two ranks
