@@ -8,7 +8,7 @@ from typing import Protocol, runtime_checkable
 import scipy.sparse as sp
 import torch
 
-from ..sparse import SortedPairs
+from ..sparse import SortedPairs, jagged_positions
 
 
 @dataclass(frozen=True)
@@ -107,15 +107,23 @@ def sparse_log(q: torch.Tensor) -> torch.Tensor:
 
 def scatter_rows(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, items: torch.Tensor, batch: int) -> torch.Tensor:
     """[batch, n] dense values at the shared ``items`` [n] from sparse (row, col, value) entries:
-    cheap when each row has few entries, whatever n is (duplicates in ``items`` are fine)."""
-    unique, inverse = torch.unique(items, return_inverse=True)
+    cheap when each row has few entries, whatever n is (duplicates in ``items`` are fine).
+    Each entry that is a candidate is written straight to every position of its item in
+    ``items`` (filling a [batch, unique items] grid and gathering its columns took 8 of 11 ms
+    at 1,024 x 1,280)."""
+    unique, inverse, counts = torch.unique(items, return_inverse=True, return_counts=True)
     lookup = torch.full((int(max(int(cols.max()) if len(cols) else 0, int(unique.max()))) + 1,), -1, dtype=torch.long)
     lookup[unique] = torch.arange(len(unique))
-    at = lookup[cols]
+    at = lookup.take(cols)
     hit = at >= 0
-    dense = torch.zeros(batch, len(unique), dtype=values.dtype)
-    dense[rows[hit], at[hit]] = values[hit]
-    return dense[:, inverse]
+    rows, at, values = rows[hit], at[hit], values[hit]
+    by_item = torch.argsort(inverse, stable=True)  # positions in items, grouped by unique item
+    starts = torch.cumsum(counts, 0) - counts
+    copies = counts.take(at)
+    dense = torch.zeros(batch, len(items), dtype=values.dtype)
+    dense[torch.repeat_interleave(rows, copies), by_item.take(jagged_positions(starts.take(at), copies))] = \
+        torch.repeat_interleave(values, copies)
+    return dense
 
 
 class KnownPositives:
