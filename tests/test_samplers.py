@@ -12,6 +12,7 @@ from recsys_hnm.config import ConfigError
 from recsys_hnm.data import Interactions, copurchase_graph, leave_last_out, synthetic
 from recsys_hnm.experiment import build_sampler, build_trainer, load_data
 from recsys_hnm.losses import sampled_softmax
+from recsys_hnm.index import AnnSampler
 from recsys_hnm.sparse import SortedPairs
 from recsys_hnm.sampling import (
     AliasTable, CategorySampler, Context, CopurchaseSampler, FullCatalog, InBatchSampler, KnownPositives, MixtureSampler,
@@ -176,6 +177,51 @@ def test_per_row_log_prob_equals_the_shared_one_for_each_sampler(n_cats, width):
         assert torch.isfinite(expected).any() and torch.isinf(expected).any()
         assert torch.equal(torch.isinf(got), torch.isinf(expected))
         torch.testing.assert_close(got[torch.isfinite(got)], expected[torch.isfinite(expected)])
+
+
+def test_shared_candidates_log_q_is_the_sum_of_every_sources_expected_count():
+    # the mixture sums the shared candidates' expected counts in probability space, per-row
+    # sources as sparse entries (fallback rows: their fallback's); the reference is the
+    # definition, log sum_k n_k q_k(item | row), from each source's per-row path on the
+    # candidates expanded to [B, n]
+    rng = np.random.default_rng(5)
+    n_items, n_users, B = 300, 40, 64
+    width = 2
+    item_cats = sp.csr_matrix((np.ones(n_items * width), (np.repeat(np.arange(n_items), width),
+                               rng.integers(0, 6, n_items * width))), shape=(n_items, 6))
+    item_cats = sp.csr_matrix(sp.diags((np.arange(n_items) >= 40).astype(float)) @ item_cats)  # 0-39: no category
+    graph = sp.random(n_items, n_items, density=0.02, format="csr", random_state=6)
+    graph.data[:] = rng.integers(1, 5, graph.nnz)
+    graph = sp.csr_matrix(sp.diags((np.arange(n_items) >= 50).astype(float)) @ graph)  # 0-49: no neighbours
+    counts = rng.integers(1, 40, n_items).astype(float)
+    ann = AnnSampler(n_items, n_users, "user", [0, 30])
+    ann.pools[:30] = torch.sort(torch.tensor(rng.permuted(np.tile(np.arange(n_items), (30, 1)), axis=1)[:, :30]), 1).values
+    ann.sizes[:30] = 30  # users 30-39 have no pool yet: uniform fallback
+    components = {
+        "in_batch": InBatchSampler(counts),
+        "uniform": UniformSampler(n_items, shared=True),
+        "popularity": PopularitySampler(counts, 0.75, shared=True),
+        "category": CategorySampler(sp.csr_matrix(item_cats), UniformSampler(n_items, shared=False)),
+        "copurchase": CopurchaseSampler(graph, PopularitySampler(counts, 0.5, shared=False)),
+        "ann": ann,
+    }
+    weights = {"in_batch": 1.0, "uniform": 0.3, "popularity": 0.2, "category": 0.2, "copurchase": 0.2, "ann": 0.1}
+    mix = MixtureSampler(components, weights, 60)
+    ctx = Context(torch.tensor(rng.integers(0, n_users, B)), torch.tensor(rng.integers(0, n_items, B)))
+    assert all(components[k].fallback_rows(ctx).any() and not components[k].fallback_rows(ctx).all()
+               for k in ("category", "copurchase", "ann"))
+    items = torch.cat([ctx.pos_items, torch.tensor(rng.integers(0, n_items, 150))])  # with repeats
+    for k in ("category", "copurchase", "ann"):  # the contract: rows that fall back have no entries
+        rows, _, _ = components[k].prob_entries(ctx, items)
+        assert len(rows) and not components[k].fallback_rows(ctx).take(rows).any()
+    expected = None
+    for name in mix.names:
+        lp = components[name].log_prob(ctx, items.expand(B, -1).contiguous()) + math.log(mix.draws(name, B))
+        expected = lp if expected is None else torch.logaddexp(expected, lp)
+    got = mix._log_q(ctx, items, [])
+    assert got.shape == (B, len(items)) and torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert (got.max(0).values - got.min(0).values).max() > 1.0  # the per-row sources do move rows apart
 
 
 @pytest.mark.parametrize("local", [True, False])

@@ -6,7 +6,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from ..sampling.base import Context, fallback_log_prob, scatter_rows, with_fallback
+from ..sampling.base import Context, entries_log_prob, fallback_log_prob, row_entries, with_fallback
 from ..sampling.uniform import UniformSampler
 from .item_index import ItemIndex
 
@@ -82,15 +82,20 @@ class AnnSampler:
         items = torch.gather(self.pools[a], 1, slot)
         return with_fallback(self, ctx, items, n, generator)
 
+    def prob_entries(self, ctx: Context, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The shared ``items`` [n] in each row's pool (``SparseRows``)."""
+        a = self.anchors(ctx)
+        rows = self.pools[a]
+        real = rows < self.n_items
+        q_each = (1.0 / self.sizes[a].clamp(min=1).double())[:, None].expand_as(rows)
+        return row_entries(torch.arange(len(ctx))[:, None].expand_as(rows)[real], rows[real], q_each[real], items)
+
     def log_prob(self, ctx: Context, items: torch.Tensor) -> torch.Tensor:
+        if items.dim() == 1:
+            return entries_log_prob(self, ctx, items)
         a = self.anchors(ctx)
         q_each = 1.0 / self.sizes[a].clamp(min=1).double()
         rows = self.pools[a]
-        if items.dim() == 1:  # shared items: scatter the anchors' pools
-            real = rows < self.n_items
-            r = torch.arange(len(ctx))[:, None].expand_as(rows)
-            q = scatter_rows(r[real], rows[real], q_each[:, None].expand_as(rows)[real], items, len(ctx))
-            return fallback_log_prob(self, ctx, items.expand(len(ctx), -1), q)
         at = torch.searchsorted(rows, items.contiguous()).clamp_(max=rows.shape[1] - 1)
         member = torch.gather(rows, 1, at) == items
         return fallback_log_prob(self, ctx, items, torch.where(member, q_each[:, None], 0.0))

@@ -81,6 +81,30 @@ class Sampler(Protocol):
     def log_prob(self, ctx: Context, items: torch.Tensor) -> torch.Tensor: ...
 
 
+class SparseRows(Protocol):
+    """A per-row source whose probability of most shared candidates is 0 for most rows (ANN
+    pools, co-purchase neighbours, same-category items). It gives the nonzero ones as entries,
+    so a mixture adds them onto the shared sources' dense total instead of filling a
+    [batch, n] tensor per source; ``fallback_rows`` (with ``fallback``) says which rows draw
+    from the fallback instead: those rows have no entries."""
+
+    fallback: Sampler
+
+    def fallback_rows(self, ctx: Context) -> torch.Tensor: ...
+
+    def prob_entries(self, ctx: Context, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(row, position in ``items`` [n], probability of one draw) of the nonzero entries;
+        an entry may repeat, its values then add up."""
+        ...
+
+
+def entries_log_prob(sampler: SparseRows, ctx: Context, items: torch.Tensor) -> torch.Tensor:
+    """[B, n] log probability of the shared ``items`` [n] from the sampler's entries."""
+    rows, positions, values = sampler.prob_entries(ctx, items)
+    q = torch.zeros(len(ctx), len(items), dtype=values.dtype).index_put_((rows, positions), values, accumulate=True)
+    return fallback_log_prob(sampler, ctx, items.expand(len(ctx), -1), q)
+
+
 def with_fallback(sampler, ctx: Context, items: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
     """Replace the rows of ``items`` that ``sampler`` cannot serve by draws of its fallback."""
     fb = sampler.fallback_rows(ctx)
@@ -105,12 +129,12 @@ def sparse_log(q: torch.Tensor) -> torch.Tensor:
     return torch.log(q.clamp(min=1e-30)).masked_fill_(q == 0, float("-inf"))
 
 
-def scatter_rows(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, items: torch.Tensor, batch: int) -> torch.Tensor:
-    """[batch, n] dense values at the shared ``items`` [n] from sparse (row, col, value) entries:
-    cheap when each row has few entries, whatever n is (duplicates in ``items`` are fine).
-    Each entry that is a candidate is written straight to every position of its item in
-    ``items`` (filling a [batch, unique items] grid and gathering its columns took 8 of 11 ms
-    at 1,024 x 1,280)."""
+def row_entries(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sparse (row, col, value) entries as (row, position, value) entries at the shared
+    ``items`` [n]: one per position of the col among them (duplicates in ``items`` are fine),
+    none for a col that is not a candidate. Cheap when rows have few entries, whatever n is:
+    each entry is written straight to its item's positions (filling a [batch, unique items]
+    grid and gathering its columns took 8 of 11 ms at 1,024 x 1,280)."""
     unique, inverse, counts = torch.unique(items, return_inverse=True, return_counts=True)
     lookup = torch.full((int(max(int(cols.max()) if len(cols) else 0, int(unique.max()))) + 1,), -1, dtype=torch.long)
     lookup[unique] = torch.arange(len(unique))
@@ -120,9 +144,15 @@ def scatter_rows(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, i
     by_item = torch.argsort(inverse, stable=True)  # positions in items, grouped by unique item
     starts = torch.cumsum(counts, 0) - counts
     copies = counts.take(at)
+    positions = by_item.take(jagged_positions(starts.take(at), copies))
+    return torch.repeat_interleave(rows, copies), positions, torch.repeat_interleave(values, copies)
+
+
+def scatter_rows(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, items: torch.Tensor, batch: int) -> torch.Tensor:
+    """[batch, n] dense values at the shared ``items`` [n] from sparse (row, col, value) entries."""
+    rows, positions, values = row_entries(rows, cols, values, items)
     dense = torch.zeros(batch, len(items), dtype=values.dtype)
-    dense[torch.repeat_interleave(rows, copies), by_item.take(jagged_positions(starts.take(at), copies))] = \
-        torch.repeat_interleave(values, copies)
+    dense[rows, positions] = values
     return dense
 
 

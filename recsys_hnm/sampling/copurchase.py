@@ -6,7 +6,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .base import Context, fallback_log_prob, scatter_rows, with_fallback
+from .base import Context, entries_log_prob, fallback_log_prob, row_entries, with_fallback
 from ..sparse import SortedPairs
 from .tables import SegmentedAlias
 
@@ -40,11 +40,14 @@ class CopurchaseSampler:
         items = self.table.sample(starts, self.table.sizes[pos][:, None], generator)
         return with_fallback(self, ctx, items, n, generator)
 
+    def prob_entries(self, ctx: Context, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The shared ``items`` [n] among each row's positive's neighbours (``SparseRows``)."""
+        rows, entries, neighbours = self.pairs.entries(ctx.pos_items)
+        return row_entries(rows, neighbours, self.table.entry_prob.take(entries), items)
+
     def log_prob(self, ctx: Context, items: torch.Tensor) -> torch.Tensor:
-        if items.dim() == 1:  # shared items: scatter the positives' neighbour rows
-            rows, entries, neighbours = self.pairs.entries(ctx.pos_items)
-            q = scatter_rows(rows, neighbours, self.table.entry_prob[entries], items, len(ctx))
-            return fallback_log_prob(self, ctx, items.expand(len(ctx), -1), q)
+        if items.dim() == 1:
+            return entries_log_prob(self, ctx, items)
         at = self.pairs.find(ctx.pos_items, items)
         q = torch.where(at >= 0, self.table.entry_prob.take(at.clamp(min=0)), 0.0)
         return fallback_log_prob(self, ctx, items, q)

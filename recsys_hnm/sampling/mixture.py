@@ -9,7 +9,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .base import Context, KnownPositives, Negatives, Sampler
+from .base import Context, KnownPositives, Negatives, Sampler, sparse_log
 
 LogQ = Literal["mixture", "per_source", "none"]
 IN_BATCH, FULL = "in_batch", "full"
@@ -192,6 +192,8 @@ class MixtureSampler:
                 parts.append(self._own_log_q(ctx, name, cols))
                 start += width
             return torch.cat(parts, dim=1)
+        if candidates.dim() == 1:
+            return self._shared_log_q(ctx, candidates)
         total = None
         for _, name in self.active(batch):
             if name in self.hard:
@@ -199,6 +201,38 @@ class MixtureSampler:
             lp = self.components[name].log_prob(ctx, candidates) + math.log(self.draws(name, batch))
             total = lp if total is None else torch.logaddexp(total, lp)
         return torch.zeros(B, candidates.shape[-1]) if total is None else total.expand(B, -1)
+
+    def _shared_log_q(self, ctx: Context, items: torch.Tensor) -> torch.Tensor:
+        """``_log_q`` of shared candidates [n] under the mixture correction, summed as expected
+        counts: the shared sources' [n] once, then each sparse per-row source's few nonzero
+        entries added on (its fallback rows: the fallback's counts, on those rows only). One
+        log at the end, instead of a dense [B, n] log and logaddexp per per-row source."""
+        B, batch, n = len(ctx), ctx.in_batch_size, len(items)
+        shared, dense, entries = torch.zeros(n), [], []
+        for _, name in self.active(batch):
+            sampler, count = self.components[name], self.draws(name, batch)
+            if name in self.hard:
+                continue
+            if hasattr(sampler, "prob_entries"):
+                rows, positions, q = sampler.prob_entries(ctx, items)
+                entries.append((rows, positions, count * q.float()))
+                fallback = sampler.fallback_rows(ctx)
+                if fallback.any():
+                    fb_rows = fallback.nonzero().squeeze(1)
+                    q_fb = sampler.fallback.log_prob(ctx, items).exp().expand(B, n)[fb_rows]
+                    entries.append((fb_rows.repeat_interleave(n), torch.arange(n).repeat(len(fb_rows)), count * q_fb.reshape(-1)))
+                continue
+            q = count * sampler.log_prob(ctx, items).exp()
+            if q.dim() == 1:
+                shared += q
+            else:
+                dense.append(q)
+        total = shared.expand(B, n).clone()
+        for q in dense:
+            total += q
+        for rows, positions, q in entries:
+            total.index_put_((rows, positions), q, accumulate=True)
+        return sparse_log(total)
 
     def _invalid(self, ctx: Context, items: torch.Tensor) -> torch.Tensor:
         """[B, n]: accidental hits (the row's positive) and known positives of the user."""
