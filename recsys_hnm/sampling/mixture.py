@@ -210,9 +210,9 @@ class MixtureSampler:
         B, batch, n = len(ctx), ctx.in_batch_size, len(items)
         shared, dense, entries = torch.zeros(n), [], []
         for _, name in self.active(batch):
-            sampler, count = self.components[name], self.draws(name, batch)
             if name in self.hard:
                 continue
+            sampler, count = self.components[name], self.draws(name, batch)
             if hasattr(sampler, "prob_entries"):
                 rows, positions, q = sampler.prob_entries(ctx, items)
                 entries.append((rows, positions, count * q.float()))
@@ -227,6 +227,8 @@ class MixtureSampler:
                 shared += q
             else:
                 dense.append(q)
+        if not dense and not entries:  # the same for every row: one log of [n]
+            return sparse_log(shared).expand(B, n)
         total = shared.expand(B, n).clone()
         for q in dense:
             total += q
