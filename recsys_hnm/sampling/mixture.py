@@ -203,12 +203,13 @@ class MixtureSampler:
         return torch.zeros(B, candidates.shape[-1]) if total is None else total.expand(B, -1)
 
     def _shared_log_q(self, ctx: Context, items: torch.Tensor) -> torch.Tensor:
-        """``_log_q`` of shared candidates [n] under the mixture correction, summed as expected
-        counts: the shared sources' [n] once, then each sparse per-row source's few nonzero
-        entries added on (its fallback rows: the fallback's counts, on those rows only). One
-        log at the end, instead of a dense [B, n] log and logaddexp per per-row source."""
+        """``_log_q`` of shared candidates [n] under the mixture correction. The shared sources'
+        log counts [n] are combined once (in log space, so tiny probabilities stay exact); each
+        sparse per-row source's few nonzero entries are then added on as counts (its fallback
+        rows: the fallback's counts, on those rows only), with one log at the end, instead of a
+        dense [B, n] log and logaddexp per per-row source."""
         B, batch, n = len(ctx), ctx.in_batch_size, len(items)
-        shared, dense, entries = torch.zeros(n), [], []
+        shared, dense, entries = None, [], []
         for _, name in self.active(batch):
             if name in self.hard:
                 continue
@@ -222,14 +223,16 @@ class MixtureSampler:
                     q_fb = sampler.fallback.log_prob(ctx, items).exp().expand(B, n)[fb_rows]
                     entries.append((fb_rows.repeat_interleave(n), torch.arange(n).repeat(len(fb_rows)), count * q_fb.reshape(-1)))
                 continue
-            q = count * sampler.log_prob(ctx, items).exp()
-            if q.dim() == 1:
-                shared += q
+            lp = sampler.log_prob(ctx, items) + math.log(count)
+            if lp.dim() == 1:
+                shared = lp if shared is None else torch.logaddexp(shared, lp)
             else:
-                dense.append(q)
-        if not dense and not entries:  # the same for every row: one log of [n]
-            return sparse_log(shared).expand(B, n)
-        total = shared.expand(B, n).clone()
+                dense.append(lp.exp())
+        if shared is None:
+            shared = torch.full((n,), float("-inf"))
+        if not dense and not entries:  # the same for every row
+            return shared.expand(B, n)
+        total = shared.exp().expand(B, n).clone()
         for q in dense:
             total += q
         for rows, positions, q in entries:
