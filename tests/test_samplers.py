@@ -180,8 +180,8 @@ def test_per_row_log_prob_equals_the_shared_one_for_each_sampler(n_cats, width):
 
 
 def test_shared_candidates_log_q_is_the_sum_of_every_sources_expected_count():
-    # the mixture sums the shared candidates' expected counts in probability space, per-row
-    # sources as sparse entries (fallback rows: their fallback's); the reference is the
+    # the mixture adds the per-row sources' expected counts of the shared candidates onto the
+    # shared sources' as sparse entries (fallback rows: their fallback's); the reference is the
     # definition, log sum_k n_k q_k(item | row), from each source's per-row path on the
     # candidates expanded to [B, n]
     rng = np.random.default_rng(5)
@@ -222,6 +222,14 @@ def test_shared_candidates_log_q_is_the_sum_of_every_sources_expected_count():
     assert got.shape == (B, len(items)) and torch.isfinite(got).all()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert (got.max(0).values - got.min(0).values).max() > 1.0  # the per-row sources do move rows apart
+    # shared sources alone: their log counts combined in log space, the same for every row
+    # (bit for bit the logaddexp of the definition, so such mixes train as they always did)
+    shared_only = MixtureSampler(components, {"in_batch": 1.0, "uniform": 0.6, "popularity": 0.4}, 60)
+    expected = None
+    for name in shared_only.names:
+        lp = components[name].log_prob(ctx, items) + math.log(shared_only.draws(name, B))
+        expected = lp if expected is None else torch.logaddexp(expected, lp)
+    assert torch.equal(shared_only._log_q(ctx, items, []), expected.expand(B, -1))
 
 
 @pytest.mark.parametrize("local", [True, False])

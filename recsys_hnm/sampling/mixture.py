@@ -204,7 +204,7 @@ class MixtureSampler:
 
     def _shared_log_q(self, ctx: Context, items: torch.Tensor) -> torch.Tensor:
         """``_log_q`` of shared candidates [n] under the mixture correction. The shared sources'
-        log counts [n] are combined once (in log space, so tiny probabilities stay exact); each
+        log counts [n] are combined once, in log space (tiny probabilities do not underflow); each
         sparse per-row source's few nonzero entries are then added on as counts (its fallback
         rows: the fallback's counts, on those rows only), with one log at the end, instead of a
         dense [B, n] log and logaddexp per per-row source."""
