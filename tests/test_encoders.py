@@ -16,7 +16,7 @@ from recsys_hnm.evaluation import Evaluator
 from recsys_hnm.experiment import build_features, build_sampler, build_trainer
 from recsys_hnm.models import model_scorer
 from recsys_hnm.models.features import FeatureBuilder
-from recsys_hnm.models.two_tower import HISTORY_ENCODERS, TowerSizes, TwoTower
+from recsys_hnm.models.two_tower import HISTORY_ENCODERS, SelfAttentiveEncoder, TowerSizes, TwoTower
 
 from conftest import small_config
 
@@ -42,6 +42,24 @@ def test_no_encoder_sees_the_positive_or_anything_after_it(encoder):
     base = row_embedding(events)
     assert torch.equal(base, row_embedding(later_changed))
     assert not torch.allclose(base, row_embedding(earlier_changed))
+
+
+def test_sasrec_blocks_compute_what_the_torch_transformer_computes():
+    # the encoder runs its blocks' forward itself (last block from the last query only, fused
+    # attention); at eval it must give the user vector nn.TransformerEncoder's own forward gives,
+    # with padding, empty histories and full ones in the batch; in training, dropout must act
+    torch.manual_seed(0)
+    encoder = SelfAttentiveEncoder(16, max_len=6, layers=2, heads=2, dropout=0.3).eval()
+    items = torch.randn(5, 6, 16)
+    valid = torch.tensor([[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 1], [0, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    items = items * valid[..., None]
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()
+    allowed = (causal & valid[:, None, :]) | torch.eye(6, dtype=torch.bool)
+    x = items + encoder.positions.weight
+    reference = encoder.norm(encoder.blocks(x, mask=~allowed.repeat_interleave(2, dim=0))[:, -1])
+    torch.testing.assert_close(encoder(items, valid), reference, rtol=1e-5, atol=1e-5)
+    encoder.train()
+    assert not torch.allclose(encoder(items, valid), reference, atol=1e-3)
 
 
 @pytest.mark.parametrize("encoder", ["learned_recency", "last_k", "sasrec"])
