@@ -205,4 +205,6 @@ def test_adagrad_takes_sparse_gradients_with_the_dense_update(synthetic_files, t
             rows = slice(step * 256, (step + 1) * 256)
             trainer.train_step(trainer.users[rows], trainer.items[rows])
         tables.append(trainer.model.ebc.embedding_bags["item_table"].weight.detach())
-    assert torch.allclose(tables[0], tables[1], atol=1e-6)
+    # float32 rounding of the two paths differs by CPU (3e-6 on one machine after 3 steps that move
+    # rows by 0.15); a wrong update differs by orders of magnitude more
+    assert torch.allclose(tables[0], tables[1], rtol=1e-4, atol=1e-5)
