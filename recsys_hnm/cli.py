@@ -30,6 +30,29 @@ def _describe(args) -> int:
     return 0
 
 
+def _profile(args) -> int:
+    from .data.profile import describe_profile, profile_split, suggest_settings
+    from .experiment import load_data
+
+    overrides = list(args.set or [])
+    for key in ("train", "valid", "test", "items"):
+        if getattr(args, key):
+            overrides.append(f"data.{key}={getattr(args, key)}")
+    if args.train:
+        overrides.append("data.dataset=null")
+    _, split = load_data(load_config(args.config or "pipelines/quickstart.yaml", overrides))
+    profiles = {phase: profile_split(split, phase) for phase in ("valid", "test")}
+    suggested = {k: [v for v, _ in opts] for k, opts in suggest_settings(profiles["valid"]).items()}
+    if args.json:
+        print(json.dumps({"valid": profiles["valid"].as_dict(), "test": profiles["test"].as_dict(), "auto": suggested}, indent=2))
+        return 0
+    for phase, p in profiles.items():
+        print(f"== held out: {phase}\n{describe_profile(p)}")
+    print("== 'auto' candidates (the rule's pick first), from validation:")
+    print("\n".join(f"  {k}: {v}" for k, v in suggested.items()))
+    return 0
+
+
 def _train(args) -> int:
     from .distributed import shutdown
     from .experiment import summary_json, train
@@ -57,6 +80,7 @@ def _train(args) -> int:
     finally:
         shutdown()
     if result.test:  # rank 0 (or the only process): the others report nothing
+        print("\n".join(result.summary))
         print(summary_json(result))
         print(f"run_id={result.run_id}")
     return 0
@@ -94,6 +118,8 @@ def _recommend(args) -> int:
         frame = read_table(args.users)
         if "user_id" not in frame.columns:
             raise DataError(f"{args.users}: needs a user_id column; columns present: {list(frame.columns)}")
+        if not len(frame):
+            raise DataError(f"--users {args.users}: the file has no rows (only a header): no users to recommend for")
         users = frame["user_id"].to_numpy()
     out = recommend(args.run_id, args.k, users, args.tracking_uri, history=args.history)
     write_table(out, args.output)
@@ -102,9 +128,19 @@ def _recommend(args) -> int:
 
 
 def _mine(args) -> int:
-    from .offline import mine
+    from .offline import MINE_SOURCES, mine
 
-    n = mine(args.run_id, args.output, sources=tuple(args.sources.split(",")), per_positive=args.per_positive,
+    if args.per_positive < 1:
+        raise ValueError(f"--per-positive must be >= 1, not {args.per_positive}")
+    sources = tuple(s.strip() for s in args.sources.split(","))
+    unknown = [s for s in sources if s not in MINE_SOURCES]
+    if unknown or len(set(sources)) != len(sources):
+        raise ValueError(f"--sources {args.sources!r}: give distinct sources among {list(MINE_SOURCES)}"
+                         + (f", not {unknown}" if unknown else ""))
+    lo, hi = args.window
+    if "ann" in sources and not 0 <= lo < hi:
+        raise ValueError(f"--window {lo} {hi}: must be 0 <= LO < HI")
+    n = mine(args.run_id, args.output, sources=sources, per_positive=args.per_positive,
              window=tuple(args.window), overwrite=args.force, uri=args.tracking_uri, seed=args.seed)
     print(f"wrote {n} mined negatives to {args.output}")
     return 0
@@ -138,10 +174,13 @@ def _run_pipeline(spec_path: str, args) -> int:
     from .compare import ComparisonSpec
     from .pipeline import run_pipeline
 
+    workers = getattr(args, "workers", 1)
+    if workers < 1:
+        raise ValueError(f"--workers must be >= 1 (variants run in parallel processes), not {workers}")
     if args.output:  # before hours of training, not after
         check_writable(args.output, (".md", ".txt"))
     spec = ComparisonSpec.load(spec_path)
-    summary = run_pipeline(spec, args.tracking_uri, workers=getattr(args, "workers", 1), dry_run=getattr(args, "dry_run", False),
+    summary = run_pipeline(spec, args.tracking_uri, workers=workers, dry_run=getattr(args, "dry_run", False),
                            baseline=args.baseline, output=args.output)
     if "to_run" in summary:
         print(f"{len(summary['planned'])} jobs, {len(summary['skipped'])} already finished; would run:")
@@ -154,11 +193,12 @@ def _run_pipeline(spec_path: str, args) -> int:
 
 
 def _compare_experiment(args) -> int:
-    from .compare import compare_runs, comparison_markdown, experiment_runs, plot_validation
+    from .compare import check_metric, compare_runs, comparison_markdown, experiment_runs, plot_validation
 
     if args.output:
         check_writable(args.output, (".md", ".csv"))
     records = experiment_runs(args.experiment, args.tracking_uri)
+    check_metric(records, args.metric, "--metric")  # with or without --baseline: before the table, not a KeyError in it
     frame = compare_runs(records, args.metric, args.baseline)
     text = comparison_markdown(frame, baseline=args.baseline, metric=args.metric)
     print(text)
@@ -170,6 +210,17 @@ def _compare_experiment(args) -> int:
             atomic_write(out, lambda tmp: Path(tmp).write_text(text + "\n"))
         plot_validation(records, out.with_suffix(".png"), args.metric, args.tracking_uri)
     return 0
+
+
+def _register_name(value: str) -> str:
+    """--register NAME, refused at parsing (before any run) when MLflow's registry would refuse it."""
+    from .config import check_register_name
+
+    try:
+        check_register_name(value, "--register")
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--register: ")) from None
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,6 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
     describe.add_argument("--copurchase-source", choices=["basket", "session", "history"])
     describe.add_argument("--min-count", type=int, default=1)
     describe.set_defaults(func=_describe)
+    profile = dsub.add_parser("profile", help="how the split's held-out events sit against the histories, and the 'auto' settings it suggests")
+    profile.add_argument("--config", help="experiment YAML whose data section gives the split (default: pipelines/quickstart.yaml)")
+    profile.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. data.split=ratio")
+    profile.add_argument("--train", help="external training events (CSV/parquet: user_id,item_id,timestamp)")
+    profile.add_argument("--valid", help="external validation events")
+    profile.add_argument("--test", help="external test events")
+    profile.add_argument("--items", help="item metadata (item_id,category)")
+    profile.add_argument("--json", action="store_true", help="the profiles and suggestions as JSON")
+    profile.set_defaults(func=_profile)
 
     train = commands.add_parser("train", help="train, evaluate and track one experiment; prints run_id=<id> last")
     train.add_argument("--config", default="pipelines/quickstart.yaml", help="experiment YAML (default: %(default)s)")
@@ -198,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue a run from its checkpoint: RUN_ID, or without it the most recently checkpointed run of this config's name")
     train.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
-    train.add_argument("--register", metavar="NAME", help="register the logged recommender (MLflow pyfunc) in the model registry")
+    train.add_argument("--register", metavar="NAME", type=_register_name,
+                       help="register the logged recommender (MLflow pyfunc) in the model registry")
     train.add_argument("--nproc", type=int, default=1, metavar="N",
                        help="train on N processes of this host: data parallel, embedding tables sharded by TorchRec "
                             "(the same as torchrun --nproc_per_node N -m recsys_hnm.cli train ...)")
@@ -263,21 +324,83 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+KNOWN_ERRORS = (DataError, ConfigError, TrackingError, FileNotFoundError, FileExistsError, ValueError)  # exit 2: bad input
+LOG_DIR_ENV = "RECSYS_HNM_LOG_DIR"  # where a failed command's traceback goes (default: mlruns/logs, else a temp dir)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
-    args.argv = argv
-    # force: an imported dependency has already given the root logger a handler, which would make basicConfig a no-op
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
+    """The CLI boundary: whatever escapes a command ends as one line on stderr and an exit code
+    (2: bad input; 1: an unexpected error, its traceback in a log file, on screen with -v;
+    130: Ctrl-C, at any moment; 143: SIGTERM)."""
+    verbose = False
     try:
+        parser = build_parser()
+        argv = sys.argv[1:] if argv is None else list(argv)
+        args = parser.parse_args(argv)
+        args.argv = argv
+        verbose = args.verbose
+        # force: an imported dependency has already given the root logger a handler, which would make basicConfig a no-op
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
         return args.func(args)
-    except (DataError, ConfigError, TrackingError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except KNOWN_ERRORS as e:
+        if verbose:
+            import traceback
+
+            traceback.print_exc(file=sys.stderr)
+        print(f"error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, Terminated) as e:  # the run is already marked KILLED
         print(f"interrupted ({type(e).__name__})", file=sys.stderr)
         return 130 if isinstance(e, KeyboardInterrupt) else 143
+    except Exception as e:  # noqa: BLE001 - the boundary: no raw traceback reaches the user
+        return _unexpected(e, argv, verbose)
+
+
+def _one_line(text: str, limit: int = 1000) -> str:
+    """A message as one line: its lines joined, cut at ``limit`` characters."""
+    line = " ".join(part.strip() for part in text.splitlines() if part.strip())
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+def _unexpected(e: BaseException, argv: list[str] | None, verbose: bool) -> int:
+    """One line: the command, the exception's type and message, where it was raised, and the log
+    file that holds the full traceback (printed too with -v)."""
+    import traceback as tb
+
+    text = "".join(tb.format_exception(type(e), e, e.__traceback__))
+    if verbose:
+        print(text, file=sys.stderr, end="")
+    frames = tb.extract_tb(e.__traceback__)
+    ours = [f for f in frames if f"{os.sep}recsys_hnm{os.sep}" in f.filename] or frames
+    where = [f"at {Path(ours[-1].filename).name}:{ours[-1].lineno} in {ours[-1].name}"] if ours else []
+    command = " ".join(a for a in (argv or [])[:2] if not a.startswith("-")) or "recsys-hnm"
+    log = _write_log(text, argv)
+    where += [f"full traceback in {log}"] if log else ["no log file could be written; -v prints the traceback"]
+    message = _one_line(str(e), 500)
+    print(f"error: {command} failed: {type(e).__name__}{': ' + message if message else ''} ({'; '.join(where)})", file=sys.stderr)
+    return 1
+
+
+def _write_log(text: str, argv: list[str] | None) -> str | None:
+    """``text`` (a traceback) to $RECSYS_HNM_LOG_DIR, mlruns/logs, or else the temp dir, as
+    recsys-hnm-<timestamp>-<pid>.log; its path, or None when none of them is writable."""
+    import tempfile
+    import time
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name = f"recsys-hnm-{stamp}-{os.getpid()}.log"
+    body = f"recsys-hnm {' '.join(argv or [])}\n{time.strftime('%Y-%m-%d %H:%M:%S %z')}\n\n{text}"
+    env = os.environ.get(LOG_DIR_ENV)
+    for folder in ([env] if env else []) + [os.path.join("mlruns", "logs"), os.path.join(tempfile.gettempdir(), "recsys-hnm-logs")]:
+        try:
+            os.makedirs(folder, exist_ok=True)
+            path = os.path.join(folder, name)
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(body)
+            return path
+        except OSError:
+            continue
+    return None
 
 
 def exit_worker(code: int) -> None:

@@ -45,12 +45,14 @@ class DataConfig:
 class ModelConfig:
     dim: int = 64
     hidden: list[int] = field(default_factory=lambda: [128])
-    temperature: float = 0.1
+    # "auto" (here and for item_bias, user_id, history_decay, train_history): chosen from the data's
+    # profile by the rules of data/profile.py, then checked on validation within auto.budget
+    temperature: float | str = 0.1
     learn_temperature: bool = False
-    item_bias: bool = False
+    item_bias: bool | str = False
     history_len: int = 100
-    user_id: bool = True  # false: no user id embedding, the history alone (cold users with a history are served)
-    history_decay: float = 1.0  # weight of an item in the history bag: decay ** age (0 = newest), normalised; 1 = mean
+    user_id: bool | str = True  # false: no user id embedding, the history alone (cold users with a history are served)
+    history_decay: float | str = 1.0  # weight of an item in the history bag: decay ** age (0 = newest), normalised; 1 = mean
     train_history: str = "all"  # all: every other training item of the user | causal: only items before the positive
     # bag: recency-weighted mean | learned_recency: the same with a learned weight per age (from
     # history_decay) | last_k: last k items concatenated | sasrec: self-attention
@@ -202,6 +204,15 @@ class EvalConfig:
 
 
 @dataclass
+class AutoConfig:
+    # validation probes among the candidates the rules leave for the "auto" settings, the rules'
+    # pick included (0 or 1: the rules alone); each probe trains probe_epochs epochs (0: a whole
+    # early-stopped training) and stops early once it falls below the best probe's curve
+    budget: int = 0
+    probe_epochs: int = 3
+
+
+@dataclass
 class TrackingConfig:
     uri: str | None = None  # default: sqlite:///mlruns/mlflow.db (or MLFLOW_TRACKING_URI)
     experiment: str = "recsys-hnm"
@@ -226,6 +237,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    auto: AutoConfig = field(default_factory=AutoConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
@@ -361,15 +373,37 @@ def _coerce(value: Any, tp, key: str):
         return value
     if tp is float:
         if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
-            return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
+            return _finite(value, key)  # YAML 1.1 reads 1e-3 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+        return _finite(value, key)
     if tp is str:
+        if _is_date(value):  # unquoted YAML dates (valid_start: 2015-01-01) are dates: take their ISO text
+            return value.isoformat()
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return str(value)
     raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _finite(value: Any, key: str) -> float:
+    """``value`` as a finite float: every float of the config, one rule (YAML's .nan, .inf and
+    -.inf, 1e999, or an integer too large for a float are refused, with the key named)."""
+    import math
+
+    try:
+        number = float(value)
+    except OverflowError:
+        raise ConfigError(f"{key}: {value!r} is too large for a number") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"{key}: must be a finite number, got {value if isinstance(value, str) else number!r}")
+    return number
+
+
+def _is_date(value: Any) -> bool:
+    import datetime
+
+    return isinstance(value, (datetime.date, datetime.datetime))
 
 
 def _choice(value, allowed, key):
@@ -389,6 +423,56 @@ def check_name(name: str, key: str) -> None:
     """``name`` becomes a directory under train.checkpoint_dir: no ``..``, slashes or absolute paths."""
     if not NAME.fullmatch(name):
         raise ConfigError(f"{key}: {name!r} must be a simple file name (letters, digits, '.', '_', '-'; not starting with '.')")
+
+
+def check_register_name(name: str | None, key: str = "tracking.register") -> None:
+    """A model registry name that MLflow (3.x) accepts, checked before training instead of after
+    it: not blank; no '/', ':' (every store), '\\' or '%' (the file store); a path that
+    normalises to itself (no '..', '.', '//' or leading '/'); at most 256 characters (the
+    registry table's column). ``None``: nothing is registered."""
+    import posixpath
+
+    if name is None:
+        return
+    if not name.strip():
+        raise ConfigError(f"{key}: the registered model name is empty; give a name, or leave it out to register nothing")
+    bad = sorted({c for c in name if c in "/:\\%"})
+    if bad:
+        raise ConfigError(f"{key}: {name!r} is not a valid registered model name: it may not contain {' or '.join(map(repr, bad))}")
+    norm = posixpath.normpath(name)
+    if norm != name or norm == "." or norm.startswith(".."):
+        raise ConfigError(f"{key}: {name!r} is not a valid registered model name: it would resolve to {norm!r} as a path")
+    if len(name) > 256:
+        raise ConfigError(f"{key}: the registered model name has {len(name)} characters; at most 256")
+
+
+AUTO = "auto"
+
+
+def _check_auto(m: ModelConfig) -> None:
+    """A string where a number or true/false is expected must be "auto"."""
+    for key in ("temperature", "history_decay", "item_bias", "user_id"):
+        value = getattr(m, key)
+        if isinstance(value, str) and value != AUTO:
+            kind = "a number" if key in ("temperature", "history_decay") else "true or false"
+            raise ConfigError(f"model.{key}: expected {kind} or 'auto', got {value!r}")
+    if m.learn_temperature and m.temperature == AUTO:
+        raise ConfigError("model.temperature: 'auto' picks a fixed temperature; with learn_temperature=true give its start value")
+
+
+def auto_keys(c: ExperimentConfig) -> list[str]:
+    """The ``model.*`` keys set to "auto", in the order they are decided."""
+    return [f"model.{k}" for k in ("train_history", "history_decay", "temperature", "item_bias", "user_id")
+            if getattr(c.model, k) == AUTO]
+
+
+def with_values(c: ExperimentConfig, values: dict[str, Any]) -> ExperimentConfig:
+    """A copy of ``c`` with ``{"section.key": value}`` set (values already of the key's type)."""
+    sections: dict[str, dict] = {}
+    for key, value in values.items():
+        section, name = key.split(".")
+        sections.setdefault(section, {})[name] = value
+    return dataclasses.replace(c, **{s: dataclasses.replace(getattr(c, s), **v) for s, v in sections.items()})
 
 
 def validate(c: ExperimentConfig, check_run_name: bool = True) -> None:
@@ -412,15 +496,18 @@ def validate(c: ExperimentConfig, check_run_name: bool = True) -> None:
     if d.split == "time" and not external[0] and (d.valid_start is None or d.test_start is None):
         raise ConfigError("data.valid_start and data.test_start are needed for data.split=time")
     m = c.model
-    for key, v in (("model.dim", m.dim), ("model.temperature", m.temperature), ("model.history_len", m.history_len)):
+    _check_auto(m)
+    for key, v in (("model.dim", m.dim), ("model.history_len", m.history_len)):
         _positive(v, key)
+    if m.temperature != AUTO:
+        _positive(m.temperature, "model.temperature")
     for i, h in enumerate(m.hidden):
         _positive(h, f"model.hidden[{i}]")
     s = c.sampler
     _positive(s.num_negatives, "sampler.num_negatives", strict=False)
     if s.per_row_negatives is not None:
         _positive(s.per_row_negatives, "sampler.per_row_negatives", strict=False)
-    _choice(m.train_history, ("all", "causal"), "model.train_history")
+    _choice(m.train_history, ("all", "causal", AUTO), "model.train_history")
     _choice(m.history_encoder, ("bag", "learned_recency", "last_k", "sasrec"), "model.history_encoder")
     for key, v in (("model.last_k", m.last_k), ("model.attention_layers", m.attention_layers), ("model.attention_heads", m.attention_heads)):
         _positive(v, key)
@@ -431,7 +518,7 @@ def validate(c: ExperimentConfig, check_run_name: bool = True) -> None:
     for key, v in (("model.attention_dropout", m.attention_dropout), ("model.item_id_dropout", m.item_id_dropout)):
         if not 0.0 <= v < 1.0:
             raise ConfigError(f"{key}: {v!r} must be in [0, 1)")
-    if not 0.0 < m.history_decay <= 1.0:
+    if m.history_decay != AUTO and not 0.0 < m.history_decay <= 1.0:
         raise ConfigError(f"model.history_decay: {m.history_decay!r} must be in (0, 1] (1 = plain mean)")
     _choice(s.logq, ("mixture", "per_source", "none"), "sampler.logq")
     _choice(s.known_positives, ("mask", "redraw"), "sampler.known_positives")
@@ -503,6 +590,10 @@ def validate(c: ExperimentConfig, check_run_name: bool = True) -> None:
     for i, k in enumerate(e.ks):
         _positive(k, f"eval.ks[{i}]")
     _positive(e.chunk_size, "eval.chunk_size")
+    _positive(c.auto.budget, "auto.budget", strict=False)
+    _positive(c.auto.probe_epochs, "auto.probe_epochs", strict=False)
     metric, _, k = t.monitor.partition("@")
     if metric not in METRICS or not k.isdigit() or int(k) not in e.ks:
         raise ConfigError(f"train.monitor: {t.monitor!r} must be one of {list(METRICS)} @ a K in eval.ks {e.ks}")
+    if check_run_name:  # a logged run's config is not refused for its (already used) registry name
+        check_register_name(c.tracking.register, "tracking.register")

@@ -10,7 +10,7 @@ import contextlib
 import json
 import logging
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
@@ -20,11 +20,12 @@ import scipy.sparse as sp
 import torch
 import yaml
 
-from .config import ConfigError, ExperimentConfig, config_from_dict
+from .config import AUTO, ConfigError, ExperimentConfig, auto_keys, config_from_dict, with_values
 from .data import (
     DataError, Interactions, Split, copurchase_graph, leave_last_out, load_dataset, load_fixed_split, ratio_split, read_table,
     time_split,
 )
+from .data.profile import DataProfile, describe_profile, profile_split, suggest_settings
 from .evaluation import Evaluator, mask_known, phase_counts, popularity_scorer, top_k
 from .index.ann_sampler import AnnSampler
 from .index.refresh import IndexRefresh
@@ -177,6 +178,8 @@ class TrainResult:
     test: dict[str, float]
     mostpop_test: dict[str, float]
     history: list[dict[str, float]]
+    summary: list[str] = field(default_factory=list)  # the profile, the settings chosen and why, warnings
+    config: ExperimentConfig | None = None  # as trained: "auto" settings resolved
 
 
 def checkpoint_path(config: ExperimentConfig, run_id: str, rank: int = 0) -> Path:
@@ -250,7 +253,16 @@ def _train(config: ExperimentConfig, cluster: Cluster | None, resume: bool | str
         run_id = run.info.run_id if chief else None
         run_id = cluster.broadcast(run_id) if cluster is not None else run_id
         ckpt = checkpoint_path(config, run_id, rank)
+        if state is not None:  # a resumed run keeps the settings it chose
+            saved = state["extra"]["config"]
+            config = with_values(config, {k: saved[k.split(".")[0]][k.split(".")[1]] for k in auto_keys(config)})
+            selection = Selection(profile_split(split, "valid"))
+        else:  # probes run in a single process; under torchrun every rank applies the same rules
+            config, selection = choose_settings(config, data, split, probe=cluster is None)
         if state is None and chief:
+            mlflow.set_tags(selection.tags())
+            mlflow.log_dict({"profile": selection.profile.as_dict(), "choices": {k: {"value": v, "why": why} for k, (v, why) in
+                             selection.choices.items()}, "probes": selection.probes}, "auto_selection.json")
             mlflow.log_params(config.flat())
             mlflow.log_text(yaml.safe_dump(config.to_dict(), sort_keys=False), "config.yaml")
             mlflow.log_dict({"data": data.report, "split": split.summary()}, "data_report.json")
@@ -269,8 +281,10 @@ def _train(config: ExperimentConfig, cluster: Cluster | None, resume: bool | str
                 raise ConfigError(f"checkpoint {ckpt} does not match this config: {e}") from e
         history = trainer.fit()
         train_s = sum(h["epoch_s"] for h in trainer.history)
+        summary = selection.lines()
         if chief:
             mlflow.set_tag("best_epoch", str(early.best_epoch))
+            summary += _against_mostpop(config, split, early.best)
         if config.train.refit:
             # model selection is done: train afresh on train + valid for the selected epochs
             epochs = early.best_epoch + 1 if early.best_epoch >= 0 else config.train.epochs
@@ -283,7 +297,7 @@ def _train(config: ExperimentConfig, cluster: Cluster | None, resume: bool | str
                 log_metrics({"refit.epochs": epochs, "refit.train_loss": trainer.history[-1]["train_loss"]})
         model, features = trainer.unsharded_model(), trainer.features  # the last collective
         if not chief:
-            return TrainResult(run_id, {}, {}, history)
+            return TrainResult(run_id, {}, {}, history, config=config)
         log_metrics({"train_s": train_s})
         test_eval = Evaluator(split, "test", config.eval.ks, config.eval.chunk_size)
         per_user = test_eval.per_user(model_scorer(model, features.with_history(split.history("test"))))
@@ -303,7 +317,26 @@ def _train(config: ExperimentConfig, cluster: Cluster | None, resume: bool | str
                 refresh.final_index(trainer, path)
                 mlflow.log_artifact(str(path), "index")
                 mlflow.log_artifact(str(path) + ".json", "index")
-        return TrainResult(run_id, test, mostpop, history)
+        return TrainResult(run_id, test, mostpop, history, summary, config)
+
+
+def _against_mostpop(config: ExperimentConfig, split: Split, best: float) -> list[str]:
+    """MostPop on validation beside the model's best epoch, logged; a plain warning when the model
+    does not beat it (the settings do not fit the data, or popularity is all there is)."""
+    if not len(split.valid):
+        return []
+    m = config.train.monitor
+    mostpop = Evaluator(split, "valid", config.eval.ks, config.eval.chunk_size).evaluate(popularity_scorer(phase_counts(split, "valid")))
+    log_metrics(mostpop, prefix="mostpop.valid.")
+    beats = best > mostpop[m]
+    mlflow.set_tag("beats_mostpop", str(beats).lower())
+    if beats:
+        return [f"validation {m}: model {best:.4f}, MostPop {mostpop[m]:.4f}"]
+    warning = (f"WARNING: the model does not beat MostPop on validation ({m} {best:.4f} against {mostpop[m]:.4f}); "
+               "recommend the popular items instead, or try model settings 'auto' with a larger auto.budget")
+    mlflow.set_tag("warning", warning)
+    log.warning(warning)
+    return [warning]
 
 
 def build_trainer(config: ExperimentConfig, data: Interactions, split: Split, sampler: MixtureSampler, callbacks: list,
@@ -352,6 +385,84 @@ def build_trainer(config: ExperimentConfig, data: Interactions, split: Split, sa
     return trainer, refresh
 
 
+# -- "auto" settings ------------------------------------------------------------------------------
+
+@dataclass
+class Selection:
+    """How the "auto" settings of a run were decided: the profile, each choice with its reason,
+    and the validation probes (settings, best validation monitor, epochs run)."""
+
+    profile: DataProfile
+    choices: dict[str, tuple[object, str]] = field(default_factory=dict)
+    probes: list[dict] = field(default_factory=list)
+
+    def tags(self) -> dict[str, str]:
+        out = {f"profile.{k}": str(round(v, 4) if isinstance(v, float) else v) for k, v in self.profile.as_dict().items()}
+        out.update({f"auto.{k}": f"{v} ({why})"[:5000] for k, (v, why) in self.choices.items()})
+        return out
+
+    def lines(self) -> list[str]:
+        return [describe_profile(self.profile), *(f"{k}: {v} ({why})" for k, (v, why) in self.choices.items())]
+
+
+def choose_settings(config: ExperimentConfig, data: Interactions, split: Split, *, probe: bool = True) -> tuple[ExperimentConfig, Selection]:
+    """``config`` with its "auto" settings resolved: the rules' pick from the split's profile
+    (data/profile.py), then, within ``auto.budget`` probes, each alternative the rules leave
+    tried one setting at a time on top of the best so far (a greedy coordinate search) and kept
+    when its best validation monitor is higher. Probes train on ``split.train`` and score on
+    validation only; the same seed gives the same choice."""
+    selection = Selection(profile_split(split, "valid"))
+    keys = auto_keys(config)
+    if not keys:
+        return config, selection
+    options = {k: v for k, v in suggest_settings(selection.profile).items() if k in keys}
+    chosen = {k: opts[0][0] for k, opts in options.items()}
+    selection.choices = {k: (opts[0][0], f"rule: {opts[0][1]}") for k, opts in options.items()}
+    alternatives = [(k, v) for k, opts in options.items() for v, _ in opts[1:]]
+    budget = config.auto.budget if probe else 0
+    if budget >= 2 and alternatives:
+        monitor = config.train.monitor
+        best, curve = _probe(config, data, split, chosen, None, selection)
+        for key, value in alternatives[:budget - 1]:
+            trial = {**chosen, key: value}
+            score, trial_curve = _probe(config, data, split, trial, curve, selection)
+            if score > best:
+                selection.choices[key] = (value, f"validation: {monitor} {score:.4f} against {best:.4f} for {chosen[key]}")
+                best, curve, chosen = score, trial_curve, trial
+            else:
+                was = selection.choices[key]
+                selection.choices[key] = (was[0], f"{was[1]}; validation kept it: {monitor} {best:.4f}, {value} gave {score:.4f}")
+    return with_values(config, chosen), selection
+
+
+class _BelowIncumbent(EarlyStopping):
+    """Early stopping that also prunes a probe whose validation curve is below the best probe's at
+    the same epoch, from the second epoch on."""
+
+    def __init__(self, monitor: str, patience: int, incumbent: list[float] | None):
+        super().__init__(monitor, patience)
+        self.incumbent = incumbent or []
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        super().on_epoch_end(trainer, epoch, logs)
+        if 1 <= epoch < len(self.incumbent) and logs[self.monitor] < self.incumbent[epoch]:
+            trainer.should_stop = True
+
+
+def _probe(config, data, split, values, incumbent, selection) -> tuple[float, list[float]]:
+    trial = with_values(config, values)
+    monitor = f"valid.{config.train.monitor}"
+    stopper = _BelowIncumbent(monitor, config.train.patience, incumbent)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer, _ = build_trainer(with_values(trial, {"train.progress": False}), data, split, build_sampler(trial, data, split),
+                                   [stopper], Path(tmp) / "items.index", epochs=config.auto.probe_epochs or config.train.epochs)
+        trainer.fit()
+    curve = [h[monitor] for h in trainer.history]
+    selection.probes.append({"settings": dict(values), "valid": max(curve), "epochs": len(curve)})
+    log.info("auto probe %s: %s %.4f over %d epochs", values, monitor, max(curve), len(curve))
+    return max(curve), curve
+
+
 def _cooccurring(config: ExperimentConfig, data: Interactions, split: Split) -> SortedPairs | None:
     """Item pairs that at least ``sampler.guard_cooccurrence`` users have both of in training."""
     threshold = config.sampler.guard_cooccurrence
@@ -379,7 +490,7 @@ def _check_same_config(saved: dict, config: ExperimentConfig, path: Path) -> Non
             continue
         for key, value in values.items():
             was = saved.get(section, {}).get(key, default[section][key])
-            if (section, key) not in ignore and was != value:
+            if (section, key) not in ignore and was != value and value != AUTO:  # "auto": the run's own choice is kept
                 raise ConfigError(f"checkpoint {path} was written for {section}.{key}={was!r}, not {value!r}")
 
 
