@@ -73,6 +73,14 @@ class ComparisonSpec:
         baselines = raw.get("baselines", [])
         if not strings(baselines):
             raise refuse("baselines", "a list of baseline names (mostpop, itemknn, ease, als)")
+        from .baselines.models import BASELINES  # at load (and so at --dry-run), not as a job that fails
+
+        unknown = [b for b in baselines if b not in BASELINES]
+        if unknown:
+            raise ConfigError(f"{path}: baselines: unknown baseline(s) {unknown}; known: {sorted(BASELINES)}")
+        repeated = sorted({b for b in baselines if baselines.count(b) > 1})
+        if repeated:
+            raise ConfigError(f"{path}: baselines: {repeated} listed more than once")
         return cls(raw["name"], raw["base"], seeds, variants, list(raw.get("set", [])), list(baselines), raw.get("search"))
 
 
@@ -153,6 +161,25 @@ def experiment_runs(experiment: str, uri: str | None = None, tag: tuple[str, str
     return records
 
 
+def logged_test_metrics(records: list[RunRecord]) -> list[str]:
+    """The test metrics (``ndcg@10``...) that at least one of ``records`` logged, by name then K."""
+    names = {key.removeprefix("test.").replace("_at_", "@") for r in records for key in r.metrics
+             if key.startswith("test.") and "_at_" in key}
+    return sorted(names, key=lambda m: (m.split("@")[0], int(m.split("@")[1]) if m.split("@")[1].isdigit() else 0))
+
+
+def check_metric(records: list[RunRecord], metric: str, what: str = "--metric") -> None:
+    """``metric`` (e.g. ndcg@10) must be a test metric the runs logged: a ValueError naming it,
+    the Ks the runs have and the metrics, before any table, plot or bootstrap."""
+    logged = logged_test_metrics(records)
+    if metric in logged:
+        return
+    ks = sorted({int(m.split("@")[1]) for m in logged if m.split("@")[1].isdigit()})
+    names = sorted({m.split("@")[0] for m in logged})
+    raise ValueError(f"{what} {metric!r}: not logged by the runs; they logged {', '.join(names) or 'no test metrics'}"
+                     + (f" at K {', '.join(map(str, ks))}" if ks else "") + (f" (e.g. {names[0]}@{ks[-1]})" if names and ks else ""))
+
+
 def compare_runs(records: list[RunRecord], metric: str = "ndcg@10", baseline: str | None = None,
                  metrics=TABLE_METRICS, n_boot: int = 2000):
     """One row per variant: mean ± sd over its runs (seeds) of each test metric, and against
@@ -168,11 +195,12 @@ def compare_runs(records: list[RunRecord], metric: str = "ndcg@10", baseline: st
         by_variant.setdefault(r.variant, []).append(r)
     if baseline is not None and baseline not in by_variant:
         raise ValueError(f"baseline variant {baseline!r} is not among the runs: {sorted(by_variant)}")
+    check_metric(records, metric, "metric")
     if metric not in metrics:
         metrics = (metric, *metrics)
 
     def user_means(runs: list[RunRecord]):
-        frames = [r.per_user.set_index("user_id")[metric] for r in runs if r.per_user is not None]
+        frames = [r.per_user.set_index("user_id")[metric] for r in runs if r.per_user is not None and metric in r.per_user.columns]
         return pd.concat(frames, axis=1).mean(axis=1) if frames else None
 
     base_users = user_means(by_variant[baseline]) if baseline else None

@@ -44,13 +44,15 @@ def mine(run_id: str, output: str, *, sources: tuple[str, ...] = ("ann",), per_p
     unknown = set(sources) - set(MINE_SOURCES)
     if unknown or not sources:
         raise ValueError(f"mining sources must be among {MINE_SOURCES}, not {sorted(unknown) or 'none'}")
+    if per_positive < 1:
+        raise ValueError(f"per_positive must be >= 1, not {per_positive}")
     lo, hi = window
-    if not 0 <= lo < hi:
+    if "ann" in sources and not 0 <= lo < hi:  # the window is ann's alone
         raise ValueError(f"window must be 0 <= lo < hi, not [{lo}, {hi})")
     run = load_run(run_id, uri)
     split = refit_split(run.split) if run.config.train.refit else run.split
     data, model = run.data, run.model
-    if hi > data.n_items:
+    if "ann" in sources and hi > data.n_items:
         raise ValueError(f"window [{lo}, {hi}) reaches beyond the catalog ({data.n_items} items)")
     samplers = {}
     if {"category", "copurchase"} & set(sources):
