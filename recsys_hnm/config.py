@@ -31,7 +31,7 @@ class DataConfig:
     min_rating: float | None = None
     duplicates: str = "first"
     unknown_items: str = "error"
-    split: str = "leave_last_out"  # leave_last_out | ratio | time
+    split: str = "leave_last_out"  # leave_last_out | last_basket | ratio | time
     ratios: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
     ratio_by_time: bool = True
     valid_start: str | None = None
@@ -491,7 +491,7 @@ def validate(c: ExperimentConfig, check_run_name: bool = True) -> None:
         raise ConfigError("data.dataset: give a dataset, or data.train/valid/test files")
     _choice(d.duplicates, ("first", "last", "keep"), "data.duplicates")
     _choice(d.unknown_items, ("error", "unknown_category"), "data.unknown_items")
-    _choice(d.split, ("leave_last_out", "ratio", "time"), "data.split")
+    _choice(d.split, ("leave_last_out", "last_basket", "ratio", "time"), "data.split")
     _positive(d.numeric_bins, "data.numeric_bins")
     if d.split == "time" and not external[0] and (d.valid_start is None or d.test_start is None):
         raise ConfigError("data.valid_start and data.test_start are needed for data.split=time")

@@ -22,7 +22,7 @@ import yaml
 
 from .config import AUTO, ConfigError, ExperimentConfig, auto_keys, config_from_dict, with_values
 from .data import (
-    DataError, Interactions, Split, copurchase_graph, leave_last_out, load_dataset, load_fixed_split, ratio_split, read_table,
+    DataError, Interactions, Split, copurchase_graph, last_basket_out, leave_last_out, load_dataset, load_fixed_split, ratio_split, read_table,
     time_split,
 )
 from .data.profile import DataProfile, describe_profile, profile_split, suggest_settings
@@ -59,6 +59,8 @@ def load_data(config: ExperimentConfig) -> tuple[Interactions, Split]:
     data = load_dataset(d.dataset, min_rating=d.min_rating, **options)
     if d.split == "leave_last_out":
         split = leave_last_out(data)
+    elif d.split == "last_basket":
+        split = last_basket_out(data)
     elif d.split == "ratio":
         split = ratio_split(data, d.ratios, by_time=d.ratio_by_time, seed=d.seed)
     else:
@@ -420,24 +422,27 @@ def choose_settings(config: ExperimentConfig, data: Interactions, split: Split, 
     selection.choices = {k: (opts[0][0], f"rule: {opts[0][1]}") for k, opts in options.items()}
     alternatives = [(k, v) for k, opts in options.items() for v, _ in opts[1:]]
     budget = config.auto.budget if probe else 0
-    if budget >= 2 and alternatives:
-        monitor = config.train.monitor
-        best, curve = _probe(config, data, split, chosen, None, selection)
-        for key, value in alternatives[:budget - 1]:
-            trial = {**chosen, key: value}
-            score, trial_curve = _probe(config, data, split, trial, curve, selection)
-            if score > best:
-                selection.choices[key] = (value, f"validation: {monitor} {score:.4f} against {best:.4f} for {chosen[key]}")
-                best, curve, chosen = score, trial_curve, trial
-            else:
-                was = selection.choices[key]
-                selection.choices[key] = (was[0], f"{was[1]}; validation kept it: {monitor} {best:.4f}, {value} gave {score:.4f}")
+    if budget < 2 or not alternatives:
+        return with_values(config, chosen), selection
+    monitor = config.train.monitor
+    best, curve = _probe(config, data, split, chosen, None, selection)
+    tried: dict[str, list[str]] = {}
+    for key, value in alternatives[:budget - 1]:
+        trial = {**chosen, key: value}
+        score, trial_curve = _probe(config, data, split, trial, curve, selection)
+        tried.setdefault(key, []).append(f"{chosen[key]} {best:.4f}" if score > best else f"{value} {score:.4f}")
+        if score > best:
+            selection.choices[key] = (value, f"validation: {monitor} {score:.4f}")
+            best, curve, chosen = score, trial_curve, trial
+    for key, others in tried.items():  # what each choice was checked against
+        value, why = selection.choices[key]
+        selection.choices[key] = (value, f"{why}; {'kept on' if why.startswith('rule') else 'beat'} validation against {', '.join(others)}")
     return with_values(config, chosen), selection
 
 
 class _BelowIncumbent(EarlyStopping):
-    """Early stopping that also prunes a probe whose validation curve is below the best probe's at
-    the same epoch, from the second epoch on."""
+    """Early stopping that also prunes a probe whose best so far is below the best probe's curve at
+    the same epoch, from the third epoch on (a slower start is not a worse end)."""
 
     def __init__(self, monitor: str, patience: int, incumbent: list[float] | None):
         super().__init__(monitor, patience)
@@ -445,7 +450,7 @@ class _BelowIncumbent(EarlyStopping):
 
     def on_epoch_end(self, trainer, epoch, logs):
         super().on_epoch_end(trainer, epoch, logs)
-        if 1 <= epoch < len(self.incumbent) and logs[self.monitor] < self.incumbent[epoch]:
+        if 2 <= epoch < len(self.incumbent) and self.best < self.incumbent[epoch]:
             trainer.should_stop = True
 
 

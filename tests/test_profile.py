@@ -180,3 +180,19 @@ def test_the_mostpop_warning_appears_when_the_model_loses(synthetic_files, tmp_p
     assert tags["beats_mostpop"] == "false" and "MostPop" in tags["warning"]
     logged = json.loads(mlflow.artifacts.load_text(f"runs:/{result.run_id}/auto_selection.json"))
     assert logged["profile"]["protocol"] == tags["profile.protocol"]
+
+
+def test_last_basket_out_holds_out_each_users_last_two_baskets():
+    frame = pd.DataFrame({
+        "user_id": [1] * 7 + [2] * 3,
+        "item_id": list("abcdefg") + list("abc"),
+        "timestamp": [1, 1, 2, 3, 3, 4, 4] + [1, 2, 3],
+        "basket_id": [10, 10, 11, 12, 12, 13, 13] + [20, 21, 21],
+    })
+    from recsys_hnm.data import last_basket_out
+
+    split = last_basket_out(Interactions.from_frames(frame))
+    items = lambda part: sorted(split.data.items.to_raw(part[part["user"] == 0]["item"]).tolist())  # noqa: E731
+    assert items(split.test) == ["f", "g"] and items(split.valid) == ["d", "e"] and items(split.train) == ["a", "b", "c"]
+    assert split.report["users_too_short_for_valid_test"] == 1 and (split.train["user"] == 1).sum() == 3
+    assert profile_split(split).protocol == "basket"

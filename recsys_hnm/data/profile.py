@@ -27,7 +27,7 @@ class DataProfile:
     heldout_after: float | None
     heldout_tied: float | None
     heldout_interleaved: float | None
-    # training events sharing their (user, timestamp) with another: baskets, same-second logs
+    # training events sharing their (user, timestamp) or (user, basket) with another: baskets
     train_ties: float | None
     # held-out events whose item the user already had before them
     repeat_rate: float
@@ -79,7 +79,10 @@ def profile_split(split: Split, phase: str = "valid") -> DataProfile:
             tied = float((ts == h_last).mean())
             inter = float((ts < h_last).mean())
         if len(train):
-            ties = float(train.duplicated(["user", "timestamp"], keep=False).mean())
+            tied_rows = train.duplicated(["user", "timestamp"], keep=False)
+            if data.has_baskets:  # basket items logged a few seconds apart are a group all the same
+                tied_rows |= train.duplicated(["user", "basket"], keep=False)
+            ties = float(tied_rows.mean())
     repeat = 0.0
     if len(heldout):
         users, items = heldout["user"].to_numpy(), heldout["item"].to_numpy()

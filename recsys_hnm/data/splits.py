@@ -155,6 +155,28 @@ def leave_last_out(data: Interactions, min_events: int = 3) -> Split:
     return _make(data, pd.Series(phase, index=ordered.index), report)
 
 
+def last_basket_out(data: Interactions, min_baskets: int = 3) -> Split:
+    """Per user, the last basket (by its first event's time, then basket id) is test, the one
+    before it validation: the next-basket protocol. Users with fewer than ``min_baskets``
+    baskets keep all of them in training (counted)."""
+    if not data.has_baskets:
+        raise DataError("last_basket_out needs a basket_id column")
+    if min_baskets < 3:
+        raise DataError(f"last_basket_out min_baskets must be >= 3, not {min_baskets}")
+    ev = data.events
+    start = ev.groupby("basket")["timestamp"].transform("min") if data.has_time else ev["basket"]
+    baskets = ev.assign(_start=start.to_numpy()).drop_duplicates(["user", "basket"])[["user", "_start", "basket"]]
+    baskets = baskets.sort_values(["user", "_start", "basket"], kind="stable")
+    user = baskets["user"].to_numpy()
+    counts = np.bincount(user, minlength=data.n_users)
+    from_end = _position_from_end(user)
+    phase = np.where(counts[user] >= min_baskets, np.where(from_end == 0, 2, np.where(from_end == 1, 1, 0)), 0).astype(np.int8)
+    code = pd.Series(phase, index=pd.MultiIndex.from_arrays([user, baskets["basket"].to_numpy()]))
+    of_event = code.reindex(pd.MultiIndex.from_arrays([ev["user"].to_numpy(), ev["basket"].to_numpy()])).to_numpy()
+    report = {"users_too_short_for_valid_test": int(((counts > 0) & (counts < min_baskets)).sum())}
+    return _make(data, pd.Series(of_event.astype(np.int8), index=ev.index), report)
+
+
 def ratio_split(
     data: Interactions, ratios=(0.8, 0.1, 0.1), *, by_time: bool = True, seed: int = 0
 ) -> Split:
