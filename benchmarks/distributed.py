@@ -32,7 +32,7 @@ def worker(items: int, steps: int, sharding: str) -> None:
     from recsys_hnm.config import load_config
     from recsys_hnm.data import leave_last_out, synthetic
     from recsys_hnm.distributed import cluster_from_env, shutdown
-    from recsys_hnm.experiment import build_sampler, build_trainer
+    from recsys_hnm.experiment import build_sampler, build_trainer, choose_settings
 
     torch.set_num_threads(1)
     cluster = cluster_from_env()
@@ -40,6 +40,7 @@ def worker(items: int, steps: int, sharding: str) -> None:
                                                        "train.embedding_lr=0.05", f"distributed.sharding={sharding}"])
     data = synthetic(max(items // 20, 100), items, 5 * items, n_categories=max(items // 500, 20), seed=0)
     split = leave_last_out(data)
+    config, _ = choose_settings(config, data, split, probe=False)  # "auto" settings: the rules' pick
     with tempfile.TemporaryDirectory() as tmp:
         trainer, _ = build_trainer(config, data, split, build_sampler(config, data, split), [], Path(tmp) / "items.index",
                                    validate=False, cluster=cluster)

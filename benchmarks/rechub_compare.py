@@ -105,7 +105,7 @@ def rechub(ratings: pd.DataFrame, movies: pd.DataFrame, n: int, epochs: int, ste
 def recsys_hnm(ratings: pd.DataFrame, movies: pd.DataFrame, n: int, epochs: int, steps: int | None, history_len: int) -> dict:
     from recsys_hnm.config import load_config
     from recsys_hnm.data import Interactions, leave_last_out
-    from recsys_hnm.experiment import build_sampler, build_trainer
+    from recsys_hnm.experiment import build_sampler, build_trainer, choose_settings
 
     config = load_config(ROOT / "pipelines" / "quickstart.yaml", [
         "sampler.mixture={uniform: 1.0}", f"sampler.num_negatives={n}", "sampler.uniform.shared=false",
@@ -114,6 +114,7 @@ def recsys_hnm(ratings: pd.DataFrame, movies: pd.DataFrame, n: int, epochs: int,
     items = movies.rename(columns={"movieId": "item_id", "genres": "category"})[["item_id", "category"]]
     data = Interactions.from_frames(events.reset_index(drop=True), items)  # as load_dataset("ml-latest-small")
     split = leave_last_out(data)
+    config, _ = choose_settings(config, data, split, probe=False)  # "auto" settings: the rules' pick
     with tempfile.TemporaryDirectory() as tmp:
         trainer, _ = build_trainer(config, data, split, build_sampler(config, data, split), [], Path(tmp) / "items.index", validate=False)
         trainer.diagnostics = None  # the training cost, not the diagnostics'

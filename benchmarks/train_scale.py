@@ -30,7 +30,7 @@ MIXES = {
 def run(items: int | None, dataset: str | None, mix: str, steps: int, per_row: int | None, optimizer: str, queue) -> None:
     from recsys_hnm.config import load_config
     from recsys_hnm.data import leave_last_out, load_dataset, ratio_split, synthetic
-    from recsys_hnm.experiment import build_sampler, build_trainer
+    from recsys_hnm.experiment import build_sampler, build_trainer, choose_settings
 
     torch.set_num_threads(1)
     overrides = [f"sampler.mixture={json.dumps(MIXES[mix])}", "sampler.ann.warmup_epochs=0", "train.progress=false",
@@ -41,6 +41,7 @@ def run(items: int | None, dataset: str | None, mix: str, steps: int, per_row: i
     config = load_config("pipelines/quickstart.yaml", overrides)
     data = load_dataset(dataset) if dataset else synthetic(max(items // 20, 100), items, 5 * items, n_categories=max(items // 500, 20), seed=0)
     split = leave_last_out(data) if data.has_time else ratio_split(data, by_time=False)
+    config, _ = choose_settings(config, data, split, probe=False)  # "auto" settings: the rules' pick
     with tempfile.TemporaryDirectory() as tmp:
         trainer, refresh = build_trainer(config, data, split, build_sampler(config, data, split), [], Path(tmp) / "items.index",
                                          validate=False)

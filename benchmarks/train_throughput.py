@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from recsys_hnm.config import load_config
-from recsys_hnm.experiment import build_sampler, build_trainer, load_data
+from recsys_hnm.experiment import build_sampler, build_trainer, choose_settings, load_data
 from recsys_hnm.models import item_embeddings, user_embeddings
 
 
@@ -29,6 +29,7 @@ def main() -> dict:
     torch.set_num_threads(threads)
     config.train.progress = False
     data, split = load_data(config)
+    config, _ = choose_settings(config, data, split, probe=False)  # "auto" settings: the rules' pick
     with tempfile.TemporaryDirectory() as tmp:  # the experiment's own trainer: same features, options
         trainer, _ = build_trainer(config, data, split, build_sampler(config, data, split), [], Path(tmp) / "items.index")
     model, features, evaluator = trainer.model, trainer.features, trainer.evaluator

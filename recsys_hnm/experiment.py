@@ -80,6 +80,10 @@ def item_side_features(config: ExperimentConfig, data: Interactions) -> sp.csr_m
 
 
 def build_model(config: ExperimentConfig, data: Interactions) -> TwoTower:
+    unresolved = auto_keys(config)
+    if unresolved:
+        raise ConfigError(f"{unresolved} are 'auto': train() resolves them from the data; to build components by hand, "
+                          "call choose_settings(config, data, split) first")
     m = config.model
     n_side = item_side_features(config, data).shape[1]
     torch.manual_seed(config.train.seed)
