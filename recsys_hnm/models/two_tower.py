@@ -52,8 +52,10 @@ class SelfAttentiveEncoder(nn.Module):
         self.blocks = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, items: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """items [B, L, dim] (padding rows zero), valid [B, L] -> [B, dim]."""
+    def forward(self, items: torch.Tensor, valid: torch.Tensor, every_position: bool = False) -> torch.Tensor:
+        """items [B, L, dim] (padding rows zero), valid [B, L] -> [B, dim], the output at the last
+        position; ``every_position``: [B, L, dim], position i's output from positions <= i only
+        (per-position training: it predicts the item after position i)."""
         L = items.shape[1]
         x = self.dropout(items + self.positions.weight[-L:])
         # position i sees valid positions j <= i; a padding position sees itself only, so that no
@@ -62,8 +64,8 @@ class SelfAttentiveEncoder(nn.Module):
         allowed = ((causal & valid[:, None, :]) | torch.eye(L, dtype=torch.bool, device=items.device))[:, None]
         layers = self.blocks.layers
         for i, layer in enumerate(layers):
-            x = self._block(layer, x, allowed, last_only=i == len(layers) - 1)
-        return self.norm(x[:, -1])
+            x = self._block(layer, x, allowed, last_only=not every_position and i == len(layers) - 1)
+        return self.norm(x if every_position else x[:, -1])
 
     def _block(self, layer: nn.TransformerEncoderLayer, x: torch.Tensor, allowed: torch.Tensor, last_only: bool) -> torch.Tensor:
         """``layer``'s pre-norm forward, computed here: the user is the last position of the last
@@ -223,6 +225,21 @@ class TwoTower(nn.Module):
         cells = {HISTORY: (valid.flatten().long(), history.values(), None)}
         items = self.ebc(kjt(B * L, cells))[HISTORY].view(B, L, -1)
         return self.sequence_encoder(items, valid)
+
+    def position_embeddings(self, history: torch.Tensor, users: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-position user vectors of a sequence encoder: ``history`` [B, L] item indices
+        (right-aligned, -1 padding) -> [B, L, dim], position i encoding items <= i (and the user
+        id embedding of ``users`` [B] when given, the same at every position)."""
+        if not isinstance(self.sequence_encoder, SelfAttentiveEncoder):
+            raise ValueError("per-position training needs the sasrec history encoder")
+        B, L = history.shape
+        valid = history >= 0
+        items = self.ebc(kjt(B * L, {HISTORY: (valid.flatten().long(), history[valid], None)}))[HISTORY].view(B, L, -1)
+        encoded = self.sequence_encoder(items, valid, every_position=True)
+        user = encoded.new_zeros(B, encoded.shape[-1])
+        if users is not None:
+            user = self.ebc(kjt(B, {USER_ID: (torch.ones(B, dtype=torch.long), users, None)}))[USER_ID]
+        return F.normalize(self.user_mlp(torch.cat([user[:, None].expand(-1, L, -1), encoded], dim=-1)), dim=-1)
 
     def item_embeddings(self, features: KeyedJaggedTensor) -> torch.Tensor:
         pooled = self.ebc(features)
