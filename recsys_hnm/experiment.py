@@ -414,9 +414,11 @@ class Selection:
 def choose_settings(config: ExperimentConfig, data: Interactions, split: Split, *, probe: bool = True) -> tuple[ExperimentConfig, Selection]:
     """``config`` with its "auto" settings resolved: the rules' pick from the split's profile
     (data/profile.py), then, within ``auto.budget`` probes, each alternative the rules leave
-    tried one setting at a time on top of the best so far (a greedy coordinate search) and kept
-    when its best validation monitor is higher. Probes train on ``split.train`` and score on
-    validation only; the same seed gives the same choice."""
+    tried one setting at a time on top of the best so far (a greedy coordinate search). An
+    alternative replaces the incumbent only when it beats it clearly: its paired per-user gain on
+    validation (``train.monitor`` at the probes' best epochs) exceeds twice its standard error,
+    so the rules stand where validation cannot tell. Probes train on ``split.train`` and score
+    on validation only; the same seed gives the same choice."""
     selection = Selection(profile_split(split, "valid"))
     keys = auto_keys(config)
     if not keys:
@@ -429,18 +431,21 @@ def choose_settings(config: ExperimentConfig, data: Interactions, split: Split, 
     if budget < 2 or not alternatives:
         return with_values(config, chosen), selection
     monitor = config.train.monitor
-    best, curve = _probe(config, data, split, chosen, None, selection)
+    best, curve, per_user = _probe(config, data, split, chosen, None, selection)
     tried: dict[str, list[str]] = {}
     for key, value in alternatives[:budget - 1]:
         trial = {**chosen, key: value}
-        score, trial_curve = _probe(config, data, split, trial, curve, selection)
-        tried.setdefault(key, []).append(f"{chosen[key]} {best:.4f}" if score > best else f"{value} {score:.4f}")
-        if score > best:
-            selection.choices[key] = (value, f"validation: {monitor} {score:.4f}")
-            best, curve, chosen = score, trial_curve, trial
+        score, trial_curve, trial_users = _probe(config, data, split, trial, curve, selection)
+        diff = trial_users - per_user
+        gain, se = float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(max(len(diff), 1)))
+        wins = gain > 2 * se and gain > 0
+        tried.setdefault(key, []).append(f"{value} {score:.4f} (paired gain {gain:+.4f} ± {se:.4f})")
+        if wins:
+            selection.choices[key] = (value, f"validation: {monitor} {score:.4f} against {best:.4f} for {chosen[key]}")
+            best, curve, per_user, chosen = score, trial_curve, trial_users, trial
     for key, others in tried.items():  # what each choice was checked against
         value, why = selection.choices[key]
-        selection.choices[key] = (value, f"{why}; {'kept on' if why.startswith('rule') else 'beat'} validation against {', '.join(others)}")
+        selection.choices[key] = (value, f"{why}; checked on validation: {', '.join(others)}")
     return with_values(config, chosen), selection
 
 
@@ -458,18 +463,20 @@ class _BelowIncumbent(EarlyStopping):
             trainer.should_stop = True
 
 
-def _probe(config, data, split, values, incumbent, selection) -> tuple[float, list[float]]:
+def _probe(config, data, split, values, incumbent, selection) -> tuple[float, list[float], np.ndarray]:
+    """One probe: (best validation monitor, its curve, per-user validation monitor at the best epoch)."""
     trial = with_values(config, values)
     monitor = f"valid.{config.train.monitor}"
     stopper = _BelowIncumbent(monitor, config.train.patience, incumbent)
     with tempfile.TemporaryDirectory() as tmp:
         trainer, _ = build_trainer(with_values(trial, {"train.progress": False}), data, split, build_sampler(trial, data, split),
                                    [stopper], Path(tmp) / "items.index", epochs=config.auto.probe_epochs or config.train.epochs)
-        trainer.fit()
+        trainer.fit()  # ends on the best epoch's weights
+    per_user = trainer.evaluator.per_user(model_scorer(trainer.model, trainer.features))[config.train.monitor].to_numpy()
     curve = [h[monitor] for h in trainer.history]
     selection.probes.append({"settings": dict(values), "valid": max(curve), "epochs": len(curve)})
     log.info("auto probe %s: %s %.4f over %d epochs", values, monitor, max(curve), len(curve))
-    return max(curve), curve
+    return max(curve), curve, per_user
 
 
 def _cooccurring(config: ExperimentConfig, data: Interactions, split: Split) -> SortedPairs | None:

@@ -137,11 +137,18 @@ def test_a_validation_winner_replaces_the_rule(synthetic_files, tmp_path, monkey
     options = suggest_settings(profile_split(split))
     first_key = "model.train_history"
     alternative = options[first_key][1][0]
-    scores = iter([0.1, 0.2])  # the rule's pick, then the first alternative: the alternative wins
-    monkeypatch.setattr(experiment, "_probe", lambda *a, **kw: (next(scores), [0.0]))
+    noise = np.random.default_rng(0).normal(0, 0.05, 400)
+    # per-user validation figures: the rule's pick, then its first alternative, clearly better
+    results = iter([np.full(400, 0.1), 0.2 + noise])
+    monkeypatch.setattr(experiment, "_probe", lambda *a, **kw: (float((r := next(results)).mean()), [0.0], r))
     resolved, selection = choose_settings(config, data, split)
     assert resolved.model.train_history == alternative
     assert selection.choices[first_key][1].startswith("validation:")
+    # a gain within the noise of the paired per-user differences leaves the rule's pick
+    results = iter([np.full(400, 0.1), 0.101 + noise])
+    resolved, selection = choose_settings(config, data, split)
+    assert resolved.model.train_history == options[first_key][0][0]
+    assert selection.choices[first_key][1].startswith("rule:") and "paired gain" in selection.choices[first_key][1]
 
 
 def _tags(run_id, uri):
