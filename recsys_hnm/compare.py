@@ -115,6 +115,7 @@ class RunRecord:
     variant: str
     metrics: dict[str, float]
     per_user: "object | None" = None  # DataFrame of per-user test metrics, when logged
+    baseline: bool = False  # a tuned baseline (MostPop, ItemKNN...), not a trained variant
 
 
 def variant_of(run) -> str:
@@ -155,7 +156,8 @@ def experiment_runs(experiment: str, uri: str | None = None, tag: tuple[str, str
             if any(a.path == name for a in client.list_artifacts(run.info.run_id)):
                 path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=name, dst_path=tmp, tracking_uri=uri)
                 per_user = pd.read_parquet(path)
-            records.append(RunRecord(run.info.run_id, variant_of(run), dict(run.data.metrics), per_user))
+            records.append(RunRecord(run.info.run_id, variant_of(run), dict(run.data.metrics), per_user,
+                                     run.data.tags.get("baseline") == "true"))
     if not records:
         raise TrackingError(f"experiment {experiment!r} has no finished runs")
     return records
@@ -204,6 +206,11 @@ def compare_runs(records: list[RunRecord], metric: str = "ndcg@10", baseline: st
         return pd.concat(frames, axis=1).mean(axis=1) if frames else None
 
     base_users = user_means(by_variant[baseline]) if baseline else None
+    # the strongest baseline by the mean of ``metric``: each trained variant is also compared with it
+    tuned = {v: np.nanmean([r.metrics.get(metric_name(f"test.{metric}"), np.nan) for r in runs])
+             for v, runs in by_variant.items() if all(r.baseline for r in runs)}
+    best = max(tuned, key=tuned.get) if tuned else None
+    best_users = user_means(by_variant[best]) if best else None
     rows = []
     for variant, runs in sorted(by_variant.items(), key=lambda kv: (kv[0] != baseline, kv[0])):  # the baseline first
         row = {"variant": variant, "runs": len(runs)}
@@ -217,6 +224,10 @@ def compare_runs(records: list[RunRecord], metric: str = "ndcg@10", baseline: st
                 both = pd.concat([users, base_users], axis=1, join="inner").to_numpy()
                 row["change"], row["ci_low"], row["ci_high"] = paired_bootstrap(both[:, 0], both[:, 1], n_boot)
                 row["paired_users"] = len(both)
+        if best_users is not None and variant not in tuned and (users := user_means(runs)) is not None:
+            both = pd.concat([users, best_users], axis=1, join="inner").to_numpy()
+            row["best_baseline"] = best
+            row["vs_best"], row["vs_best_low"], row["vs_best_high"] = paired_bootstrap(both[:, 0], both[:, 1], n_boot)
         train_s = [r.metrics.get("train_s", r.metrics.get("fit_s")) for r in runs if {"train_s", "fit_s"} & r.metrics.keys()]
         if train_s:
             row["train_s"] = float(np.mean(train_s))
@@ -242,6 +253,12 @@ def comparison_markdown(frame, metrics=TABLE_METRICS, baseline: str | None = Non
         if "train_s" in frame:
             cells.append(f"{r['train_s']:.0f}" if np.isfinite(r.get("train_s", np.nan)) else "—")
         lines.append("| " + " | ".join(cells) + " |")
+    if "vs_best" in frame:  # every trained variant beside the strongest tuned baseline, in words
+        lines.append("")
+        for _, r in frame[frame["vs_best"].notna()].iterrows():
+            verdict = "beats" if r["vs_best_low"] > 0 else "is below" if r["vs_best_high"] < 0 else "is level with"
+            lines.append(f"- `{r['variant']}` {verdict} the best baseline, {r['best_baseline']}: {metric} {r['vs_best']:+.1%} "
+                         f"[{r['vs_best_low']:+.1%}, {r['vs_best_high']:+.1%}]")
     return "\n".join(lines)
 
 

@@ -55,6 +55,20 @@ def test_compare_runs_by_hand():
         compare_runs(records, baseline="nope")
 
 
+def test_each_variant_is_set_beside_the_strongest_baseline():
+    ease = _record("ease", 0, [0.3, 0.3, 0.3, 0.3])
+    pop = _record("mostpop", 0, [0.1, 0.1, 0.1, 0.1])
+    ease.baseline = pop.baseline = True
+    records = [ease, pop, _record("good", 0, [0.5, 0.6, 0.4, 0.5]), _record("weak", 0, [0.2, 0.1, 0.2, 0.3])]
+    frame = compare_runs(records, "ndcg@10", baseline="mostpop", metrics=("ndcg@10",), n_boot=200)
+    rows = frame.set_index("variant")
+    assert rows.loc["good", "best_baseline"] == "ease" and rows.loc["good", "vs_best"] == pytest.approx(0.5 / 0.3 - 1)
+    assert "vs_best" not in rows.loc["ease"] or np.isnan(rows.loc["ease", "vs_best"])
+    text = comparison_markdown(frame, metrics=("ndcg@10",), baseline="mostpop")
+    assert "- `good` beats the best baseline, ease: ndcg@10 +66.7%" in text
+    assert "- `weak` is below the best baseline, ease: ndcg@10 -33.3%" in text
+
+
 def test_cli_compare_experiment_reads_the_store(synthetic_files, tmp_path, capsys):
     for variant, lr in (("slow", 0.001), ("fast", 0.01)):
         train(small_config(synthetic_files, tmp_path, name=variant, train={"epochs": 1, "lr": lr},
