@@ -19,11 +19,11 @@ from mlflow.tracking import MlflowClient
 from conftest import small_config
 from recsys_hnm.data import synthetic
 from recsys_hnm.data.interactions import IdMap
-from recsys_hnm.evaluation.evaluator import mask_known, top_k
+from recsys_hnm.ops.ranking import mask_known, top_k
 from recsys_hnm.experiment import load_run, recommend, train
 from recsys_hnm.models import FeatureBuilder, TowerSizes, TwoTower, model_scorer
-from recsys_hnm.serving import ARTIFACT_NAME, log_recommender
-from recsys_hnm.serving import top_k as np_top_k
+from recsys_hnm.tracking.pyfunc import ARTIFACT_NAME, log_recommender
+from recsys_hnm.tracking.pyfunc import top_k as np_top_k
 
 REGISTERED = "hnm-two-tower"
 
@@ -90,7 +90,7 @@ def test_unknown_users_are_skipped_and_logged_duplicates_served_once(served, cap
     raw = served.run.data.users.raw
     unknown = int(raw.max()) + 1000
     request = pd.DataFrame({"user_id": [raw[3], unknown, raw[1], raw[3], raw[1]]})
-    with caplog.at_level(logging.WARNING, logger="recsys_hnm.serving"):
+    with caplog.at_level(logging.WARNING, logger="recsys_hnm.tracking.pyfunc"):
         out = served.model.predict(request, params={"k": 5})
     assert out["user_id"].tolist() == [raw[3]] * 5 + [raw[1]] * 5
     assert out.attrs["unknown_users"] == [unknown]

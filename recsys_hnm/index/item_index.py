@@ -21,9 +21,9 @@ import torch
 from annoy import AnnoyIndex
 
 from ..config import AnnConfig
-from ..evaluation.evaluator import mask_known, top_k
-from ..io import atomic_write
-from ..sparse import SortedPairs
+from ..ops.ranking import mask_known, top_k
+from ..ops.io import atomic_write
+from ..ops.sparse import SortedPairs
 
 # Measured on 2 cores (benchmarks/index_refresh.py, README): below 100,000 items exact search
 # wins; from there faiss IVF refreshes fastest (HNSW's build is most of its refresh, and Annoy

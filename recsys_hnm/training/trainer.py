@@ -14,15 +14,15 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..distributed import ShardedTwoTower, table_optimizer_class
+from .distributed import ShardedTwoTower, table_optimizer_class
 from ..evaluation import Evaluator
-from ..losses import pairwise, sampled_softmax_by_role
+from .losses import pairwise, sampled_softmax_by_role
 from ..models import FeatureBuilder, TwoTower, model_scorer
 from ..sampling import Context, MixtureSampler, Negatives
 from ..sampling.diagnostics import NegativeDiagnostics
 from .callbacks import Callback
-from .mining import MemoryBank, select_candidates
-from ..sparse import SortedPairs
+from ..mining import MemoryBank, select_candidates
+from ..ops.sparse import SortedPairs
 
 log = logging.getLogger(__name__)
 

@@ -46,11 +46,11 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.trial import TrialState
 
 from .compare import ComparisonSpec
-from .config import ConfigError, ExperimentConfig, load_config
-from .evaluation.metrics import METRICS
+from ..config import ConfigError, ExperimentConfig, load_config
+from ..evaluation.metrics import METRICS
 from .pipeline import KEY_TAG, PARENT_TAG, parent_run
-from .tracking import Terminated, experiment_id, metric_name, tracking_uri
-from .training.callbacks import Callback
+from ..tracking import Terminated, experiment_id, metric_name, tracking_uri
+from ..training.callbacks import Callback
 
 log = logging.getLogger(__name__)
 
@@ -316,7 +316,7 @@ def run_search(spec: dict, base: str, name: str, uri: str | None, seeds: list[in
     parent = parent_run(ComparisonSpec(name, base, list(seeds), {}, list(overrides)), uri)
     failed: list[str] = []
     try:
-        from .experiment import train
+        from ..experiment import train
 
         def objective(trial: optuna.Trial) -> float:
             params = {key: _suggest(trial, key, dist) for key, dist in dists.items()}
@@ -380,7 +380,7 @@ def _train_best(client: MlflowClient, exp_id: str, name: str, base: str, overrid
                 uri: str, parent: str, best, checked: dict, failed: list[str]) -> dict[int, str]:
     """The best config once per seed; a FINISHED run of an earlier invocation for the same best
     trial is reused, one for another trial is tagged ``search.superseded=true``."""
-    from .experiment import train
+    from ..experiment import train
 
     runs = {}
     earlier = [r for r in _child_runs(client, exp_id, name)

@@ -30,7 +30,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModel
 
 # a fixed name: loaded from the model's copy of this file the module is named code_model_<uuid>
-log = logging.getLogger("recsys_hnm.serving")
+log = logging.getLogger("recsys_hnm.tracking.pyfunc")
 
 FORMAT_VERSION = 1
 ARTIFACT_NAME = "recommender_data"  # key of the artifacts directory in the model
@@ -186,7 +186,7 @@ def write_recommender_data(model, features, data, known, k: int, root: Path) -> 
     import scipy.sparse as sp
     import torch
 
-    from .models import item_embeddings, user_embeddings
+    from ..models import item_embeddings, user_embeddings
 
     n_users, n_items = model.sizes.n_users, model.sizes.n_items
     if len(data.users) != n_users or len(data.items) != n_items:
@@ -253,5 +253,5 @@ def log_recommender(model, features, data, known, k: int = 100, artifact_path: s
     return info
 
 
-if __name__ != "recsys_hnm.serving":  # run by MLflow from the model's copy of this file
+if __name__ != "recsys_hnm.tracking.pyfunc":  # run by MLflow from the model's copy of this file
     mlflow.models.set_model(TopKRecommender())

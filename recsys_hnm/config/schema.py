@@ -12,13 +12,10 @@ from typing import Any
 
 import yaml
 
-from .evaluation.metrics import METRICS
+from ..evaluation.metrics import METRICS
+from ..ops.errors import ConfigError
 
 SOURCES = ("in_batch", "uniform", "popularity", "category", "copurchase", "ann", "full", "static")
-
-
-class ConfigError(ValueError):
-    """A config that cannot run; the message names the key."""
 
 
 @dataclass

@@ -17,9 +17,9 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from .compare import TABLE_METRICS, ComparisonSpec, _slug, compare_runs, comparison_markdown, experiment_runs, plot_validation
-from .config import ConfigError, ExperimentConfig, load_config
-from .io import atomic_write
-from .tracking import TrackingError, experiment_id, sigterm_raises, tracking_uri
+from ..config import ConfigError, ExperimentConfig, load_config
+from ..ops.io import atomic_write
+from ..tracking import TrackingError, experiment_id, sigterm_raises, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +88,10 @@ def run_job(job: Job, parent_id: str) -> str:
     job.config.tracking.tags = {**job.config.tracking.tags, "variant": job.variant, KEY_TAG: job.key,
                                 PARENT_TAG: job.config.tracking.experiment, "mlflow.parentRunId": parent_id}
     if job.baseline is not None:
-        from .baselines import run_baseline
+        from ..experiment import run_baseline
 
         return run_baseline(job.config, job.baseline)["run_id"]
-    from .experiment import train
+    from ..experiment import train
 
     return train(job.config).run_id
 
