@@ -145,7 +145,7 @@ class _Model:
 
 
 def test_refresh_remines_after_embeddings_change(monkeypatch):
-    import recsys_hnm.index.refresh as refresh_mod
+    import recsys_hnm.training.refresh as refresh_mod
 
     n_items, n_users = 300, 20
     state = {"items": torch.from_numpy(clustered(n_items, 8, seed=0)), "users": torch.from_numpy(clustered(n_users, 8, seed=1))}

@@ -24,7 +24,7 @@ class ComparisonSpec:
     variants: dict[str, list[str]]  # variant -> --set overrides
     overrides: list[str] = field(default_factory=list)  # applied to every variant
     baselines: list[str] = field(default_factory=list)  # tuned on validation, run once each
-    search: dict | None = None  # an Optuna search section (recsys_hnm.search), run before the variants
+    search: dict | None = None  # an Optuna search section (recsys_hnm.studies.search), run before the variants
 
     @classmethod
     def load(cls, path: str | Path) -> "ComparisonSpec":
