@@ -122,7 +122,7 @@ def test_signature_artifacts_and_registration(served):
     assert files == {"meta.json", "user_ids.npy", "item_ids.npy", "user_embeddings.npy", "item_vectors.npy", "known.npz"}
     meta = json.loads((local / "artifacts" / ARTIFACT_NAME / "meta.json").read_text())
     assert meta["n_users"] == served.run.data.n_users and meta["known_nnz"] == served.known.nnz and not meta["item_bias"]
-    assert (local / "serving.py").is_file() and not list(local.rglob("*.pkl"))  # model from code, no pickle
+    assert (local / "pyfunc.py").is_file() and not list(local.rglob("*.pkl"))  # model from code, no pickle
     assert info.run_id == served.logging_run_id
     # the registry holds it
     client = MlflowClient(served.uri)

@@ -9,7 +9,7 @@ to ``mlflow.models.set_model``. Nothing is pickled, and the loaded model needs o
 pandas and mlflow: neither torch, torchrec nor recsys_hnm.
 
 Scores and ranking are those of ``recommend``: user . item * scale (+ item bias), known items
-masked, the best ``k`` first, ties to the lower item index (``evaluation.evaluator.top_k``'s
+masked, the best ``k`` first, ties to the lower item index (``ops.ranking.top_k``'s
 rule, computed here in numpy with the same packed keys).
 
 Keep the module's top-level imports to the standard library, numpy, pandas and mlflow: they are
@@ -116,7 +116,7 @@ class TopKRecommender(PythonModel):
 
 
 def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """numpy twin of ``evaluation.evaluator.top_k``: (indices, values) of each row's ``min(k, n)``
+    """numpy twin of ``ops.ranking.top_k``: (indices, values) of each row's ``min(k, n)``
     highest scores, best first, ties to the lower index. The float32 scores become
     order-preserving int32 keys packed with the reversed index into distinct int64 keys."""
     n = scores.shape[1]
