@@ -31,7 +31,7 @@ def worker(items: int, steps: int, sharding: str) -> None:
 
     from recsys_hnm.config import load_config
     from recsys_hnm.data import leave_last_out, synthetic
-    from recsys_hnm.distributed import cluster_from_env, shutdown
+    from recsys_hnm.training.distributed import cluster_from_env, shutdown
     from recsys_hnm.experiment import build_sampler, build_trainer, choose_settings
 
     torch.set_num_threads(1)

@@ -17,7 +17,7 @@ import torch
 
 from recsys_hnm.data import Interactions, leave_last_out
 from recsys_hnm.evaluation import Evaluator
-from recsys_hnm.evaluation.evaluator import embedding_scorer
+from recsys_hnm.ops.ranking import embedding_scorer
 
 DIM, KNOWN = 64, 20
 

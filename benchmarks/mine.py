@@ -23,7 +23,7 @@ import torch
 from recsys_hnm.config import load_config
 from recsys_hnm.data import load_dataset
 from recsys_hnm.experiment import train
-from recsys_hnm.offline import mine
+from recsys_hnm.experiment.offline import mine
 
 EVENTS_PER_USER, ITEMS_PER_CATEGORY = 20, 100
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .config import ConfigError, load_config
 from .data import DataError, copurchase_graph, describe_graph, load_dataset, load_table
-from .io import atomic_write, check_writable
+from .ops.io import atomic_write, check_writable
 from .tracking import Terminated, TrackingError
 
 
@@ -54,7 +54,7 @@ def _profile(args) -> int:
 
 
 def _train(args) -> int:
-    from .distributed import shutdown
+    from .training.distributed import shutdown
     from .experiment import summary_json, train
 
     if args.nproc < 1:
@@ -128,7 +128,7 @@ def _recommend(args) -> int:
 
 
 def _mine(args) -> int:
-    from .offline import MINE_SOURCES, mine
+    from .experiment.offline import MINE_SOURCES, mine
 
     if args.per_positive < 1:
         raise ValueError(f"--per-positive must be >= 1, not {args.per_positive}")
@@ -153,7 +153,7 @@ def _compare(args) -> int:
 
 
 def _baseline(args) -> int:
-    from .baselines import run_baseline
+    from .experiment import run_baseline
 
     overrides = list(args.set or [])
     if args.tracking_uri:
@@ -171,8 +171,8 @@ def _pipeline(args) -> int:
 
 
 def _run_pipeline(spec_path: str, args) -> int:
-    from .compare import ComparisonSpec
-    from .pipeline import run_pipeline
+    from .studies.compare import ComparisonSpec
+    from .studies.pipeline import run_pipeline
 
     workers = getattr(args, "workers", 1)
     if workers < 1:
@@ -193,7 +193,7 @@ def _run_pipeline(spec_path: str, args) -> int:
 
 
 def _compare_experiment(args) -> int:
-    from .compare import check_metric, compare_runs, comparison_markdown, experiment_runs, plot_validation
+    from .studies.compare import check_metric, compare_runs, comparison_markdown, experiment_runs, plot_validation
 
     if args.output:
         check_writable(args.output, (".md", ".csv"))

@@ -10,12 +10,11 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import small_config
-from recsys_hnm.baselines import (
-    ALS, BASELINES, EASE, Baseline, ItemKNN, MostPop, fit_final, make_baseline, run_baseline, tune,
-)
+from recsys_hnm.baselines import ALS, BASELINES, EASE, Baseline, ItemKNN, MostPop, fit_final, make_baseline, tune
+from recsys_hnm.experiment import run_baseline
 from recsys_hnm.data import Interactions, fixed_split
 from recsys_hnm.evaluation import Evaluator, phase_counts, popularity_scorer
-from recsys_hnm.evaluation.evaluator import top_k
+from recsys_hnm.ops.ranking import top_k
 
 # 4 users x 5 items; item columns: 0 {u0, u1}, 1 {u0, u2}, 2 {u1, u2}, 3 {u3}, 4 {u2, u3}
 X = sp.csr_matrix(np.array([

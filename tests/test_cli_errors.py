@@ -13,7 +13,7 @@ import torch
 
 from recsys_hnm import experiment
 from recsys_hnm.cli import main
-from recsys_hnm.io import atomic_write
+from recsys_hnm.ops.io import atomic_write
 
 QUICK = "pipelines/quickstart.yaml"
 TRIPWIRE = ["--set", "train.epochs=0"]

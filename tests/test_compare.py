@@ -6,7 +6,7 @@ import pytest
 
 from conftest import small_config
 from recsys_hnm.cli import main
-from recsys_hnm.compare import RunRecord, compare_runs, comparison_markdown, paired_bootstrap
+from recsys_hnm.studies.compare import RunRecord, compare_runs, comparison_markdown, paired_bootstrap
 from recsys_hnm.experiment import train
 
 

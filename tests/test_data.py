@@ -304,7 +304,7 @@ def test_copurchase_top_n_by_count_histogram_matches_a_full_sort():
     """The histogram path (integer counts), its fallback for rows with n counts at the cap, and
     non-integer weights all keep what sorting each row by (weight desc, column asc) keeps."""
     from recsys_hnm.data.copurchase import _top_n_per_row
-    from recsys_hnm.sparse import row_ids
+    from recsys_hnm.ops.sparse import row_ids
 
     def by_sorting(m, n):
         rows = row_ids(m.indptr)

@@ -147,7 +147,7 @@ def test_a_failing_rank_ends_the_run_failed_with_its_error(synthetic_files, tmp_
 def test_sharded_adam_on_cpu_and_bad_nproc_are_refused(tmp_path):
     from recsys_hnm.cli import main
     from recsys_hnm.config import ConfigError
-    from recsys_hnm.distributed import Cluster, ShardedTwoTower
+    from recsys_hnm.training.distributed import Cluster, ShardedTwoTower
     from recsys_hnm.models import TowerSizes, TwoTower
 
     with pytest.raises(ConfigError, match="adam has no fused CPU kernel"):

@@ -7,7 +7,8 @@ import torch
 
 from recsys_hnm.data import Interactions, leave_last_out, ratio_split
 from recsys_hnm.evaluation import Evaluator, popularity_scorer, ranking_metrics
-from recsys_hnm.evaluation.evaluator import RANKED_BY_COUNT, top_k
+from recsys_hnm.evaluation.evaluator import RANKED_BY_COUNT
+from recsys_hnm.ops.ranking import top_k
 
 
 def test_top_k_breaks_ties_by_lower_item_index():

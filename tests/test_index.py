@@ -6,11 +6,10 @@ from mlflow.tracking import MlflowClient
 
 from recsys_hnm.config import ConfigError, config_from_dict
 from recsys_hnm.experiment import train
-from recsys_hnm.index import (
-    AnnoyItemIndex, AnnSampler, ExactIndex, HnswItemIndex, IndexFileError, IndexRefresh, IvfItemIndex, load_index, make_index,
-    recall_at_k, resolve_window,
-)
-from recsys_hnm.io import atomic_write
+from recsys_hnm.index import AnnoyItemIndex, ExactIndex, HnswItemIndex, IndexFileError, IvfItemIndex, load_index, make_index, recall_at_k
+from recsys_hnm.sampling import AnnSampler, resolve_window
+from recsys_hnm.training import IndexRefresh
+from recsys_hnm.ops.io import atomic_write
 from recsys_hnm.sampling import Context, MixtureSampler, UniformSampler
 
 
@@ -146,7 +145,7 @@ class _Model:
 
 
 def test_refresh_remines_after_embeddings_change(monkeypatch):
-    import recsys_hnm.index.refresh as refresh_mod
+    import recsys_hnm.training.refresh as refresh_mod
 
     n_items, n_users = 300, 20
     state = {"items": torch.from_numpy(clustered(n_items, 8, seed=0)), "users": torch.from_numpy(clustered(n_users, 8, seed=1))}

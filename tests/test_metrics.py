@@ -6,7 +6,7 @@ import torch
 
 from recsys_hnm.data import Interactions, leave_last_out
 from recsys_hnm.evaluation import Evaluator, ranking_metrics
-from recsys_hnm.losses import bpr, sampled_softmax, sampled_softmax_by_role, triplet
+from recsys_hnm.training.losses import bpr, sampled_softmax, sampled_softmax_by_role, triplet
 
 
 def test_metrics_against_hand_computed_values():

@@ -10,9 +10,9 @@ import torch
 
 from conftest import small_config
 from recsys_hnm.experiment import build_sampler, build_trainer, load_data
-from recsys_hnm.losses import pairwise
+from recsys_hnm.training.losses import pairwise
 from recsys_hnm.sampling import KnownPositives
-from recsys_hnm.training.mining import MemoryBank, select_candidates
+from recsys_hnm.mining import MemoryBank, select_candidates
 
 
 def test_semi_hard_selection_keeps_exactly_the_margin_band():
@@ -198,7 +198,7 @@ def test_offline_mining_round_trips_into_the_static_source(synthetic_files, tmp_
 def test_mining_a_run_with_hard_roles_uses_the_mining_sources_only(synthetic_files, tmp_path):
     from recsys_hnm.data import read_table
     from recsys_hnm.experiment import train
-    from recsys_hnm.offline import mine
+    from recsys_hnm.experiment.offline import mine
 
     config = small_config(synthetic_files, tmp_path, train={"epochs": 1}, sampler={
         "mixture": {"in_batch": 1.0, "uniform": 1.0, "category": 1.0}, "hard": ["category"], "per_row_negatives": 8})
@@ -209,7 +209,7 @@ def test_mining_a_run_with_hard_roles_uses_the_mining_sources_only(synthetic_fil
 
 
 def test_items_above_counts_strictly_higher_scores_with_ties_and_masked_items():
-    from recsys_hnm.offline import items_above
+    from recsys_hnm.experiment.offline import items_above
 
     gen = torch.Generator().manual_seed(0)
     scores = torch.randint(-3, 4, (20, 300), generator=gen).float()  # many ties

@@ -61,8 +61,8 @@ def test_training_tracks_to_a_real_mlflow_server(synthetic_files, tmp_path, mlfl
 def test_pipeline_with_two_workers_against_a_real_server(synthetic_files, tmp_path, mlflow_server):
     import yaml
 
-    from recsys_hnm.compare import ComparisonSpec
-    from recsys_hnm.pipeline import run_pipeline
+    from recsys_hnm.studies.compare import ComparisonSpec
+    from recsys_hnm.studies.pipeline import run_pipeline
 
     base = small_config(synthetic_files, tmp_path, train={"epochs": 1}).to_dict()
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))

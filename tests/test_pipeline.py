@@ -5,8 +5,8 @@ from mlflow.tracking import MlflowClient
 
 from conftest import small_config
 from recsys_hnm.cli import main
-from recsys_hnm.compare import ComparisonSpec
-from recsys_hnm.pipeline import run_pipeline
+from recsys_hnm.studies.compare import ComparisonSpec
+from recsys_hnm.studies.pipeline import run_pipeline
 from recsys_hnm.training import trainer as trainer_module
 
 

@@ -130,7 +130,7 @@ def test_selection_reads_no_test_data_and_is_deterministic(synthetic_files, tmp_
 
 
 def test_a_validation_winner_replaces_the_rule(synthetic_files, tmp_path, monkeypatch):
-    import recsys_hnm.experiment as experiment
+    import recsys_hnm.experiment.run as experiment
 
     config = small_config(synthetic_files, tmp_path, model=AUTO, auto={"budget": 2, "probe_epochs": 1})
     data, split = load_data(config)

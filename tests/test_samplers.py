@@ -11,9 +11,9 @@ from conftest import small_config
 from recsys_hnm.config import ConfigError
 from recsys_hnm.data import Interactions, copurchase_graph, leave_last_out, synthetic
 from recsys_hnm.experiment import build_sampler, build_trainer, load_data
-from recsys_hnm.losses import sampled_softmax
-from recsys_hnm.index import AnnSampler
-from recsys_hnm.sparse import SortedPairs
+from recsys_hnm.training.losses import sampled_softmax
+from recsys_hnm.sampling import AnnSampler
+from recsys_hnm.ops.sparse import SortedPairs
 from recsys_hnm.sampling import (
     AliasTable, CategorySampler, Context, CopurchaseSampler, FullCatalog, InBatchSampler, KnownPositives, MixtureSampler,
     PopularitySampler, SegmentedAlias, UniformSampler, allocate,
@@ -826,7 +826,7 @@ def test_a_memory_bank_joins_the_proposal_and_keeps_the_estimate_unbiased():
     estimates Z a second time (about 2Z beside in-batch + uniform); joined to the mixture (every
     candidate corrected by its count under all sources together, as the Trainer does) the
     estimate is unbiased."""
-    from recsys_hnm.training.mining import MemoryBank
+    from recsys_hnm.mining import MemoryBank
 
     stream = InBatchSampler(COUNTS + 1)
     mix = MixtureSampler({"in_batch": stream, "uniform": UniformSampler(N_ITEMS)}, {"in_batch": 1.0, "uniform": 1.0}, 4)

@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 from conftest import small_config
 from recsys_hnm import experiment
 from recsys_hnm.config import ConfigError
-from recsys_hnm.search import run_search
+from recsys_hnm.studies.search import run_search
 from recsys_hnm.training import trainer as trainer_module
 
 NAME = "srch"

@@ -19,11 +19,11 @@ from mlflow.tracking import MlflowClient
 from conftest import small_config
 from recsys_hnm.data import synthetic
 from recsys_hnm.data.interactions import IdMap
-from recsys_hnm.evaluation.evaluator import mask_known, top_k
+from recsys_hnm.ops.ranking import mask_known, top_k
 from recsys_hnm.experiment import load_run, recommend, train
 from recsys_hnm.models import FeatureBuilder, TowerSizes, TwoTower, model_scorer
-from recsys_hnm.serving import ARTIFACT_NAME, log_recommender
-from recsys_hnm.serving import top_k as np_top_k
+from recsys_hnm.tracking.pyfunc import ARTIFACT_NAME, log_recommender
+from recsys_hnm.tracking.pyfunc import top_k as np_top_k
 
 REGISTERED = "hnm-two-tower"
 
@@ -90,7 +90,7 @@ def test_unknown_users_are_skipped_and_logged_duplicates_served_once(served, cap
     raw = served.run.data.users.raw
     unknown = int(raw.max()) + 1000
     request = pd.DataFrame({"user_id": [raw[3], unknown, raw[1], raw[3], raw[1]]})
-    with caplog.at_level(logging.WARNING, logger="recsys_hnm.serving"):
+    with caplog.at_level(logging.WARNING, logger="recsys_hnm.tracking.pyfunc"):
         out = served.model.predict(request, params={"k": 5})
     assert out["user_id"].tolist() == [raw[3]] * 5 + [raw[1]] * 5
     assert out.attrs["unknown_users"] == [unknown]
@@ -122,7 +122,7 @@ def test_signature_artifacts_and_registration(served):
     assert files == {"meta.json", "user_ids.npy", "item_ids.npy", "user_embeddings.npy", "item_vectors.npy", "known.npz"}
     meta = json.loads((local / "artifacts" / ARTIFACT_NAME / "meta.json").read_text())
     assert meta["n_users"] == served.run.data.n_users and meta["known_nnz"] == served.known.nnz and not meta["item_bias"]
-    assert (local / "serving.py").is_file() and not list(local.rglob("*.pkl"))  # model from code, no pickle
+    assert (local / "pyfunc.py").is_file() and not list(local.rglob("*.pkl"))  # model from code, no pickle
     assert info.run_id == served.logging_run_id
     # the registry holds it
     client = MlflowClient(served.uri)

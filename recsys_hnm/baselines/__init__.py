@@ -2,9 +2,9 @@
 same evaluator, split and masking as the two-tower model."""
 
 from .models import ALS, BASELINES, DEFAULT_GRIDS, EASE, Baseline, ItemKNN, MostPop, make_baseline
-from .tuning import fit_final, grid_points, run_baseline, tune
+from .tuning import check_metric, fit_final, grid_points, tune
 
 __all__ = [
     "ALS", "BASELINES", "DEFAULT_GRIDS", "EASE", "Baseline", "ItemKNN", "MostPop", "fit_final", "grid_points",
-    "make_baseline", "run_baseline", "tune",
+    "check_metric", "make_baseline", "tune",
 ]

@@ -14,7 +14,8 @@ import scipy.linalg
 import scipy.sparse as sp
 import torch
 
-from ..evaluation.evaluator import Scorer, embedding_scorer, popularity_scorer
+from ..ops.ranking import Scorer, embedding_scorer
+from ..evaluation.evaluator import popularity_scorer
 
 
 class Baseline:

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ..sparse import row_ids
+from ..ops.sparse import row_ids
 from .interactions import DataError
 
 CopurchaseSource = Literal["basket", "session", "history"]

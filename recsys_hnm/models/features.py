@@ -8,7 +8,7 @@ import scipy.sparse as sp
 import torch
 from torchrec import KeyedJaggedTensor
 
-from ..sparse import jagged_positions
+from ..ops.sparse import jagged_positions
 from .two_tower import HISTORY, ITEM_CATEGORY, ITEM_ID, USER_ID, kjt
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..evaluation.evaluator import Scorer, embedding_scorer
+from ..ops.ranking import Scorer, embedding_scorer
 from .features import FeatureBuilder
 from .two_tower import TwoTower
 

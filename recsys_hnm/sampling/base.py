@@ -5,10 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-import scipy.sparse as sp
 import torch
-
-from ..sparse import SortedPairs, jagged_positions
 
 
 @dataclass(frozen=True)
@@ -127,59 +124,3 @@ def sparse_log(q: torch.Tensor) -> torch.Tensor:
     the log of a subnormal) takes a slow path: 12x the log of normal numbers on this CPU. No
     probability here is below 1e-30, so clamping there changes nothing else."""
     return torch.log(q.clamp(min=1e-30)).masked_fill_(q == 0, float("-inf"))
-
-
-def row_entries(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sparse (row, col, value) entries as (row, position, value) entries at the shared
-    ``items`` [n]: one per position of the col among them (duplicates in ``items`` are fine),
-    none for a col that is not a candidate. Cheap when rows have few entries, whatever n is:
-    each entry is written straight to its item's positions (filling a [batch, unique items]
-    grid and gathering its columns took 8 of 11 ms at 1,024 x 1,280)."""
-    unique, inverse, counts = torch.unique(items, return_inverse=True, return_counts=True)
-    lookup = torch.full((int(max(int(cols.max()) if len(cols) else 0, int(unique.max()))) + 1,), -1, dtype=torch.long)
-    lookup[unique] = torch.arange(len(unique))
-    at = lookup.take(cols)
-    hit = at >= 0
-    rows, at, values = rows[hit], at[hit], values[hit]
-    by_item = torch.argsort(inverse, stable=True)  # positions in items, grouped by unique item
-    starts = torch.cumsum(counts, 0) - counts
-    copies = counts.take(at)
-    positions = by_item.take(jagged_positions(starts.take(at), copies))
-    return torch.repeat_interleave(rows, copies), positions, torch.repeat_interleave(values, copies)
-
-
-def scatter_rows(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, items: torch.Tensor, batch: int) -> torch.Tensor:
-    """[batch, n] dense values at the shared ``items`` [n] from sparse (row, col, value) entries."""
-    rows, positions, values = row_entries(rows, cols, values, items)
-    dense = torch.zeros(batch, len(items), dtype=values.dtype)
-    dense[rows, positions] = values
-    return dense
-
-
-class KnownPositives:
-    """Fast (user, item) membership in a users x items matrix. Where a dense bitmap fits, a
-    gather per lookup. Else from the queried users' own entries (``SortedPairs``): shared
-    candidates [n] get a [B, n] grid filled from those entries, per-row ones a binary search
-    among them. At 22k users x 296k items this is 4-5x faster than one binary search over
-    every stored pair."""
-
-    DENSE_LIMIT = 64_000_000  # cells; 64 MB of bools
-
-    def __init__(self, matrix: sp.csr_matrix):
-        self.pairs = SortedPairs(matrix)
-        self.n_items = matrix.shape[1]
-        self.bitmap = None
-        if matrix.shape[0] * matrix.shape[1] <= self.DENSE_LIMIT:
-            self.bitmap = torch.zeros(matrix.shape[0] * matrix.shape[1], dtype=torch.bool)
-            self.bitmap[self.pairs.keys] = True
-
-    def contains(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """[B, n] bool: is (users[b], items[b, j]) known? ``items`` is [B, n] or shared [n]."""
-        if self.bitmap is not None:
-            return self.bitmap[users[:, None] * self.n_items + items]  # shared [n] broadcasts to [B, n]
-        if items.dim() == 1:
-            if items.numel() == 0:
-                return torch.zeros(len(users), 0, dtype=torch.bool)
-            rows, _, cols = self.pairs.entries(users)
-            return scatter_rows(rows, cols, torch.ones(len(cols), dtype=torch.bool), items, len(users))
-        return self.pairs.find(users, items) >= 0

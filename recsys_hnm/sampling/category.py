@@ -7,7 +7,7 @@ import scipy.sparse as sp
 import torch
 
 from .base import Context, entries_log_prob, fallback_log_prob, with_fallback
-from ..sparse import jagged_positions, row_ids
+from ..ops.sparse import jagged_positions, row_ids
 from .tables import SegmentedAlias
 
 

@@ -6,8 +6,9 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .base import Context, entries_log_prob, fallback_log_prob, row_entries, with_fallback
-from ..sparse import SortedPairs
+from .base import Context, entries_log_prob, fallback_log_prob, with_fallback
+from ..ops.sparse import row_entries
+from ..ops.sparse import SortedPairs
 from .tables import SegmentedAlias
 
 

@@ -6,7 +6,8 @@ from collections import defaultdict
 
 import torch
 
-from .base import Context, KnownPositives, Negatives
+from .base import Context, Negatives
+from ..data.known import KnownPositives
 
 
 class NegativeDiagnostics:

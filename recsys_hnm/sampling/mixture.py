@@ -9,7 +9,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .base import Context, KnownPositives, Negatives, Sampler, sparse_log
+from .base import Context, Negatives, Sampler, sparse_log
+from ..data.known import KnownPositives
 
 LogQ = Literal["mixture", "per_source", "none"]
 IN_BATCH, FULL = "in_batch", "full"

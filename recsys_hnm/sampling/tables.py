@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..sparse import row_ids
+from ..ops.sparse import row_ids
 
 
 class SegmentedAlias:

@@ -1,6 +1,11 @@
-"""Training loop and callbacks."""
+"""Training: the loop, its losses, callbacks and checkpoints, the ANN index refresh, and the
+sharded (TorchRec) backend in ``training.distributed``."""
 
 from .callbacks import Callback, Checkpoint, CheckpointError, EarlyStopping, atomic_save, load_checkpoint, load_torch_file
+from .refresh import IndexRefresh
 from .trainer import StepOutput, Trainer
 
-__all__ = ["Callback", "Checkpoint", "CheckpointError", "EarlyStopping", "StepOutput", "Trainer", "atomic_save", "load_checkpoint", "load_torch_file"]
+__all__ = [
+    "Callback", "Checkpoint", "CheckpointError", "EarlyStopping", "IndexRefresh", "StepOutput", "Trainer", "atomic_save",
+    "load_checkpoint", "load_torch_file",
+]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..io import atomic_write
+from ..ops.io import atomic_write
 
 log = logging.getLogger(__name__)
 

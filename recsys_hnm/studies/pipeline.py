@@ -17,14 +17,12 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from .compare import TABLE_METRICS, ComparisonSpec, _slug, compare_runs, comparison_markdown, experiment_runs, plot_validation
-from .config import ConfigError, ExperimentConfig, load_config
-from .io import atomic_write
-from .tracking import TrackingError, experiment_id, sigterm_raises, tracking_uri
+from ..config import ConfigError, ExperimentConfig, load_config
+from ..ops.io import atomic_write
+from ..tracking import TrackingError, sigterm_raises, tracking_uri
+from ..tracking.runs import KEY_TAG, PARENT_TAG, child_tags, parent_run
 
 log = logging.getLogger(__name__)
-
-PARENT_TAG, KEY_TAG = "pipeline", "pipeline.key"
-
 
 @dataclass
 class Job:
@@ -71,27 +69,15 @@ def finished_keys(experiment: str, uri: str) -> set[str]:
     return {r.data.tags[KEY_TAG] for r in runs if KEY_TAG in r.data.tags}
 
 
-def parent_run(spec: ComparisonSpec, uri: str) -> str:
-    """The pipeline's parent run, reused when the pipeline runs again (so it resumes)."""
-    client = MlflowClient(uri)
-    exp_id = experiment_id(spec.name, uri)
-    found = client.search_runs([exp_id], f"tags.{PARENT_TAG} = '{spec.name}' and tags.role = 'parent'", max_results=1)
-    if found:
-        client.update_run(found[0].info.run_id, "RUNNING")
-        return found[0].info.run_id
-    run = client.create_run(exp_id, run_name=spec.name, tags={PARENT_TAG: spec.name, "role": "parent"})
-    return run.info.run_id
-
-
 def run_job(job: Job, parent_id: str) -> str:
     """One child run (in this process or a worker); returns its run id."""
-    job.config.tracking.tags = {**job.config.tracking.tags, "variant": job.variant, KEY_TAG: job.key,
-                                PARENT_TAG: job.config.tracking.experiment, "mlflow.parentRunId": parent_id}
+    job.config.tracking.tags = {**job.config.tracking.tags,
+                                **child_tags(job.config.tracking.experiment, parent_id, job.variant, job.key)}
     if job.baseline is not None:
-        from .baselines import run_baseline
+        from ..experiment import run_baseline
 
         return run_baseline(job.config, job.baseline)["run_id"]
-    from .experiment import train
+    from ..experiment import train
 
     return train(job.config).run_id
 
@@ -113,7 +99,7 @@ def run_pipeline(spec: ComparisonSpec, uri: str | None = None, *, workers: int =
     if dry_run:
         summary["to_run"] = [j.key for j in todo]
         return summary
-    parent = parent_run(spec, uri)
+    parent = parent_run(spec.name, uri)
     try:
         _run_jobs(todo, parent, workers, summary)
     except BaseException:  # interrupted: the parent says so; running again resumes

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .config import ConfigError
-from .io import atomic_write
+from ..ops.errors import ConfigError
+from ..ops.io import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -12,11 +12,11 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from .config import ConfigError
-from .experiment import build_sampler, load_run, refit_split
-from .io import atomic_write, check_writable
-from .models.scoring import item_embeddings, user_embeddings
-from .sampling import Context, allocate
+from ..config import ConfigError
+from .run import build_sampler, load_run, refit_split
+from ..ops.io import atomic_write, check_writable
+from ..models.scoring import item_embeddings, user_embeddings
+from ..sampling import Context, allocate
 
 MINED_COLUMNS = ("user_id", "item_id", "negative_id", "source", "rank", "score")
 MINE_SOURCES = ("ann", "category", "copurchase")

@@ -68,3 +68,30 @@ def _search(keys: torch.Tensor, queries: torch.Tensor, positions: torch.Tensor |
     """``out`` with ``positions[i]`` (None: i) where ``queries`` equals ``keys[i]`` (keys sorted)."""
     at = torch.searchsorted(keys, queries).clamp_(max=len(keys) - 1)
     return torch.where(keys.take(at) == queries, at if positions is None else positions.take(at), out)
+
+
+def row_entries(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sparse (row, col, value) entries as (row, position, value) entries at the shared
+    ``items`` [n]: one per position of the col among them (duplicates in ``items`` are fine),
+    none for a col that is not a candidate. Cheap when rows have few entries, whatever n is:
+    each entry is written straight to its item's positions (filling a [batch, unique items]
+    grid and gathering its columns took 8 of 11 ms at 1,024 x 1,280)."""
+    unique, inverse, counts = torch.unique(items, return_inverse=True, return_counts=True)
+    lookup = torch.full((int(max(int(cols.max()) if len(cols) else 0, int(unique.max()))) + 1,), -1, dtype=torch.long)
+    lookup[unique] = torch.arange(len(unique))
+    at = lookup.take(cols)
+    hit = at >= 0
+    rows, at, values = rows[hit], at[hit], values[hit]
+    by_item = torch.argsort(inverse, stable=True)  # positions in items, grouped by unique item
+    starts = torch.cumsum(counts, 0) - counts
+    copies = counts.take(at)
+    positions = by_item.take(jagged_positions(starts.take(at), copies))
+    return torch.repeat_interleave(rows, copies), positions, torch.repeat_interleave(values, copies)
+
+
+def scatter_rows(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, items: torch.Tensor, batch: int) -> torch.Tensor:
+    """[batch, n] dense values at the shared ``items`` [n] from sparse (row, col, value) entries."""
+    rows, positions, values = row_entries(rows, cols, values, items)
+    dense = torch.zeros(batch, len(items), dtype=values.dtype)
+    dense[rows, positions] = values
+    return dense

@@ -9,7 +9,7 @@ to ``mlflow.models.set_model``. Nothing is pickled, and the loaded model needs o
 pandas and mlflow: neither torch, torchrec nor recsys_hnm.
 
 Scores and ranking are those of ``recommend``: user . item * scale (+ item bias), known items
-masked, the best ``k`` first, ties to the lower item index (``evaluation.evaluator.top_k``'s
+masked, the best ``k`` first, ties to the lower item index (``ops.ranking.top_k``'s
 rule, computed here in numpy with the same packed keys).
 
 Keep the module's top-level imports to the standard library, numpy, pandas and mlflow: they are
@@ -30,7 +30,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModel
 
 # a fixed name: loaded from the model's copy of this file the module is named code_model_<uuid>
-log = logging.getLogger("recsys_hnm.serving")
+log = logging.getLogger("recsys_hnm.tracking.pyfunc")
 
 FORMAT_VERSION = 1
 ARTIFACT_NAME = "recommender_data"  # key of the artifacts directory in the model
@@ -116,7 +116,7 @@ class TopKRecommender(PythonModel):
 
 
 def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """numpy twin of ``evaluation.evaluator.top_k``: (indices, values) of each row's ``min(k, n)``
+    """numpy twin of ``ops.ranking.top_k``: (indices, values) of each row's ``min(k, n)``
     highest scores, best first, ties to the lower index. The float32 scores become
     order-preserving int32 keys packed with the reversed index into distinct int64 keys."""
     n = scores.shape[1]
@@ -186,7 +186,7 @@ def write_recommender_data(model, features, data, known, k: int, root: Path) -> 
     import scipy.sparse as sp
     import torch
 
-    from .models import item_embeddings, user_embeddings
+    from ..models import item_embeddings, user_embeddings
 
     n_users, n_items = model.sizes.n_users, model.sizes.n_items
     if len(data.users) != n_users or len(data.items) != n_items:
@@ -253,5 +253,5 @@ def log_recommender(model, features, data, known, k: int = 100, artifact_path: s
     return info
 
 
-if __name__ != "recsys_hnm.serving":  # run by MLflow from the model's copy of this file
+if __name__ != "recsys_hnm.tracking.pyfunc":  # run by MLflow from the model's copy of this file
     mlflow.models.set_model(TopKRecommender())

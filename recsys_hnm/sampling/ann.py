@@ -6,9 +6,10 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from ..sampling.base import Context, entries_log_prob, fallback_log_prob, row_entries, with_fallback
-from ..sampling.uniform import UniformSampler
-from .item_index import ItemIndex
+from .base import Context, entries_log_prob, fallback_log_prob, with_fallback
+from ..ops.sparse import row_entries
+from .uniform import UniformSampler
+from ..index.item_index import ItemIndex
 
 
 def resolve_window(window: list[float], n_items: int) -> tuple[int, int]:

@@ -11,9 +11,9 @@ import scipy.sparse as sp
 
 from ..models import item_embeddings, user_embeddings
 from ..sampling import MixtureSampler
-from ..training.callbacks import Callback
-from .ann_sampler import AnnSampler
-from .item_index import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M, IVF_NLIST, IVF_NPROBE, ExactIndex, load_index, make_index, recall_at_k
+from .callbacks import Callback
+from ..sampling.ann import AnnSampler
+from ..index.item_index import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M, IVF_NLIST, IVF_NPROBE, ExactIndex, load_index, make_index, recall_at_k
 
 log = logging.getLogger(__name__)
 

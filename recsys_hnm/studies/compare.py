@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ConfigError, check_name, read_yaml
+from ..config import ConfigError, check_name, read_yaml
 
 log = logging.getLogger(__name__)
 TABLE_METRICS = ("ndcg@10", "map@10", "recall@10")
@@ -24,7 +24,7 @@ class ComparisonSpec:
     variants: dict[str, list[str]]  # variant -> --set overrides
     overrides: list[str] = field(default_factory=list)  # applied to every variant
     baselines: list[str] = field(default_factory=list)  # tuned on validation, run once each
-    search: dict | None = None  # an Optuna search section (recsys_hnm.search), run before the variants
+    search: dict | None = None  # an Optuna search section (recsys_hnm.studies.search), run before the variants
 
     @classmethod
     def load(cls, path: str | Path) -> "ComparisonSpec":
@@ -73,7 +73,7 @@ class ComparisonSpec:
         baselines = raw.get("baselines", [])
         if not strings(baselines):
             raise refuse("baselines", "a list of baseline names (mostpop, itemknn, ease, als)")
-        from .baselines.models import BASELINES  # at load (and so at --dry-run), not as a job that fails
+        from ..baselines.models import BASELINES  # at load (and so at --dry-run), not as a job that fails
 
         unknown = [b for b in baselines if b not in BASELINES]
         if unknown:
@@ -138,7 +138,7 @@ def experiment_runs(experiment: str, uri: str | None = None, tag: tuple[str, str
     import pandas as pd
     from mlflow.tracking import MlflowClient
 
-    from .tracking import PER_USER_ARTIFACT, TrackingError, tracking_uri
+    from ..tracking import PER_USER_ARTIFACT, TrackingError, tracking_uri
 
     uri = tracking_uri(uri)
     client = MlflowClient(uri)
@@ -190,7 +190,7 @@ def compare_runs(records: list[RunRecord], metric: str = "ndcg@10", baseline: st
     baseline's final fit) and the false-negative rate of each negative source."""
     import pandas as pd
 
-    from .tracking import metric_name
+    from ..tracking import metric_name
 
     by_variant: dict[str, list[RunRecord]] = {}
     for r in records:
@@ -271,8 +271,8 @@ def plot_validation(records: list[RunRecord], path: str | Path, metric: str = "n
     import matplotlib.pyplot as plt
     from mlflow.tracking import MlflowClient
 
-    from .io import atomic_write
-    from .tracking import metric_name, tracking_uri
+    from ..ops.io import atomic_write
+    from ..tracking import metric_name, tracking_uri
 
     client = MlflowClient(tracking_uri(uri))
     fig, ax = plt.subplots(figsize=(8, 5))

@@ -20,31 +20,31 @@ import scipy.sparse as sp
 import torch
 import yaml
 
-from .config import AUTO, ConfigError, ExperimentConfig, auto_keys, config_from_dict, with_values
-from .data import (
+from ..config import AUTO, ConfigError, ExperimentConfig, auto_keys, config_from_dict, with_values
+from ..data import (
     DataError, Interactions, Split, copurchase_graph, last_basket_out, leave_last_out, load_dataset, load_fixed_split, ratio_split, read_table,
     time_split,
 )
-from .data.profile import DataProfile, describe_profile, profile_split, suggest_settings
-from .evaluation import Evaluator, mask_known, phase_counts, popularity_scorer, top_k
-from .index.ann_sampler import AnnSampler
-from .index.refresh import IndexRefresh
-from .distributed import Cluster, PeerFailures, ShardedTwoTower, check_supported, cluster_from_env
-from .io import atomic_write
-from .sparse import SortedPairs
-from .models import FeatureBuilder, TowerSizes, TwoTower, model_scorer
-from .sampling import (
+from ..data.profile import DataProfile, describe_profile, profile_split, suggest_settings
+from ..evaluation import Evaluator, mask_known, phase_counts, popularity_scorer, top_k
+from ..sampling.ann import AnnSampler
+from ..training.refresh import IndexRefresh
+from ..training.distributed import Cluster, PeerFailures, ShardedTwoTower, check_supported, cluster_from_env
+from ..ops.io import atomic_write
+from ..ops.sparse import SortedPairs
+from ..models import FeatureBuilder, TowerSizes, TwoTower, model_scorer
+from ..sampling import (
     CategorySampler, CopurchaseSampler, FullCatalog, InBatchSampler, KnownPositives, MixtureSampler, PopularitySampler,
     UniformSampler,
 )
-from .sampling.static import StaticSampler
-from .sampling.diagnostics import NegativeDiagnostics
-from .serving import log_recommender, lookup_ids
-from .tracking import (
+from ..sampling.static import StaticSampler
+from ..sampling.diagnostics import NegativeDiagnostics
+from ..tracking.pyfunc import log_recommender, lookup_ids
+from ..tracking import (
     MlflowLogger, TrackingError, download, get_run, git_commit, log_metrics, log_per_user, tracked_run, tracking_uri,
 )
-from .training import Checkpoint, EarlyStopping, Trainer, load_checkpoint, load_torch_file
-from .training.mining import MemoryBank
+from ..training import Checkpoint, EarlyStopping, Trainer, load_checkpoint, load_torch_file
+from ..mining import MemoryBank
 
 log = logging.getLogger(__name__)
 

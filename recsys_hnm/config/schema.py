@@ -12,13 +12,11 @@ from typing import Any
 
 import yaml
 
-from .evaluation.metrics import METRICS
+from ..evaluation.metrics import METRICS
+from ..index.item_index import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M, IVF_NLIST, IVF_NPROBE
+from ..ops.errors import ConfigError
 
 SOURCES = ("in_batch", "uniform", "popularity", "category", "copurchase", "ann", "full", "static")
-
-
-class ConfigError(ValueError):
-    """A config that cannot run; the message names the key."""
 
 
 @dataclass
@@ -110,13 +108,13 @@ class AnnConfig:
     search_k: int = -1
     # hnsw: links per node, build and search beam widths: the fastest refresh measured at
     # recall@100 >= 0.98 on clustered embeddings (benchmarks/index_refresh.py; 32/80/128 took 2.5x longer)
-    hnsw_m: int = 16
-    ef_construction: int = 40
-    ef_search: int = 100
+    hnsw_m: int = HNSW_M
+    ef_construction: int = HNSW_EF_CONSTRUCTION
+    ef_search: int = HNSW_EF_SEARCH
     # ivf: k-means cells (0: 2 sqrt(n)) and how many of the nearest a query scans: 2.2x faster
     # than HNSW at 1,000,000 items, recall@100 0.92 on clustered embeddings (benchmarks/index_refresh.py)
-    ivf_nlist: int = 0
-    ivf_nprobe: int = 8
+    ivf_nlist: int = IVF_NLIST
+    ivf_nprobe: int = IVF_NPROBE
     n_jobs: int = 2
     recall_sample: int = 200
 

@@ -45,12 +45,11 @@ from mlflow.tracking import MlflowClient
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from .compare import ComparisonSpec
-from .config import ConfigError, ExperimentConfig, load_config
-from .evaluation.metrics import METRICS
-from .pipeline import KEY_TAG, PARENT_TAG, parent_run
-from .tracking import Terminated, experiment_id, metric_name, tracking_uri
-from .training.callbacks import Callback
+from ..config import ConfigError, ExperimentConfig, load_config
+from ..evaluation.metrics import METRICS
+from ..tracking import Terminated, experiment_id, metric_name, tracking_uri
+from ..tracking.runs import KEY_TAG, PARENT_TAG, child_tags, parent_run
+from ..training.callbacks import Callback
 
 log = logging.getLogger(__name__)
 
@@ -313,10 +312,10 @@ def run_search(spec: dict, base: str, name: str, uri: str | None, seeds: list[in
     client = MlflowClient(uri)
     exp_id = experiment_id(name, uri)
     earlier = _earlier_trials(client, _child_runs(client, exp_id, name), checked, monitor)
-    parent = parent_run(ComparisonSpec(name, base, list(seeds), {}, list(overrides)), uri)
+    parent = parent_run(name, uri)
     failed: list[str] = []
     try:
-        from .experiment import train
+        from ..experiment import train
 
         def objective(trial: optuna.Trial) -> float:
             params = {key: _suggest(trial, key, dist) for key, dist in dists.items()}
@@ -326,9 +325,9 @@ def run_search(spec: dict, base: str, name: str, uri: str | None, seeds: list[in
                 # a trial is read on validation only: the refit on train + valid is the best runs' job
                 config = load_config(base, [*overrides, *_sets(params), "train.refit=false", *_names(name, f"trial-{n}", uri)])
                 config.tracking.tags = {
-                    **config.tracking.tags, "variant": f"trial-{n}", PARENT_TAG: name, KEY_TAG: f"search/trial-{n}",
+                    **config.tracking.tags, **child_tags(name, parent, f"trial-{n}", f"search/trial-{n}"),
                     "search.trial": str(n), "search.params": json.dumps(params, sort_keys=True),
-                    "search.fingerprint": checked["fingerprint"], "search.pruned": "false", "mlflow.parentRunId": parent}
+                    "search.fingerprint": checked["fingerprint"], "search.pruned": "false"}
                 result = train(config, extra_callbacks=[pruning])
             except Exception:  # Optuna marks the trial FAIL (and logs why); the run, if any, is FAILED
                 failed.append(f"search/trial-{n}")
@@ -380,7 +379,7 @@ def _train_best(client: MlflowClient, exp_id: str, name: str, base: str, overrid
                 uri: str, parent: str, best, checked: dict, failed: list[str]) -> dict[int, str]:
     """The best config once per seed; a FINISHED run of an earlier invocation for the same best
     trial is reused, one for another trial is tagged ``search.superseded=true``."""
-    from .experiment import train
+    from ..experiment import train
 
     runs = {}
     earlier = [r for r in _child_runs(client, exp_id, name)
@@ -398,9 +397,9 @@ def _train_best(client: MlflowClient, exp_id: str, name: str, base: str, overrid
         label = f"{BEST_VARIANT}-s{seed}"
         config = load_config(base, [*overrides, *_sets(best.params), f"train.seed={seed}", *_names(name, label, uri)])
         config.tracking.tags = {
-            **config.tracking.tags, "variant": BEST_VARIANT, PARENT_TAG: name, KEY_TAG: key,
+            **config.tracking.tags, **child_tags(name, parent, BEST_VARIANT, key),
             "search.best_trial": str(best.number), "search.params": json.dumps(best.params, sort_keys=True),
-            "search.fingerprint": checked["fingerprint"], "mlflow.parentRunId": parent}
+            "search.fingerprint": checked["fingerprint"]}
         try:
             runs[seed] = train(config).run_id
         except Exception as e:  # the run is already FAILED; the next invocation trains it again
