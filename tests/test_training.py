@@ -208,3 +208,28 @@ def test_adagrad_takes_sparse_gradients_with_the_dense_update(synthetic_files, t
     # float32 rounding of the two paths differs by CPU (3e-6 on one machine after 3 steps that move
     # rows by 0.15); a wrong update differs by orders of magnitude more
     assert torch.allclose(tables[0], tables[1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("edit", ["same ids, one item changed", "a new user"])
+def test_resume_refuses_changed_data_and_leaves_the_run_as_it_was(synthetic_files, tmp_path, edit):
+    import shutil
+
+    import mlflow
+
+    files = {k: tmp_path / f"{k}.csv" for k in ("train", "valid", "test", "items")}
+    for k, path in files.items():
+        shutil.copy(synthetic_files[k], path)
+    config = small_config(files, tmp_path, name="fp", train={"epochs": 1})
+    run_id = train(config).run_id
+    frame = pd.read_csv(files["train"])
+    if edit == "a new user":
+        frame = pd.concat([frame, frame.iloc[:3].assign(user_id=frame["user_id"].max() + 1)])
+    else:
+        frame.loc[0, "item_id"] = frame.loc[frame["item_id"] != frame.loc[0, "item_id"], "item_id"].iloc[0]
+    frame.to_csv(files["train"], index=False)
+    mlflow.set_tracking_uri(config.tracking.uri)
+    before = mlflow.get_run(run_id)
+    with pytest.raises(ValueError, match=rf"run {run_id}: its input data .* changed since the run was trained; refusing to resume"):
+        train(config, resume=run_id)
+    after = mlflow.get_run(run_id)
+    assert after.info.status == "FINISHED" and after.data.tags == before.data.tags

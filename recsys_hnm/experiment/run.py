@@ -246,9 +246,12 @@ def _train(config: ExperimentConfig, cluster: Cluster | None, resume: bool | str
         if cluster is not None and (cluster.max(epoch), -cluster.max(-epoch)) != (epoch, epoch):
             # a rank that died between two ranks' checkpoint writes: their states do not fit together
             raise ConfigError(f"run {run_id}: the ranks' checkpoints are from different epochs; it cannot be resumed")
-        if chief:
-            get_run(run_id, tracking_uri(config.tracking.uri))  # a resume against another store is refused by name
+    logged = get_run(run_id, tracking_uri(config.tracking.uri)) if resume and chief else None  # another store: refused by name
     data, split = load_data(config)
+    if logged is not None and logged.data.tags.get("data_fingerprint") not in (None, data.fingerprint()):
+        # refused before the run is reopened: its status and tags stay as they were
+        where = config.data.train or config.data.dataset
+        raise ConfigError(f"run {run_id}: its input data ({where}) changed since the run was trained; refusing to resume it")
     sampler = build_sampler(config, data, split)  # refuses what the data cannot serve, before any run
     tags = {"dataset": config.data.dataset or config.data.train, "sampler_mix": describe_mix(config),
             "logq": config.sampler.logq, "git_commit": git_commit(), "config_name": config.name, "model": "two_tower",
