@@ -134,17 +134,20 @@ def test_unreadable_checkpoint_names_the_file(tmp_path, capsys, content):
     assert err.startswith("error: ") and err.count("\n") == 1 and str(ckpt) in err
 
 
-def test_unreadable_model_weights_name_the_file(tmp_path, capsys):
+@pytest.mark.parametrize("content, says", [(b"", "empty"), (b"random bytes \x80\x03", "not a torch file"),
+                                           (b"PK\x03\x04 cut short", "truncated or damaged torch file")])
+def test_unreadable_model_weights_name_the_run_and_artifact(tmp_path, capsys, content, says):
     import mlflow
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     mlflow.set_tracking_uri(uri)
-    (tmp_path / "model.pt").write_bytes(b"")
+    (tmp_path / "model.pt").write_bytes(content)
     with mlflow.start_run() as run:
         mlflow.log_text("name: x\n", "config.yaml")
         mlflow.log_artifact(str(tmp_path / "model.pt"))
     assert main(["evaluate", "--run-id", run.info.run_id, "--tracking-uri", uri]) == 2
-    assert "model.pt" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"run {run.info.run_id}: artifact model.pt: {says}" in err and "tmp" not in err.split("model.pt")[1][:20]
 
 
 def test_verbose_logs_info_to_stderr(tmp_path, capsys):

@@ -43,7 +43,7 @@ from ..tracking.pyfunc import log_recommender, lookup_ids
 from ..tracking import (
     MlflowLogger, TrackingError, download, get_run, git_commit, log_metrics, log_per_user, tracked_run, tracking_uri,
 )
-from ..training import Checkpoint, EarlyStopping, Trainer, load_checkpoint, load_torch_file
+from ..training import Checkpoint, CheckpointError, EarlyStopping, Trainer, load_checkpoint, load_torch_file
 from ..mining import MemoryBank
 
 log = logging.getLogger(__name__)
@@ -560,7 +560,11 @@ def load_run(run_id: str, uri: str | None = None) -> LoadedRun:
             config = config_from_dict(yaml.safe_load(path.read_text()), logged=True)
         except (yaml.YAMLError, ConfigError) as e:
             raise TrackingError(f"run {run_id}: its config.yaml cannot be read ({str(e).splitlines()[0]})") from e
-        weights = load_torch_file(download(run_id, "model.pt", uri, tmp))
+        path = download(run_id, "model.pt", uri, tmp)
+        try:
+            weights = load_torch_file(path)
+        except CheckpointError as e:  # the temp path means nothing to the user: name the run and artifact
+            raise TrackingError(f"run {run_id}: artifact model.pt: {str(e).removeprefix(f'{path}: ')}") from e
     data, split = load_data(config)
     fingerprint = logged.data.tags.get("data_fingerprint")
     if fingerprint is not None and fingerprint != data.fingerprint():

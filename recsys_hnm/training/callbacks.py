@@ -91,11 +91,21 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 def load_torch_file(path: str | Path):
-    """``torch.load`` of tensors only (no arbitrary pickles), with an error naming the file."""
+    """``torch.load`` of tensors only (no arbitrary pickles), with an error naming the file and
+    saying what is wrong: empty, not a torch file, truncated, or holding other objects."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e})") from e
+    if not head:
+        raise CheckpointError(f"{path}: empty")
+    if head != b"PK\x03\x04":  # torch.save writes a zip archive
+        raise CheckpointError(f"{path}: not a torch file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{path}: holds objects other than tensors, refused (weights_only load)") from e
     except (RuntimeError, EOFError, ValueError, OSError, KeyError) as e:  # KeyError: bytes that look like a pickle opcode
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{path}: empty, truncated or not a torch file ({reason})") from e
+        raise CheckpointError(f"{path}: truncated or damaged torch file ({reason})") from e
