@@ -80,3 +80,10 @@ def test_config_file_must_be_a_mapping(tmp_path, text, message):
 def test_logged_configs_keep_their_old_names():
     # runs logged before names were restricted (e.g. 'compare-ann-+ann[10,100)-s0') must still load
     assert config_from_dict({"name": "compare-ann-+ann[10,100)-s0"}, logged=True).name == "compare-ann-+ann[10,100)-s0"
+
+
+def test_a_scalar_section_is_blamed_on_the_file_not_on_an_override(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train: 5\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: train: expected a mapping \(a section\), got 5"):
+        load_config(path, ["train.progress=false"])

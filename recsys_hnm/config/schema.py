@@ -260,6 +260,10 @@ class ExperimentConfig:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
     """Read YAML (or start from defaults), apply ``key.path=value`` overrides, check everything."""
     raw: dict = {} if path is None else read_yaml(path, "config file")
+    sections = {f.name for f in dataclasses.fields(ExperimentConfig)} - {"name"}  # every other top-level key is a section
+    for key in sorted(sections & set(raw)):  # before overrides: a scalar section is the file's fault, not a --set's
+        if not isinstance(raw[key], dict):
+            raise ConfigError(f"{path}: {key}: expected a mapping (a section), got {raw[key]!r}")
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}")
