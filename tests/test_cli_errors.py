@@ -192,3 +192,20 @@ def test_atomic_write_gives_the_mode_open_would(tmp_path, umask, mode):
     assert stat.S_IMODE((tmp_path / "a.pt").stat().st_mode) == mode
     assert stat.S_IMODE((tmp_path / "b.txt").stat().st_mode) == mode
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_tracking_stores_are_checked_before_use(tmp_path, capsys):
+    missing = tmp_path / "nowhere" / "m.db"
+    cases = [
+        (["train", "--config", QUICK, "--tracking-uri", "bogus://x", "--set", "train.epochs=1"], "unsupported scheme 'bogus'"),
+        (["evaluate", "--run-id", "abc", "--tracking-uri", f"sqlite:///{missing}"], "does not exist"),
+        (["compare", "--experiment", "e", "--tracking-uri", f"sqlite:///{missing}"], "does not exist"),
+    ]
+    garbage = tmp_path / "not.db"
+    garbage.write_bytes(b"this is not a database at all")
+    cases.append((["compare", "--experiment", "e", "--tracking-uri", f"sqlite:///{garbage}"], "is not an SQLite database"))
+    for argv, says in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err, (argv, err)
+    assert not missing.parent.exists()  # a read-only command creates no store

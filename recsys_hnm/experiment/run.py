@@ -552,7 +552,7 @@ class LoadedRun:
 
 
 def load_run(run_id: str, uri: str | None = None) -> LoadedRun:
-    uri = tracking_uri(uri)
+    uri = tracking_uri(uri, create=False)
     logged = get_run(run_id, uri)
     with tempfile.TemporaryDirectory() as tmp:
         path = download(run_id, "config.yaml", uri, tmp)

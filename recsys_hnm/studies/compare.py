@@ -140,7 +140,7 @@ def experiment_runs(experiment: str, uri: str | None = None, tag: tuple[str, str
 
     from ..tracking import PER_USER_ARTIFACT, TrackingError, tracking_uri
 
-    uri = tracking_uri(uri)
+    uri = tracking_uri(uri, create=False)
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
@@ -274,7 +274,7 @@ def plot_validation(records: list[RunRecord], path: str | Path, metric: str = "n
     from ..ops.io import atomic_write
     from ..tracking import metric_name, tracking_uri
 
-    client = MlflowClient(tracking_uri(uri))
+    client = MlflowClient(tracking_uri(uri, create=False))
     fig, ax = plt.subplots(figsize=(8, 5))
     colours: dict[str, str] = {}
     for r in records:

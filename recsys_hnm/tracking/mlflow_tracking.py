@@ -31,12 +31,28 @@ class TrackingError(RuntimeError):
     """A run that cannot be found or read."""
 
 
-def tracking_uri(uri: str | None = None) -> str:
+SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
+
+
+def tracking_uri(uri: str | None = None, create: bool = True) -> str:
     """``uri``, else $MLFLOW_TRACKING_URI, else SQLite in ./mlruns (MLflow 3.17+ refuses the
-    plain file store)."""
+    plain file store), checked before MLflow sees it: a known scheme, and for SQLite a file that
+    is a database. ``create=False`` (commands that only read runs): the store must exist."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_STORE / 'mlflow.db'}"
+    scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else ""
+    if scheme not in SCHEMES:
+        raise TrackingError(f"tracking URI {uri!r}: unsupported scheme {scheme or '(none)'!r}; use sqlite:///path/mlflow.db, "
+                            f"or a server ({', '.join(SCHEMES[1:])})")
     if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        path = Path(uri[len("sqlite:///"):])
+        if path.is_file() and path.stat().st_size:
+            with open(path, "rb") as f:
+                if f.read(16) != b"SQLite format 3\x00":
+                    raise TrackingError(f"tracking store {path} is not an SQLite database")
+        elif not path.exists() and not create:
+            raise TrackingError(f"tracking store {path} does not exist: no run was tracked there")
+        if create:
+            path.parent.mkdir(parents=True, exist_ok=True)
     return uri
 
 
