@@ -209,3 +209,13 @@ def test_tracking_stores_are_checked_before_use(tmp_path, capsys):
         err = capsys.readouterr().err
         assert says in err and "Traceback" not in err, (argv, err)
     assert not missing.parent.exists()  # a read-only command creates no store
+
+
+def test_a_split_with_an_empty_phase_is_refused_before_any_run(tmp_path, capsys):
+    store = tmp_path / "m.db"
+    argv = ["train", "--config", QUICK, "--tracking-uri", f"sqlite:///{store}", "--set", "data.split=time",
+            "--set", "data.valid_start=2100-01-01", "--set", "data.test_start=2101-01-01"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "data.split=time: the valid and test phases are empty" in err and "valid_start" in err
+    assert not store.exists()

@@ -65,6 +65,12 @@ def load_data(config: ExperimentConfig) -> tuple[Interactions, Split]:
         split = ratio_split(data, d.ratios, by_time=d.ratio_by_time, seed=d.seed)
     else:
         split = time_split(data, d.valid_start, d.test_start)
+    empty = [phase for phase in ("valid", "test") if not len(split.phase(phase))]
+    if empty:  # checked before any run: a model selected on nothing and scored on nothing reports NaN
+        sizes = ", ".join(f"{p} {len(split.phase(p)):,}" for p in ("train", "valid", "test"))
+        hint = " (data.valid_start / data.test_start after every event?)" if d.split == "time" else ""
+        raise ConfigError(f"data.split={d.split}: the {' and '.join(empty)} {'phases are' if len(empty) > 1 else 'phase is'} "
+                          f"empty ({sizes} events){hint}")
     return data, split
 
 
