@@ -64,8 +64,7 @@ def profile_split(split: Split, phase: str = "valid") -> DataProfile:
     """The profile of ``split``, its held-out figures from ``phase`` against what comes before
     it (train for ``valid``; train + valid for ``test``)."""
     data = split.data
-    history = split.history(phase)
-    train = history  # what the model has before the held-out phase
+    history = split.history(phase)  # what the model has before the held-out phase
     heldout = split.phase(phase)
     after = tied = inter = ties = None
     if data.has_time and len(heldout):
@@ -78,22 +77,22 @@ def profile_split(split: Split, phase: str = "valid") -> DataProfile:
             after = float((ts > h_last).mean())
             tied = float((ts == h_last).mean())
             inter = float((ts < h_last).mean())
-        if len(train):
-            tied_rows = train.duplicated(["user", "timestamp"], keep=False)
+        if len(history):
+            tied_rows = history.duplicated(["user", "timestamp"], keep=False)
             if data.has_baskets:  # basket items logged a few seconds apart are a group all the same
-                tied_rows |= train.duplicated(["user", "basket"], keep=False)
+                tied_rows |= history.duplicated(["user", "basket"], keep=False)
             ties = float(tied_rows.mean())
     repeat = 0.0
     if len(heldout):
         users, items = heldout["user"].to_numpy(), heldout["item"].to_numpy()
         repeat = float((np.asarray(split.known(phase)[users, items]).ravel() > 0).mean())
-    counts = np.bincount(train["item"].to_numpy(), minlength=data.n_items) if len(train) else np.zeros(data.n_items)
+    counts = np.bincount(history["item"].to_numpy(), minlength=data.n_items) if len(history) else np.zeros(data.n_items)
     top = max(1, int(np.ceil(0.01 * data.n_items)))
     top_share = float(np.sort(counts)[::-1][:top].sum() / max(1, counts.sum()))
-    lengths = train.groupby("user").size()
+    lengths = history.groupby("user").size()
     cold = float((counts[heldout["item"].to_numpy()] == 0).mean()) if len(heldout) else 0.0
     return DataProfile(
-        users=data.n_users, items=data.n_items, train_events=len(train),
+        users=data.n_users, items=data.n_items, train_events=len(history),
         heldout_after=after, heldout_tied=tied, heldout_interleaved=inter, train_ties=ties,
         repeat_rate=repeat, top1pct_share=top_share,
         history_median=float(lengths.median()) if len(lengths) else 0.0,
