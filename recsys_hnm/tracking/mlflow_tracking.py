@@ -39,7 +39,7 @@ def tracking_uri(uri: str | None = None, create: bool = True) -> str:
     plain file store), checked before MLflow sees it: a known scheme, and for SQLite a file that
     is a database. ``create=False`` (commands that only read runs): the store must exist."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_STORE / 'mlflow.db'}"
-    scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else ""
+    scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else uri if uri == "databricks" else ""  # MLflow's bare "databricks"
     if scheme not in SCHEMES:
         raise TrackingError(f"tracking URI {uri!r}: unsupported scheme {scheme or '(none)'!r}; use sqlite:///path/mlflow.db, "
                             f"or a server ({', '.join(SCHEMES[1:])})")
