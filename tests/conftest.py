@@ -34,8 +34,7 @@ def small_config(files, tmp_path, **sections):
     """A fast config on the synthetic files with its own MLflow store and checkpoints."""
     raw = {
         "name": "test",
-        "data": {"dataset": None, "train": str(files["train"]), "valid": str(files["valid"]),
-                 "test": str(files["test"]), "items": str(files["items"])},
+        "data": {"dataset": None, **{k: str(files[k]) for k in ("train", "valid", "test", "items") if k in files}},
         "model": {"dim": 32, "hidden": [64], "temperature": 0.1, "history_len": 50},
         "sampler": {"num_negatives": 64, "mixture": {"in_batch": 1.0, "uniform": 1.0}},
         "train": {"epochs": 4, "batch_size": 256, "lr": 0.005, "patience": 0, "progress": False,

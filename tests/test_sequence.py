@@ -120,3 +120,135 @@ def test_a_sequence_task_is_learned_faster_per_position_than_from_the_last_item(
     per_position = [_train(True, seed=s) for s in (0, 1)]
     last_item = [_train(False, seed=s) for s in (0, 1)]
     assert min(per_position) > max(last_item) + 0.1, (per_position, last_item)
+
+
+# -- per-position training in the Trainer --------------------------------------------------------
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from conftest import small_config  # noqa: E402
+from recsys_hnm.config import ConfigError  # noqa: E402
+from recsys_hnm.data import leave_last_out, synthetic  # noqa: E402
+from recsys_hnm.experiment import train  # noqa: E402
+from recsys_hnm.experiment.run import build_sampler, build_trainer, training_stream  # noqa: E402
+from recsys_hnm.sampling import Context  # noqa: E402
+from recsys_hnm.training.sequence import sequence_windows  # noqa: E402
+from recsys_hnm.training.losses import sampled_softmax_by_role  # noqa: E402
+
+PER_POSITION = {"history_encoder": "sasrec", "train_history": "per_position", "history_len": 8, "dim": 16,
+                "hidden": [16], "user_id": False}
+
+
+def test_windows_make_every_event_but_the_first_a_target_once():
+    items, starts, lengths = _sequences({0: [1, 2, 3, 4, 5, 6, 7], 1: [8], 2: [9, 10], 3: [11, 12, 13, 14]})
+    users, ends = sequence_windows(lengths, 3)
+    _, targets = next_item_sequences(items, starts, lengths, users, 3, ends)
+    got = sorted(int(t) for t in targets[targets >= 0])
+    assert got == [2, 3, 4, 5, 6, 7, 10, 12, 13, 14]
+
+
+@pytest.fixture(scope="module")
+def seq_data():
+    data = synthetic(60, 80, 1500, n_categories=4, seed=2)
+    return data, leave_last_out(data)
+
+
+def _seq_trainer(seq_data, tmp_path, mixture=None, **sampler):
+    data, split = seq_data
+    config = small_config({}, tmp_path, data={"dataset": "ml-latest-small"}, model=PER_POSITION,  # the data: seq_data's
+                          sampler={"num_negatives": 16, "mixture": mixture or {"in_batch": 1.0, "uniform": 1.0}, **sampler})
+    mix = build_sampler(config, data, split)
+    trainer, refresh = build_trainer(config, data, split, mix, [], tmp_path / "index", epochs=1, validate=False)
+    return config, trainer, refresh
+
+
+def _rows(trainer, users, ends):
+    inputs, targets = next_item_sequences(trainer.features.seq_items, trainer.features.seq_start, trainer.seq_len, users,
+                                          trainer.model.history_len, ends)
+    real = targets >= 0
+    return users[:, None].expand_as(targets)[real], targets[real]
+
+
+def test_in_batch_stream_is_the_per_position_targets_and_the_logq_their_exact_expected_count(seq_data, tmp_path):
+    data, split = seq_data
+    config, trainer, _ = _seq_trainer(seq_data, tmp_path)
+    _, targets = _rows(trainer, trainer.users, trainer.ends)  # one epoch's rows
+    counts = np.bincount(targets.numpy(), minlength=data.n_items)
+    assert (training_stream(config, split.train, data.n_items) == counts).all()
+    users, pos = _rows(trainer, trainer.users[:10], trainer.ends[:10])
+    ctx = Context(users, pos)
+    P, n = len(pos), data.n_items
+    for block in trainer.sampler.sample(ctx, torch.Generator().manual_seed(0)):
+        expected = (P - 1) * counts[block.items.numpy()] / counts.sum() + 16 / n  # in-batch P - 1 draws, 16 uniform
+        assert torch.allclose(block.log_q[0].double(), torch.tensor(np.log(expected)), atol=1e-5)
+
+
+def test_no_position_gets_its_target_or_any_item_of_its_user_as_a_negative(seq_data, tmp_path):
+    data, split = seq_data
+    _, trainer, _ = _seq_trainer(seq_data, tmp_path)
+    users, ends = trainer.users[:12], trainer.ends[:12]
+    rows_users, pos = _rows(trainer, users, ends)
+    out = trainer.sequence_step(users, ends)
+    own = split.matrix("train").tocsr()
+    for block in out.blocks:
+        items = block.per_row_items(len(pos))
+        valid = ~block.invalid
+        for r in range(len(pos)):
+            user_items = set(own[int(rows_users[r])].indices) | {int(pos[r])}
+            assert not user_items & set(items[r][valid[r]].tolist())
+    assert all(b.invalid.any() for b in out.blocks if b.source == 0)  # in-batch: a sequence's own targets are there and masked
+
+
+def test_chunked_full_softmax_in_a_step_equals_the_mixture_dense_full_softmax(seq_data, tmp_path):
+    _, trainer, _ = _seq_trainer(seq_data, tmp_path, mixture={"full": 1.0})
+    assert trainer.full_softmax
+    users, ends = trainer.users[:9], trainer.ends[:9]
+    rows_users, pos = _rows(trainer, users, ends)
+    trainer.model.eval()
+    with torch.no_grad():
+        inputs, _ = next_item_sequences(trainer.features.seq_items, trainer.features.seq_start, trainer.seq_len, users, 8, ends)
+        user_emb = trainer.model.position_embeddings(inputs)[inputs >= 0]
+        ctx = Context(rows_users, pos)
+        chunked = trainer._full_softmax(ctx, user_emb, None)
+        blocks = trainer.sampler.sample(ctx, torch.Generator())
+        unique, inverse = torch.unique(torch.cat([pos] + [b.items for b in blocks]), return_inverse=True)
+        item_emb = trainer.model.item_embeddings(trainer.features.item_features(unique))
+        dense, _ = trainer._objective(ctx, blocks, user_emb, item_emb, inverse)
+    assert torch.isclose(chunked, dense, atol=1e-5)
+
+
+def test_position_anchored_index_mining_pools_are_each_positions_exact_neighbours(seq_data, tmp_path):
+    data, split = seq_data
+    ann = {"anchor": "position", "window": [2, 12], "warmup_epochs": 0, "backend": "exact", "recall_sample": 10}
+    _, trainer, refresh = _seq_trainer(seq_data, tmp_path, mixture={"in_batch": 1.0, "uniform": 0.5, "ann": 0.5}, ann=ann)
+    assert trainer.position_miner == refresh.mine_positions
+    refresh.on_fit_start(trainer)
+    refresh.on_epoch_start(trainer, 0)
+    users, ends = trainer.users[:6], trainer.ends[:6]
+    indexed, _ = refresh.vectors(trainer)  # what the refresh indexed; the step then moves the model
+    seen = {}
+    trainer.position_miner = lambda q, u: (seen.update(q=q, u=u), refresh.mine_positions(q, u))
+    trainer.sequence_step(users, ends)
+    q, u = seen["q"], seen["u"]
+    scores = q @ torch.as_tensor(indexed).T
+    own = split.matrix("train").tocsr()
+    sampler = refresh.sampler
+    for r in range(len(q)):
+        s = scores[r].clone()
+        s[own[int(u[r])].indices] = float("-inf")
+        window = set(torch.argsort(s, descending=True)[2:12].tolist())
+        assert set(sampler.pools[r][: int(sampler.sizes[r])].tolist()) == window
+
+
+def test_per_position_trains_end_to_end_and_refuses_what_it_cannot_do(synthetic_files, tmp_path):
+    model = {**PER_POSITION, "history_len": 20}
+    result = train(small_config(synthetic_files, tmp_path, model=model, sampler={"num_negatives": 64, "select": {"mode": "hardest", "k": 32}},
+                                train={"epochs": 2, "batch_size": 32, "position_weight": 1.0}))
+    assert result.test["ndcg@10"] > 0 and "select.qualified_per_row" in result.history[-1]
+    with pytest.raises(ConfigError, match="model.history_encoder=sasrec"):
+        small_config(synthetic_files, tmp_path, model={**model, "history_encoder": "bag"})
+    with pytest.raises(ConfigError, match="train.position_weight"):
+        small_config(synthetic_files, tmp_path, train={"position_weight": 1.0})
+    with pytest.raises(ConfigError, match="sampler.ann.anchor"):
+        small_config(synthetic_files, tmp_path, sampler={"mixture": {"uniform": 1.0, "ann": 1.0}, "ann": {"anchor": "position"}})

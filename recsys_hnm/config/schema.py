@@ -51,7 +51,9 @@ class ModelConfig:
     history_len: int = 100
     user_id: bool | str = True  # false: no user id embedding, the history alone (cold users with a history are served)
     history_decay: float | str = 1.0  # weight of an item in the history bag: decay ** age (0 = newest), normalised; 1 = mean
-    train_history: str = "all"  # all: every other training item of the user | causal: only items before the positive
+    # all: every other training item of the user | causal: only items before the positive |
+    # per_position (sasrec): windows of history_len events, every position predicts its next item
+    train_history: str = "all"
     # bag: recency-weighted mean | learned_recency: the same with a learned weight per age (from
     # history_decay) | last_k: last k items concatenated | sasrec: self-attention
     history_encoder: str = "bag"
@@ -180,8 +182,12 @@ class TrainConfig:
     # embedding_lr: the tables' learning rate (null = lr)
     embedding_optimizer: str = "adam"
     embedding_lr: float | None = None
+    # per_position training: loss weight ((i + 1) / n) ** position_weight of a window's i-th of n
+    # real positions, mean 1 (0: every position alike; > 0 leans toward the most recent)
+    position_weight: float = 0.0
 
 
+PER_POSITION = "per_position"
 EMBEDDING_OPTIMIZERS = ("adam", "sparse_adam", "adagrad", "rowwise_adagrad")
 
 
@@ -477,6 +483,22 @@ def with_values(c: ExperimentConfig, values: dict[str, Any]) -> ExperimentConfig
     return dataclasses.replace(c, **{s: dataclasses.replace(getattr(c, s), **v) for s, v in sections.items()})
 
 
+def _check_per_position(c: ExperimentConfig) -> None:
+    """What per-position training needs, and what only it allows."""
+    m, t, s = c.model, c.train, c.sampler
+    _positive(t.position_weight, "train.position_weight", strict=False)
+    if m.train_history != PER_POSITION:
+        if t.position_weight:
+            raise ConfigError(f"train.position_weight: {t.position_weight} weighs positions of model.train_history={PER_POSITION!r} only")
+        if s.ann.anchor == "position" and s.mixture.get("ann", 0) > 0:
+            raise ConfigError(f"sampler.ann.anchor: 'position' queries per-position outputs; it needs model.train_history={PER_POSITION!r}")
+        return
+    if m.history_encoder != "sasrec":
+        raise ConfigError(f"model.train_history: {PER_POSITION!r} needs model.history_encoder=sasrec, not {m.history_encoder!r}")
+    if t.position_weight and (c.loss.type != "softmax" or s.memory_bank.size):
+        raise ConfigError("train.position_weight: position weights apply to the sampled softmax without a memory bank")
+
+
 def validate(c: ExperimentConfig, check_run_name: bool = True) -> None:
     """Impossible values, refused with the key named."""
     if check_run_name:
@@ -509,7 +531,7 @@ def validate(c: ExperimentConfig, check_run_name: bool = True) -> None:
     _positive(s.num_negatives, "sampler.num_negatives", strict=False)
     if s.per_row_negatives is not None:
         _positive(s.per_row_negatives, "sampler.per_row_negatives", strict=False)
-    _choice(m.train_history, ("all", "causal", AUTO), "model.train_history")
+    _choice(m.train_history, ("all", "causal", PER_POSITION, AUTO), "model.train_history")
     _choice(m.history_encoder, ("bag", "learned_recency", "last_k", "sasrec"), "model.history_encoder")
     for key, v in (("model.last_k", m.last_k), ("model.attention_layers", m.attention_layers), ("model.attention_heads", m.attention_heads)):
         _positive(v, key)
@@ -566,7 +588,8 @@ def validate(c: ExperimentConfig, check_run_name: bool = True) -> None:
     _positive(s.copurchase.min_count, "sampler.copurchase.min_count")
     _positive(s.copurchase.beta, "sampler.copurchase.beta", strict=False)
     a = s.ann
-    _choice(a.anchor, ("user", "item"), "sampler.ann.anchor")
+    _choice(a.anchor, ("user", "item", "position"), "sampler.ann.anchor")
+    _check_per_position(c)
     _choice(a.backend, ("auto", "annoy", "exact", "hnsw", "ivf"), "sampler.ann.backend")
     for key in ("hnsw_m", "ef_construction", "ef_search", "ivf_nprobe"):
         _positive(getattr(a, key), f"sampler.ann.{key}")

@@ -20,7 +20,7 @@ import scipy.sparse as sp
 import torch
 import yaml
 
-from ..config import AUTO, ConfigError, ExperimentConfig, auto_keys, config_from_dict, with_values
+from ..config import AUTO, PER_POSITION, ConfigError, ExperimentConfig, auto_keys, config_from_dict, with_values
 from ..data import (
     DataError, Interactions, Split, copurchase_graph, last_basket_out, leave_last_out, load_dataset, load_fixed_split, ratio_split, read_table,
     time_split,
@@ -112,6 +112,16 @@ def build_features(config: ExperimentConfig, data: Interactions, train_events) -
                           cold_items="features" if m.item_id_dropout > 0 else "id")
 
 
+def training_stream(config: ExperimentConfig, train: pd.DataFrame, n_items: int) -> np.ndarray:
+    """How often each item is a training positive: the frequency in-batch negatives (and a
+    memory bank's entries) are drawn at. Per position, every event but each user's first."""
+    counts = np.bincount(train["item"].to_numpy(), minlength=n_items)
+    if config.model.train_history == PER_POSITION:
+        first = train.sort_values(["user", "timestamp"] if "timestamp" in train.columns else ["user"], kind="stable")
+        counts = counts - np.bincount(first.drop_duplicates("user")["item"].to_numpy(), minlength=n_items)
+    return counts
+
+
 def build_sampler(config: ExperimentConfig, data: Interactions, split: Split) -> MixtureSampler:
     """The configured mixture; a source the data cannot serve is refused naming its key."""
     s = config.sampler
@@ -121,7 +131,7 @@ def build_sampler(config: ExperimentConfig, data: Interactions, split: Split) ->
         "uniform": lambda: UniformSampler(data.n_items, shared=False),
         "popularity": lambda: PopularitySampler(counts, s.popularity.alpha, shared=False),
     }
-    components: dict = {"in_batch": InBatchSampler(counts), "uniform": UniformSampler(data.n_items, shared=s.uniform.shared),
+    components: dict = {"in_batch": InBatchSampler(training_stream(config, split.train, data.n_items)), "uniform": UniformSampler(data.n_items, shared=s.uniform.shared),
                         "full": FullCatalog(data.n_items)}
     if "popularity" in wanted:
         components["popularity"] = PopularitySampler(counts, s.popularity.alpha, shared=s.popularity.shared)
@@ -363,6 +373,9 @@ def build_trainer(config: ExperimentConfig, data: Interactions, split: Split, sa
     model = build_model(config, data)
     t = config.train
     sharded = None
+    per_position = config.model.train_history == PER_POSITION
+    if cluster is not None and per_position:
+        raise ConfigError(f"model.train_history: {PER_POSITION!r} runs in one process; drop --nproc")
     if cluster is not None:
         sharded = ShardedTwoTower(model, cluster, sharding=config.distributed.sharding, table_optimizer=t.embedding_optimizer,
                                   lr=t.embedding_lr or t.lr)
@@ -383,7 +396,7 @@ def build_trainer(config: ExperimentConfig, data: Interactions, split: Split, sa
     bank = config.sampler.memory_bank
     memory_bank = None
     if bank.size > 0:  # entries are training positives: the in-batch proposal, p(j) of the stream
-        stream = InBatchSampler(np.bincount(split.train["item"].to_numpy(), minlength=data.n_items))
+        stream = InBatchSampler(training_stream(config, split.train, data.n_items))
         memory_bank = MemoryBank(bank.size, config.model.dim, None if config.sampler.logq == "none" else stream.log_p,
                                  bank.warmup_steps)
     trainer = Trainer(model, features, sampler, split.train, evaluator, epochs=epochs or t.epochs, batch_size=t.batch_size,
@@ -396,7 +409,9 @@ def build_trainer(config: ExperimentConfig, data: Interactions, split: Split, sa
                       select=config.sampler.select.mode, select_k=config.sampler.select.k,
                       select_margin=config.sampler.select.margin, memory_bank=memory_bank,
                       embedding_optimizer=t.embedding_optimizer, embedding_lr=t.embedding_lr, sharded=sharded,
-                      gather_in_batch=config.distributed.gather_in_batch)
+                      gather_in_batch=config.distributed.gather_in_batch, per_position=per_position,
+                      position_weight=t.position_weight,
+                      position_miner=refresh.mine_positions if refresh is not None and refresh.sampler.anchor == "position" else None)
     return trainer, refresh
 
 

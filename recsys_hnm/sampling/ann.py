@@ -22,12 +22,18 @@ def resolve_window(window: list[float], n_items: int) -> tuple[int, int]:
     return lo, hi
 
 
+ANCHORS = ("user", "item", "position")
+
+
 class AnnSampler:
     """Uniform draws from each anchor's candidate pool: the items at ranks [lo, hi) of the
     anchor's neighbours in the item index, the anchor's known items left out before ranking.
 
     anchor ``user``: the pool of the row's user (the items the model ranks high for the user);
-    anchor ``item``: the pool of the row's positive item (its look-alikes).
+    anchor ``item``: the pool of the row's positive item (its look-alikes);
+    anchor ``position`` (per-position training): the pool of the row's own query vector, the
+    sequence encoder's output at that position, searched in every step (``mine_rows``) against
+    the index of the last refresh.
     Until pools are mined (or for an anchor whose pool is empty) rows fall back to uniform draws.
     q(j | anchor) = 1 / |pool| for j in the pool, so the mixture logQ stays exact.
     """
@@ -35,12 +41,12 @@ class AnnSampler:
     shared = False
 
     def __init__(self, n_items: int, n_users: int, anchor: str = "user", window: list[float] = (10, 100)):
-        if anchor not in ("user", "item"):
-            raise ValueError(f"ann anchor must be 'user' or 'item', not {anchor!r}")
+        if anchor not in ANCHORS:
+            raise ValueError(f"ann anchor must be one of {ANCHORS}, not {anchor!r}")
         self.n_items = n_items
         self.anchor = anchor
         self.lo, self.hi = resolve_window(list(window), n_items)
-        n_anchors = n_users if anchor == "user" else n_items
+        n_anchors = {"user": n_users, "item": n_items, "position": 0}[anchor]  # position: the step's rows
         width = self.hi - self.lo
         # rows sorted by item id, padded with n_items (sorts last) so log_prob can binary-search
         self.pools = torch.full((n_anchors, width), n_items, dtype=torch.int64)
@@ -48,7 +54,21 @@ class AnnSampler:
         self.fallback = UniformSampler(n_items, shared=False)
 
     def anchors(self, ctx: Context) -> torch.Tensor:
+        if self.anchor == "position":
+            return torch.arange(len(ctx))
         return ctx.users if self.anchor == "user" else ctx.pos_items
+
+    def mine_rows(self, index: ItemIndex | None, queries: np.ndarray, exclude: sp.csr_matrix | None) -> None:
+        """The pools of this step's rows (anchor ``position``): the window of each query's
+        neighbours, the row's ``exclude`` items left out before ranking; no index yet (warm-up):
+        empty pools, so every row falls back to uniform draws."""
+        if index is None:
+            self.pools = torch.full((len(queries), self.hi - self.lo), self.n_items, dtype=torch.int64)
+            self.sizes = torch.zeros(len(queries), dtype=torch.int64)
+            return
+        window = torch.from_numpy(index.search(queries, self.hi, exclude)[:, self.lo:self.hi])
+        self.sizes = (window >= 0).sum(1)
+        self.pools = torch.where(window >= 0, window, self.n_items).sort(dim=1).values
 
     def fallback_rows(self, ctx: Context) -> torch.Tensor:
         return self.sizes[self.anchors(ctx)] == 0

@@ -35,8 +35,10 @@ def sampled_softmax_by_role(
     blocks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]],
     hard_loss: str = "joint",
     hard_weight: float = 1.0,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Sampled softmax over negative blocks ``(logits [B, n], log_q [B, n], invalid, hard)``.
+    """Sampled softmax over negative blocks ``(logits [B, n], log_q [B, n], invalid, hard)``;
+    ``weights`` [B]: a weighted mean over rows (per-position training's end weights).
 
     ``joint``: one softmax over every block (hard blocks carry log_q 0: uncorrected extras).
     ``separate``: softmax(positive vs proposal blocks) + hard_weight * softmax(positive vs hard
@@ -51,7 +53,7 @@ def sampled_softmax_by_role(
     def term(group):
         logits, log_q, invalid = zip(*group)
         invalid = [torch.zeros_like(x, dtype=torch.bool) if m is None else m for x, m in zip(logits, invalid)]
-        return sampled_softmax(pos_logits, *(x[0] if len(x) == 1 else torch.cat(x, 1) for x in (logits, log_q, invalid)))
+        return sampled_softmax(pos_logits, *(x[0] if len(x) == 1 else torch.cat(x, 1) for x in (logits, log_q, invalid)), weights)
 
     # no proposal block (e.g. a last batch of one row: no other in-batch positive): that term is
     # the softmax of the positive alone, 0

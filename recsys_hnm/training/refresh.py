@@ -57,8 +57,8 @@ class IndexRefresh(Callback):
         self.sampler = sampler
         self.mixture = mixture
         self.target_weight = mixture.weights.get("ann", 0.0)
-        # a user's known items, or the anchor item itself, never enter a pool
-        self.exclude = exclude if sampler.anchor == "user" else sp.identity(sampler.n_items, format="csr")
+        # a user's known items (of the row's user, per position), or the anchor item itself, never enter a pool
+        self.exclude = sp.identity(sampler.n_items, format="csr") if sampler.anchor == "item" else exclude
         self.backend = backend
         self.refresh_every = refresh_every
         self.warmup_epochs = warmup_epochs
@@ -68,6 +68,7 @@ class IndexRefresh(Callback):
                               "ef_construction": ef_construction, "ef_search": ef_search, "ivf_nlist": ivf_nlist, "ivf_nprobe": ivf_nprobe}
         self.recall_sample = recall_sample
         self.index = None
+        self.biased = False  # the index holds the item bias as an extra coordinate (see vectors)
         self.stats: dict[str, float] = {}
         self.rng = np.random.default_rng(seed)
 
@@ -85,7 +86,8 @@ class IndexRefresh(Callback):
         weight = self.weight_at(epoch)
         self.stats = {"ann.weight": weight}
         on_schedule = (epoch - self.warmup_epochs) % self.refresh_every == 0
-        due = epoch >= self.warmup_epochs and (on_schedule or not bool((self.sampler.sizes > 0).any()))
+        mined = self.index is not None if self.sampler.anchor == "position" else bool((self.sampler.sizes > 0).any())
+        due = epoch >= self.warmup_epochs and (on_schedule or not mined)
         if due and weight > 0:
             self.stats.update(self.refresh(trainer))
         self.mixture.set_weight("ann", weight)
@@ -97,7 +99,7 @@ class IndexRefresh(Callback):
         """(items, anchors) of the current model, as the index stores and queries them."""
         model = trainer.unsharded_model()
         items = item_embeddings(model, trainer.features).numpy()
-        anchors = user_embeddings(model, trainer.features).numpy() if self.sampler.anchor == "user" else items
+        anchors = user_embeddings(model, trainer.features).numpy() if self.sampler.anchor != "item" else items
         if model.item_bias is not None:
             # score x T = u . v + b T = [u, 1] . [v, b T]: a maximum inner product search. Item
             # anchors look for look-alikes, so their extra coordinate is 0 (no bias).
@@ -116,6 +118,7 @@ class IndexRefresh(Callback):
 
     def refresh(self, trainer) -> dict[str, float]:
         items, anchors = self.vectors(trainer)
+        self.biased = trainer.unsharded_model().item_bias is not None
         cluster = trainer.cluster
         start = time.perf_counter()
         if cluster is None:
@@ -126,15 +129,27 @@ class IndexRefresh(Callback):
             cluster.broadcast(None)  # the file is complete
             self.index = load_index(self.index_path, items.shape[1], **self.index_options)
         build_s = time.perf_counter() - start
-        start = time.perf_counter()
-        moved = self.sampler.mine(self.index, anchors, self.exclude, share=cluster)
-        mine_s = time.perf_counter() - start
-        stats = {"ann.build_s": build_s, "ann.mine_s": mine_s, "ann.pool_overlap": moved["pool_overlap"],
-                 "ann.pool_mean_size": moved["pool_mean_size"]}
+        stats = {"ann.build_s": build_s}
+        if self.sampler.anchor != "position":  # position pools are mined in every step (mine_positions)
+            start = time.perf_counter()
+            moved = self.sampler.mine(self.index, anchors, self.exclude, share=cluster)
+            stats.update({"ann.mine_s": time.perf_counter() - start, "ann.pool_overlap": moved["pool_overlap"],
+                          "ann.pool_mean_size": moved["pool_mean_size"]})
         if not isinstance(self.index, ExactIndex):
             stats["ann.recall_at_k"] = self._recall(items, anchors)
         log.info("index refresh: %s", {k: round(v, 4) for k, v in stats.items()})
         return stats
+
+    def mine_positions(self, queries: torch.Tensor, users: torch.Tensor) -> None:
+        """The Trainer's ``position_miner``: each step's position vectors searched in the index of
+        the last refresh (uniform fallback before the first), the row user's items excluded."""
+        index = self.index if self.mixture.weights.get("ann", 0.0) > 0 else None
+        q = queries.numpy()
+        if index is not None and self.biased:  # the item bias as one more coordinate, as in vectors()
+            q = np.hstack([q, np.ones((len(q), 1), np.float32)])
+        start = time.perf_counter()
+        self.sampler.mine_rows(index, q, self.exclude[users.numpy()] if self.exclude is not None and index is not None else None)
+        self.stats["ann.mine_s"] = self.stats.get("ann.mine_s", 0.0) + time.perf_counter() - start
 
     def _recall(self, items: np.ndarray, anchors: np.ndarray) -> float:
         rows = self.rng.choice(len(anchors), min(self.recall_sample, len(anchors)), replace=False)

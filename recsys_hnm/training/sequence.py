@@ -12,15 +12,32 @@ from __future__ import annotations
 import torch
 
 
-def next_item_sequences(seq_items: torch.Tensor, seq_start: torch.Tensor, seq_len: torch.Tensor, users: torch.Tensor,
-                        length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(inputs, targets)``, each [B, length], right-aligned, -1 padding: the last
-    ``length + 1`` events of each user (``seq_items[seq_start[u]:seq_start[u] + seq_len[u]]`` in
-    time order), ``inputs[:, i]`` the item at a step and ``targets[:, i]`` the one after it. A
-    position is real where both are >= 0; a user with one event has none."""
+def sequence_windows(seq_len: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(users, ends)`` of the windows that tile every user's events: each window is ``length``
+    inputs and their ``length`` next items ending at event ``ends`` (exclusive), windows of one
+    user overlapping by one event, so that every event but a user's first is a target exactly
+    once per epoch (a history longer than ``length`` is trained on in full, not only its end).
+    Users with one event have no window."""
     if length < 1:
         raise ValueError(f"length must be >= 1, not {length}")
-    n = seq_len[users]
+    targets = (seq_len - 1).clamp(min=0)
+    count = (targets + length - 1) // length  # windows per user
+    users = torch.repeat_interleave(torch.arange(len(seq_len)), count)
+    first = torch.cumsum(count, 0) - count
+    back = torch.arange(len(users)) - torch.repeat_interleave(first, count)  # 0 = the user's last window
+    return users, seq_len[users] - back * length
+
+
+def next_item_sequences(seq_items: torch.Tensor, seq_start: torch.Tensor, seq_len: torch.Tensor, users: torch.Tensor,
+                        length: int, ends: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(inputs, targets)``, each [B, length], right-aligned, -1 padding: the ``length + 1``
+    events of each user before ``ends`` (default: the last ones; ``seq_items[seq_start[u]:
+    seq_start[u] + seq_len[u]]`` in time order), ``inputs[:, i]`` the item at a step and
+    ``targets[:, i]`` the one after it. A position is real where both are >= 0; a user with one
+    event has none."""
+    if length < 1:
+        raise ValueError(f"length must be >= 1, not {length}")
+    n = seq_len[users] if ends is None else ends
     k = torch.clamp(n, max=length + 1)
     offsets = torch.arange(length + 1) - (length + 1 - k)[:, None]  # [B, L + 1], < 0 = padding
     index = (seq_start[users] + n - k)[:, None] + offsets.clamp(min=0)

@@ -17,9 +17,11 @@ from tqdm.auto import tqdm
 
 from .distributed import ShardedTwoTower, table_optimizer_class
 from .losses import pairwise, sampled_softmax_by_role
+from .sequence import chunked_full_softmax, end_weights, next_item_sequences, sequence_windows
 from ..models import FeatureBuilder, TwoTower, model_scorer
 from ..ops.ranking import Scorer
 from ..sampling import Context, MixtureSampler, Negatives
+from ..sampling.mixture import FULL
 from ..sampling.diagnostics import NegativeDiagnostics
 from .callbacks import Callback
 from ..mining import MemoryBank, select_candidates
@@ -96,6 +98,9 @@ class Trainer:
         embedding_lr: float | None = None,
         sharded: ShardedTwoTower | None = None,
         gather_in_batch: bool = False,
+        per_position: bool = False,
+        position_weight: float = 0.0,
+        position_miner=None,
     ):
         # distributed (``sharded``): the model's tables are sharded by DMP and every rank runs
         # this same loop on its share of each global batch; see ``recsys_hnm.training.distributed``
@@ -112,6 +117,19 @@ class Trainer:
         # causal: each (user, positive) sees only the items before the positive; otherwise every
         # other training item of the user (the positive itself left out)
         self.positions = features.event_positions(train_events) if causal_history else None
+        # per position (sequence encoders): a step's rows are the real positions of B windows of
+        # history_len events, each predicting its next item; the epoch's examples are the windows
+        self.per_position, self.position_weight = per_position, position_weight
+        self.position_miner = position_miner  # called with each step's position vectors before sampling (index mining)
+        if per_position:
+            if sharded is not None:
+                raise ValueError("per-position training runs in one process (its step has no sharded form yet)")
+            seq_len = torch.diff(torch.cat([features.seq_start, torch.tensor([len(features.seq_items)])]))
+            self.seq_len = seq_len
+            self.users, self.ends = sequence_windows(seq_len, model.history_len)
+            if not len(self.users):
+                raise ValueError("per-position training needs users with at least two training events; there are none")
+            self.full_softmax = sampler.names == [FULL] and loss == "softmax"  # exact, chunked over the catalog
         self.item_id_dropout = item_id_dropout  # the item tower learns to score cold items from categories
         if hard_loss not in ("joint", "separate"):
             raise ValueError(f"hard_loss must be 'joint' or 'separate', not {hard_loss!r}")
@@ -216,7 +234,10 @@ class Trainer:
             idx = idx[: len(idx) - len(idx) % world][rank::world]
             if not len(idx):
                 continue
-            out = self.train_step(self.users[idx], self.items[idx], None if self.positions is None else self.positions[idx])
+            if self.per_position:
+                out = self.sequence_step(self.users[idx], self.ends[idx])
+            else:
+                out = self.train_step(self.users[idx], self.items[idx], None if self.positions is None else self.positions[idx])
             total += out.loss * len(idx)
             count += len(idx)
             bar.set_postfix(loss=f"{out.loss:.4f}")
@@ -235,9 +256,8 @@ class Trainer:
         ctx = Context(users, pos_items, batch_items)
         blocks = self.sampler.sample(ctx, self.generator)
         # Each distinct item goes through the item tower once per step.
-        parts = [pos_items] + [b.items.reshape(-1) for b in blocks]
-        unique, inverse = torch.unique(torch.cat(parts), return_inverse=True)
-        drop_id = torch.rand(len(unique), generator=self.generator) < self.item_id_dropout if self.item_id_dropout > 0 else None
+        unique, inverse = torch.unique(torch.cat([pos_items] + [b.items.reshape(-1) for b in blocks]), return_inverse=True)
+        drop_id = self._drop_ids(len(unique))
         looked_up = unique
         if self.cluster is not None:  # row-wise shards need the same lookup size on every rank: pad with a repeat
             extra = self.cluster.max(len(unique)) - len(unique)
@@ -248,9 +268,75 @@ class Trainer:
         else:
             user_features = self.features.user_features(users, exclude=pos_items)
         user_emb, item_emb = self.forward(user_features, self.features.item_features(looked_up, drop_id))
-        item_emb = item_emb[: len(unique)]
+        loss, neg_cos = self._objective(ctx, blocks, user_emb, item_emb[: len(unique)], inverse)
+        self._update(loss)
+        if self.diagnostics is not None:
+            self.diagnostics.update(ctx, blocks, neg_cos, self._rank_sample_scores(user_emb))
+        return StepOutput(float(loss.detach()), blocks, neg_cos)
+
+    def sequence_step(self, users: torch.Tensor, ends: torch.Tensor) -> StepOutput:
+        """One per-position step over the windows ``(users, ends)``: every real position is a
+        row (its user, its next item as the positive), and the rows share the mixture as
+        rows of any batch do: in-batch negatives are all the step's targets, the logQ is exact
+        per row, and the known-positive mask is the row's user's (every training item of the
+        user: the position's own target, the items before it and the later ones)."""
+        inputs, targets = next_item_sequences(self.features.seq_items, self.features.seq_start, self.seq_len, users,
+                                              self.model.history_len, ends)
+        real = targets >= 0
+        rows_users, pos_items = users[:, None].expand_as(targets)[real], targets[real]
+        weights = end_weights(real, self.position_weight)[real] if self.position_weight > 0 else None
+        user_emb = self.model.position_embeddings(inputs, users if self.features.user_id else None)[real]
+        if self.position_miner is not None:
+            self.position_miner(user_emb.detach(), rows_users)
+        ctx = Context(rows_users, pos_items)
+        if self.full_softmax:
+            loss = self._full_softmax(ctx, user_emb, weights)
+            self._update(loss)
+            return StepOutput(float(loss.detach()), [], [])
+        blocks = self.sampler.sample(ctx, self.generator)
+        unique, inverse = torch.unique(torch.cat([pos_items] + [b.items.reshape(-1) for b in blocks]), return_inverse=True)
+        item_emb = self.model.item_embeddings(self.features.item_features(unique, self._drop_ids(len(unique))))
+        loss, neg_cos = self._objective(ctx, blocks, user_emb, item_emb, inverse, weights)
+        self._update(loss)
+        if self.diagnostics is not None:
+            self.diagnostics.update(ctx, blocks, neg_cos, self._rank_sample_scores(user_emb))
+        return StepOutput(float(loss.detach()), blocks, neg_cos)
+
+    def _full_softmax(self, ctx: Context, user_emb: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+        """The exact cross-entropy over the whole catalog, chunked (``chunked_full_softmax``), the
+        rows' known positives other than their own target left out as the mixture's ``full``
+        source leaves them out."""
+        catalog = torch.arange(self.model.sizes.n_items)
+        items = self.model.item_embeddings(self.features.item_features(catalog, self._drop_ids(len(catalog))))
+        masked = None
+        if self.sampler.known is not None:
+            rows, _, cols = self.sampler.known.pairs.entries(ctx.users)
+            masked = (rows, cols)
+        bias = self.model.item_bias
+        per_row = chunked_full_softmax(user_emb, items, ctx.pos_items, self.model.scale, bias, masked)
+        return per_row.mean() if weights is None else (per_row * weights).sum() / weights.sum()
+
+    def _drop_ids(self, n: int) -> torch.Tensor | None:
+        return torch.rand(n, generator=self.generator) < self.item_id_dropout if self.item_id_dropout > 0 else None
+
+    def _update(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.table_optimizer is not None:
+            self.table_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        if self.table_optimizer is not None:
+            self.table_optimizer.step()
+        self._version += 1
+
+    def _objective(self, ctx: Context, blocks: list[Negatives], user_emb: torch.Tensor, item_emb: torch.Tensor,
+                   inverse: torch.Tensor, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The step's loss from the rows' user vectors and the embeddings of the distinct items
+        (``inverse``: where the positives, then each block's items, sit among them); per-row
+        ``weights`` (softmax only). Returns the loss and each block's detached cosines."""
+        users, pos_items = ctx.users, ctx.pos_items
         scale = self.model.scale
-        offsets = np.cumsum([0] + [p.numel() for p in parts])
+        offsets = np.cumsum([0, len(pos_items)] + [b.items.numel() for b in blocks])
         pos_emb = item_emb[inverse[: offsets[1]]]
         pos_logits = (user_emb * pos_emb).sum(-1) * scale + self.model.bias(pos_items)
         neg_cos, terms = [], []  # per block: logits, log_q, invalid, hard
@@ -290,23 +376,13 @@ class Trainer:
         if self.loss == "softmax" and bank is not None:
             loss = self._bank_softmax(user_emb, pos_emb, pos_items, blocks, block_emb, own_log_q, terms)
         elif self.loss == "softmax":
-            loss = sampled_softmax_by_role(pos_logits, terms, self.hard_loss, self.hard_weight)
+            loss = sampled_softmax_by_role(pos_logits, terms, self.hard_loss, self.hard_weight, weights)
         else:
             loss = pairwise(self.loss, pos_logits, torch.cat([p[0] for p in terms], 1), torch.cat([p[2] for p in terms], 1),
                             self.margin, self.triplet_negative)
         if self.memory_bank is not None:
             self.memory_bank.push(pos_items, pos_emb)
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.table_optimizer is not None:
-            self.table_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        if self.table_optimizer is not None:
-            self.table_optimizer.step()
-        self._version += 1
-        if self.diagnostics is not None:
-            self.diagnostics.update(ctx, blocks, neg_cos, self._rank_sample_scores(user_emb))
-        return StepOutput(float(loss.detach()), blocks, neg_cos)
+        return loss, neg_cos
 
     def _bank_softmax(self, user_emb, pos_emb, pos_items, blocks, block_emb, own_log_q, terms) -> torch.Tensor:
         """The memory bank's sampled softmax with split gradients. The user tower learns from every
