@@ -252,3 +252,17 @@ def test_per_position_trains_end_to_end_and_refuses_what_it_cannot_do(synthetic_
         small_config(synthetic_files, tmp_path, train={"position_weight": 1.0})
     with pytest.raises(ConfigError, match="sampler.ann.anchor"):
         small_config(synthetic_files, tmp_path, sampler={"mixture": {"uniform": 1.0, "ann": 1.0}, "ann": {"anchor": "position"}})
+
+
+def test_gbce_is_bce_at_zero_and_weighs_the_positive_by_the_sampling_rate_at_one():
+    from recsys_hnm.training.losses import gbce
+    pos, neg = torch.tensor([1.5, -0.5]), torch.tensor([[0.2, -1.0, 3.0], [0.0, 0.5, -2.0]])
+    invalid = torch.tensor([[False, False, True], [False, False, False]])
+    keep = ~invalid
+    bce = (-F.logsigmoid(pos) - (torch.log1p(-torch.sigmoid(neg)) * keep).sum(1)).mean()
+    assert torch.isclose(gbce(pos, neg, invalid, 101, 0.0), bce)
+    alpha = keep.sum(1) / 100.0  # 2 and 3 negatives of 100 others
+    calibrated = (-alpha * F.logsigmoid(pos) - (torch.log1p(-torch.sigmoid(neg)) * keep).sum(1)).mean()
+    assert torch.isclose(gbce(pos, neg, invalid, 101, 1.0), calibrated)
+    with pytest.raises(ValueError, match="calibration"):
+        gbce(pos, neg, invalid, 101, 1.5)

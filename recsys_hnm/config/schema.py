@@ -227,9 +227,12 @@ class TrackingConfig:
 
 @dataclass
 class LossConfig:
-    type: str = "softmax"  # softmax (sampled, with logQ) | bpr | triplet (pairwise: no logQ)
+    type: str = "softmax"  # softmax (sampled, with logQ) | bpr | triplet (pairwise: no logQ) | gbce
     margin: float = 1.0  # triplet, in logit units
     triplet_negative: str = "hardest"  # hardest | semi_hard
+    # gbce (gSASRec's calibrated binary cross-entropy, for uniform negatives, no logQ): its t in
+    # [0, 1]; 0 = plain BCE. gSASRec's recommended 0.75 at 256 negatives
+    gbce_calibration: float = 0.75
 
 
 @dataclass
@@ -573,7 +576,9 @@ def validate(c: ExperimentConfig, check_run_name: bool = True) -> None:
     _positive(s.select.margin, "sampler.select.margin")
     _positive(s.memory_bank.size, "sampler.memory_bank.size", strict=False)
     _positive(s.memory_bank.warmup_steps, "sampler.memory_bank.warmup_steps", strict=False)
-    _choice(c.loss.type, ("softmax", "bpr", "triplet"), "loss.type")
+    _choice(c.loss.type, ("softmax", "bpr", "triplet", "gbce"), "loss.type")
+    if not 0.0 <= c.loss.gbce_calibration <= 1.0:
+        raise ConfigError(f"loss.gbce_calibration: {c.loss.gbce_calibration!r} must be in [0, 1]")
     _choice(c.train.embedding_optimizer, EMBEDDING_OPTIMIZERS, "train.embedding_optimizer")
     if c.train.embedding_lr is not None:
         _positive(c.train.embedding_lr, "train.embedding_lr")

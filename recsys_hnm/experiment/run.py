@@ -406,6 +406,7 @@ def build_trainer(config: ExperimentConfig, data: Interactions, split: Split, sa
                       hard_weight=config.sampler.hard_weight, false_negative_guard=config.sampler.false_negative_guard,
                       cooccurring=_cooccurring(config, data, split),
                       loss=config.loss.type, margin=config.loss.margin, triplet_negative=config.loss.triplet_negative,
+                      gbce_calibration=config.loss.gbce_calibration,
                       select=config.sampler.select.mode, select_k=config.sampler.select.k,
                       select_margin=config.sampler.select.margin, memory_bank=memory_bank,
                       embedding_optimizer=t.embedding_optimizer, embedding_lr=t.embedding_lr, sharded=sharded,

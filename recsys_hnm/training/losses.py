@@ -74,6 +74,21 @@ def triplet(pos_logits: torch.Tensor, neg_logits: torch.Tensor, margin: float = 
     return _masked_mean(losses, invalid)
 
 
+def gbce(pos_logits: torch.Tensor, neg_logits: torch.Tensor, invalid: torch.Tensor | None, n_items: int,
+         calibration: float = 0.75) -> torch.Tensor:
+    """gSASRec's generalised binary cross-entropy (Petrov & Macdonald, RecSys 2023):
+    -beta log sigmoid(pos) - sum log(1 - sigmoid(neg)) over the row's valid negatives, with
+    beta = alpha (t (1 - 1/alpha) + 1/alpha), alpha = k / (n_items - 1) the row's sampling rate
+    of k negatives: t = 0 is plain BCE, t = 1 the calibrated limit whose sigmoid estimates the
+    full softmax's probabilities. It assumes uniform negatives and takes no logQ."""
+    if not 0.0 <= calibration <= 1.0:
+        raise ValueError(f"gbce calibration must be in [0, 1], not {calibration}")
+    keep = torch.ones_like(neg_logits, dtype=torch.bool) if invalid is None else ~invalid
+    alpha = keep.sum(1).clamp(min=1) / max(n_items - 1, 1)
+    beta = alpha * (calibration * (1 - 1 / alpha) + 1 / alpha)
+    return (beta * F.softplus(-pos_logits) + (F.softplus(neg_logits) * keep).sum(1)).mean()
+
+
 def _masked_mean(losses: torch.Tensor, invalid: torch.Tensor | None) -> torch.Tensor:
     if invalid is None:
         return losses.mean()
@@ -82,11 +97,11 @@ def _masked_mean(losses: torch.Tensor, invalid: torch.Tensor | None) -> torch.Te
 
 
 def pairwise(kind: str, pos_logits: torch.Tensor, neg_logits: torch.Tensor, invalid: torch.Tensor | None = None,
-             margin: float = 1.0, triplet_negative: str = "hardest") -> torch.Tensor:
+             margin: float = 1.0, triplet_negative: str = "hardest", n_items: int = 0, calibration: float = 0.75) -> torch.Tensor:
     """The pairwise losses over a row's valid negatives; they take no logQ (a pair's loss does
     not estimate a partition function), so the sources' corrections do not apply to them.
 
-    ``bpr``: mean of -log sigmoid(pos - neg) over every valid pair.
+    ``bpr``: mean of -log sigmoid(pos - neg) over every valid pair; ``gbce``: see ``gbce``.
     ``triplet``: the user as anchor, its positive, and one negative per row: the highest-scoring
     valid one (``hardest``), or (``semi_hard``, FaceNet) the highest-scoring one below the
     positive, falling back to the hardest where none is below; max(0, margin - (pos - neg)),
@@ -94,6 +109,8 @@ def pairwise(kind: str, pos_logits: torch.Tensor, neg_logits: torch.Tensor, inva
     """
     if kind == "bpr":
         return bpr(pos_logits, neg_logits, invalid)
+    if kind == "gbce":
+        return gbce(pos_logits, neg_logits, invalid, n_items, calibration)
     if kind != "triplet":
         raise ValueError(f"pairwise loss must be 'bpr' or 'triplet', not {kind!r}")
     if triplet_negative not in ("hardest", "semi_hard"):

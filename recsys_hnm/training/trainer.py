@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 # table optimizers that take sparse gradients (adagrad's update is the same either way)
 SPARSE_GRADIENT_OPTIMIZERS = ("sparse_adam", "adagrad")
+LOSSES = ("softmax", "bpr", "triplet", "gbce")
 
 
 def _cosines(user_emb: torch.Tensor, emb: torch.Tensor, shared: bool) -> torch.Tensor:
@@ -90,6 +91,7 @@ class Trainer:
         loss: str = "softmax",
         margin: float = 1.0,
         triplet_negative: str = "hardest",
+        gbce_calibration: float = 0.75,
         select: str = "none",
         select_k: int = 64,
         select_margin: float = 1.0,
@@ -137,9 +139,10 @@ class Trainer:
         self.false_negative_guard = false_negative_guard
         self.cooccurring = cooccurring  # (positive, item) pairs many users share: not negatives of each other
         self.guard_counts = torch.zeros(3)  # hard negatives seen; dropped as above the positive; as co-consumed
-        if loss not in ("softmax", "bpr", "triplet"):
-            raise ValueError(f"loss must be 'softmax', 'bpr' or 'triplet', not {loss!r}")
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, not {loss!r}")
         self.loss, self.margin, self.triplet_negative = loss, margin, triplet_negative
+        self.gbce_calibration = gbce_calibration
         self.select, self.select_k, self.select_margin = select, select_k, select_margin
         self.memory_bank = memory_bank
         self.step_means: dict[str, list[float]] = {}  # per-epoch means of step statistics (selection, bank)
@@ -379,7 +382,7 @@ class Trainer:
             loss = sampled_softmax_by_role(pos_logits, terms, self.hard_loss, self.hard_weight, weights)
         else:
             loss = pairwise(self.loss, pos_logits, torch.cat([p[0] for p in terms], 1), torch.cat([p[2] for p in terms], 1),
-                            self.margin, self.triplet_negative)
+                            self.margin, self.triplet_negative, self.model.sizes.n_items, self.gbce_calibration)
         if self.memory_bank is not None:
             self.memory_bank.push(pos_items, pos_emb)
         return loss, neg_cos
