@@ -121,7 +121,7 @@ def _recommend(args) -> int:
         if not len(frame):
             raise DataError(f"--users {args.users}: the file has no rows (only a header): no users to recommend for")
         users = frame["user_id"].to_numpy()
-    out = recommend(args.run_id, args.k, users, args.tracking_uri, history=args.history)
+    out = recommend(args.run_id, args.k, users, args.tracking_uri, history=args.history, exclude=args.exclude)
     write_table(out, args.output)
     print(f"wrote {len(out)} rows for {out['user_id'].nunique()} users to {args.output}")
     return 0
@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tracking-uri")
     evaluate.set_defaults(func=_evaluate)
 
-    rec = commands.add_parser("recommend", help="top-K items per user from a run (never an item the user has)")
+    rec = commands.add_parser("recommend", help="top-K items per user from a run (by default never an item the user has)")
     rec.add_argument("--run-id", required=True)
     rec.add_argument("--k", type=int, default=10)
     rec.add_argument("--output", required=True, help="CSV or parquet (user_id,item_id,rank,score)")
@@ -279,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
         "test (default): the test-phase view used for offline evaluation, the user tower's history and the "
         "masked items are train + validation; all: the serving view, every known event of the user, test "
         "included, is both the tower's history and masked"))
+    rec.add_argument("--exclude", choices=["history", "train", "none"], help=(
+        "what is never recommended (default: the run's eval.exclude): history, the items of that history; "
+        "train, the training items; none, nothing: items the user has may come back (repeat purchases)"))
     rec.add_argument("--tracking-uri")
     rec.set_defaults(func=_recommend)
 

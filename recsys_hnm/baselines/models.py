@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 
 import numpy as np
+import pandas as pd
 import scipy.linalg
 import scipy.sparse as sp
 import torch
@@ -20,9 +21,13 @@ from ..evaluation.evaluator import popularity_scorer
 
 class Baseline:
     """``fit(matrix) -> self``; ``scorer()`` (or calling the model) maps user indices [c] to
-    scores [c, n_items]. Subclasses set ``_score`` in ``fit``."""
+    scores [c, n_items]. Subclasses set ``_score`` in ``fit``. ``matrix``: users x items, what
+    the user had (binary). A baseline with ``reads_events`` is fit as ``fit(matrix, events)``,
+    ``events`` the same as a frame of ``user``, ``item`` and, where the data have them,
+    ``timestamp`` and ``basket``, repeats included (the personal-frequency baselines)."""
 
     name = "baseline"
+    reads_events = False
     _score: Scorer | None = None
 
     def fit(self, matrix: sp.csr_matrix) -> "Baseline":
@@ -227,7 +232,89 @@ class ALS(Baseline):
         return self
 
 
-BASELINES: dict[str, type[Baseline]] = {cls.name: cls for cls in (MostPop, ItemKNN, EASE, ALS)}
+class RepeatPop(Baseline):
+    """The user's own purchase counts (every event, repeats included), ties broken by the number
+    of users per item: what a shopper buys again. Under ``eval.exclude: history`` it is MostPop,
+    since every item it ranks first is masked."""
+
+    name = "repeatpop"
+    reads_events = True
+
+    def fit(self, matrix, events=None):
+        m = _csr(matrix)
+        counts = m if events is None else _event_counts(events, m.shape)
+        pop = m.getnnz(axis=0).astype(np.float32)
+        tie = torch.from_numpy(pop / (pop.max(initial=0.0) + 1.0))  # < 1: below one more purchase
+        self._score = lambda users: torch.from_numpy(counts[users.numpy()].toarray().astype(np.float32)) + tie
+        return self
+
+
+class TIFUKNN(Baseline):
+    """TIFU-KNN (Hu et al., SIGIR 2020): a user's baskets in time order are cut into groups of
+    ``group_size``; within a group basket j of n weighs ``basket_decay ** (n - 1 - j) / n``, and
+    group i of k weighs ``group_decay ** (k - 1 - i) / k``: the user vector is the weighted sum
+    of the multi-hot baskets (time-decayed personal item frequency). Scores are ``alpha`` times
+    the user's vector plus (1 - alpha) times the mean vector of the ``k`` most cosine-similar
+    users. Without baskets, a timestamp is a basket; without timestamps, an event."""
+
+    name = "tifuknn"
+    reads_events = True
+
+    def __init__(self, k: int = 300, alpha: float = 0.7, group_size: int = 7, basket_decay: float = 0.9,
+                 group_decay: float = 0.7):
+        if k < 1 or group_size < 1 or not 0.0 <= alpha <= 1.0 or not 0.0 < basket_decay <= 1.0 or not 0.0 < group_decay <= 1.0:
+            raise ValueError(f"tifuknn: need k, group_size >= 1, alpha in [0, 1], decays in (0, 1]; got k={k}, "
+                             f"alpha={alpha}, group_size={group_size}, basket_decay={basket_decay}, group_decay={group_decay}")
+        self.k, self.alpha, self.group_size = int(k), float(alpha), int(group_size)
+        self.basket_decay, self.group_decay = float(basket_decay), float(group_decay)
+
+    def fit(self, matrix, events=None):
+        m = _csr(matrix)
+        if events is None:
+            raise ValueError("tifuknn reads the users' baskets in time order: fit it with the events")
+        vectors = self.user_vectors(events, m.shape)
+        norms = np.sqrt(np.asarray(vectors.multiply(vectors).sum(1)).ravel())
+        unit = sp.diags(1.0 / np.maximum(norms, 1e-12)) @ vectors
+        unit_t = unit.T.tocsr()
+        k = min(self.k, max(m.shape[0] - 1, 1))
+
+        def score(users: torch.Tensor) -> torch.Tensor:
+            rows = users.numpy()
+            sim = np.asarray((unit[rows] @ unit_t).todense())
+            sim[np.arange(len(rows)), rows] = -np.inf  # not one's own neighbour
+            near = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+            pick = sp.csr_matrix((np.full(near.size, 1.0 / k), near.ravel(), np.arange(0, near.size + 1, k)), shape=(len(rows), m.shape[0]))
+            out = self.alpha * vectors[rows].toarray() + (1 - self.alpha) * (pick @ vectors).toarray()
+            return torch.from_numpy(out.astype(np.float32))
+
+        self._score = score
+        return self
+
+    def user_vectors(self, events: pd.DataFrame, shape: tuple[int, int]) -> sp.csr_matrix:
+        """users x items: the time-decayed, group-decayed sum of each user's baskets."""
+        key = "basket" if "basket" in events.columns else "timestamp" if "timestamp" in events.columns else None
+        order = ["user"] + [c for c in ("timestamp", "basket") if c in events.columns]
+        ev = events.sort_values(order, kind="stable")
+        user = ev["user"].to_numpy()
+        basket = (ev[key].to_numpy() if key else np.arange(len(ev)))
+        new = np.r_[True, (user[1:] != user[:-1]) | (basket[1:] != basket[:-1])]
+        basket_id = np.cumsum(new) - 1  # consecutive baskets, numbered over all users
+        first_basket = pd.Series(basket_id).groupby(user).transform("min").to_numpy()
+        n_baskets = pd.Series(basket_id).groupby(user).transform("max").to_numpy() - first_basket + 1
+        j = basket_id - first_basket  # the basket's position in the user's sequence
+        g, pos = j // self.group_size, j % self.group_size
+        n_groups = (n_baskets - 1) // self.group_size + 1
+        in_group = np.where(g == n_groups - 1, n_baskets - g * self.group_size, self.group_size)  # the last group may be short
+        w = self.basket_decay ** (in_group - 1 - pos) / in_group * self.group_decay ** (n_groups - 1 - g) / n_groups
+        return sp.csr_matrix((w, (user, ev["item"].to_numpy())), shape=shape)  # a repeat in a basket adds up
+
+
+def _event_counts(events: pd.DataFrame, shape: tuple[int, int]) -> sp.csr_matrix:
+    """users x items: how many events each pair has (repeat purchases counted)."""
+    return sp.csr_matrix((np.ones(len(events), np.float32), (events["user"].to_numpy(), events["item"].to_numpy())), shape=shape)
+
+
+BASELINES: dict[str, type[Baseline]] = {cls.name: cls for cls in (MostPop, ItemKNN, EASE, ALS, RepeatPop, TIFUKNN)}
 
 # Small grids, tuned on validation: a handful of fits each.
 DEFAULT_GRIDS: dict[str, dict[str, list]] = {
@@ -235,11 +322,14 @@ DEFAULT_GRIDS: dict[str, dict[str, list]] = {
     "itemknn": {"k": [50, 100, 200, 400], "shrink": [0.0, 10.0]},
     "ease": {"lam": [10.0, 50.0, 100.0, 250.0, 500.0, 1000.0]},
     "als": {"factors": [64, 128], "regularization": [0.01, 0.1], "alpha": [1.0, 10.0], "iterations": [15]},
+    "repeatpop": {},
+    # around the paper's settings for grocery data (m 7, r_b 0.9, r_g 0.7, k 300, alpha 0.7)
+    "tifuknn": {"k": [100, 300], "alpha": [0.5, 0.7, 0.9], "group_size": [7], "basket_decay": [0.9], "group_decay": [0.6, 0.8, 1.0]},
 }
 
 
 def make_baseline(name: str, **params) -> Baseline:
-    """A baseline by name (``mostpop``, ``itemknn``, ``ease``, ``als``) with its hyperparameters;
+    """A baseline by name (``mostpop``, ``itemknn``, ``ease``, ``als``, ``repeatpop``, ``tifuknn``) with its hyperparameters;
     an unknown name or hyperparameter is refused naming the ones that exist."""
     cls = BASELINES.get(name.lower())
     if cls is None:

@@ -37,24 +37,26 @@ def check_metric(metric: str, ks) -> None:
         raise ValueError(f"metric {metric!r} must be one of {list(METRICS)} @ a K in {list(ks)}")
 
 
-def fit_timed(name: str, params: dict, matrix) -> tuple[Baseline, float]:
+def fit_timed(name: str, params: dict, matrix, events=None) -> tuple[Baseline, float]:
     start = time.perf_counter()
-    model = make_baseline(name, **params).fit(matrix)
+    model = make_baseline(name, **params)
+    model = model.fit(matrix, events) if model.reads_events else model.fit(matrix)
     return model, time.perf_counter() - start
 
 
 def tune(name: str, split: Split, grid: dict | None = None, ks=(10, 20, 50), metric: str = "ndcg@10",
-         chunk_size: int = 1024) -> tuple[dict, list[dict]]:
-    """(best params, table): each grid point fit on train and evaluated on validation; the best
-    by ``metric`` on validation wins (the first in grid order among equals). Test is never read.
+         chunk_size: int = 1024, exclude: str = "history") -> tuple[dict, list[dict]]:
+    """(best params, table): each grid point fit on train and evaluated on validation (what it
+    ranks leaves out ``exclude``, as the Evaluator's); the best by ``metric`` on validation wins
+    (the first in grid order among equals). Test is never read.
     Table rows: ``{"params", "valid": {metric: value}, "fit_s"}``."""
     check_metric(metric, ks)
     points = grid_points(name, grid)
-    evaluator = Evaluator(split, "valid", ks, chunk_size)
-    train = split.known("valid")
+    evaluator = Evaluator(split, "valid", ks, chunk_size, exclude=exclude)
+    train, events = split.known("valid"), split.history("valid")
     table = []
     for params in points:
-        model, fit_s = fit_timed(name, params, train)
+        model, fit_s = fit_timed(name, params, train, events)
         table.append({"params": params, "valid": evaluator.evaluate(model.scorer()), "fit_s": fit_s})
     best = max(range(len(table)), key=lambda i: (table[i]["valid"][metric], -i))
     return dict(table[best]["params"]), table
@@ -62,4 +64,4 @@ def tune(name: str, split: Split, grid: dict | None = None, ks=(10, 20, 50), met
 
 def fit_final(name: str, params: dict, split: Split) -> tuple[Baseline, float]:
     """The chosen baseline refit on train + valid, what the model may see at test time."""
-    return fit_timed(name, params, split.known("test"))
+    return fit_timed(name, params, split.known("test"), split.history("test"))

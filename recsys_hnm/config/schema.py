@@ -205,6 +205,10 @@ class DistributedConfig:
 class EvalConfig:
     ks: list[int] = field(default_factory=lambda: [10, 20, 50])
     chunk_size: int = 1024
+    # what ranking leaves out: history (every item the user had before the phase) | train (the
+    # training items) | none (repeats may be recommended; metrics then also split into repeat.*
+    # and explore.*). Training's known-positive mask of negatives is sampler.known_positives
+    exclude: str = "history"
 
 
 @dataclass
@@ -620,6 +624,7 @@ def validate(c: ExperimentConfig, check_run_name: bool = True) -> None:
     for i, k in enumerate(e.ks):
         _positive(k, f"eval.ks[{i}]")
     _positive(e.chunk_size, "eval.chunk_size")
+    _choice(e.exclude, ("history", "train", "none"), "eval.exclude")
     _positive(c.auto.budget, "auto.budget", strict=False)
     _positive(c.auto.probe_epochs, "auto.probe_epochs", strict=False)
     metric, _, k = t.monitor.partition("@")

@@ -15,24 +15,50 @@ from .metrics import ranking_metrics
 RANKED_BY_COUNT = 4
 
 
+EXCLUDE = ("history", "train", "none")
+
+
 class Evaluator:
     """Scores users of ``phase`` in chunks (scores, mask, rank), so memory stays at
     ``chunk_size x n_items`` floats, and at most ``max_cells`` of them, whatever the number of
-    users or items. Users without items in the phase are skipped; the items a user had before the
-    phase (``Split.known``) are masked."""
+    users or items. Users without items in the phase are skipped.
 
-    def __init__(self, split: Split, phase: str = "valid", ks=(10, 20, 50), chunk_size: int = 1024, max_cells: int = 1 << 26):
+    ``exclude``: what is masked before ranking. ``history`` (the default): every item the user
+    had before the phase (``Split.known``), so only items new to the user can be recommended;
+    ``train``: the training items only (for test, validation items may come back); ``none``:
+    nothing, so items the user already had may be recommended again (repeat purchases). Under
+    ``train`` and ``none`` the metrics are also reported for the held-out items the user had
+    before the phase (``repeat.*``) and for the new ones (``explore.*``) apart, each over the
+    users that have such items, on the same ranked list (Li et al., SIGIR 2023)."""
+
+    def __init__(self, split: Split, phase: str = "valid", ks=(10, 20, 50), chunk_size: int = 1024, max_cells: int = 1 << 26,
+                 exclude: str = "history"):
         if not ks or min(ks) <= 0:
             raise ValueError(f"ks must be positive integers, not {list(ks)}")
+        if exclude not in EXCLUDE:
+            raise ValueError(f"exclude must be one of {EXCLUDE}, not {exclude!r}")
         self.ks = sorted(set(int(k) for k in ks))
+        self.exclude = exclude
         self.truth = split.matrix(phase)
-        self.known = split.known(phase).tocsr()
-        self.relevant = KnownPositives(self.truth)
+        history = split.known(phase).tocsr()
+        self.known = {"history": history, "train": split.matrix("train").tocsr(), "none": None}[exclude]
+        self.parts = {"": self.truth}  # metric prefix -> held-out items it scores
+        if exclude != "history":
+            repeat = self.truth.multiply(history).tocsr()
+            repeat.eliminate_zeros()
+            explore = (self.truth - repeat).tocsr()
+            explore.eliminate_zeros()
+            self.parts.update({"repeat.": repeat, "explore.": explore})
+        self.relevant = {name: KnownPositives(m) for name, m in self.parts.items()}
         n_rel = np.diff(self.truth.indptr)
         self.users = torch.from_numpy(np.flatnonzero(n_rel > 0))
         self.n_relevant = torch.from_numpy(n_rel[n_rel > 0])
         self.chunk_size = max(1, min(chunk_size, max_cells // max(self.truth.shape[1], 1)))
         self.phase = phase
+
+    def _mask(self, scores: torch.Tensor, users: torch.Tensor) -> None:
+        if self.known is not None:
+            mask_known(scores, self.known, users)
 
     def top_k(self, scorer: Scorer, users: torch.Tensor, k: int):
         """(items [c, k], scores [c, k]) of ``users`` with their known items masked."""
@@ -40,7 +66,7 @@ class Evaluator:
         for start in range(0, len(users), self.chunk_size):
             chunk = users[start:start + self.chunk_size]
             s = scorer(chunk)
-            mask_known(s, self.known, chunk)
+            self._mask(s, chunk)
             top_items, top_scores = top_k(s, k)
             items.append(top_items)
             scores.append(top_scores)
@@ -53,20 +79,32 @@ class Evaluator:
         return pd.DataFrame({"user": self.users.numpy(), **{k: v.numpy() for k, v in values.items()}})
 
     def evaluate(self, scorer: Scorer, per_user: bool = False) -> dict:
+        """Mean metrics (``per_user``: one value per evaluated user, NaN in a part where the
+        user has no held-out item of that part)."""
         kmax = max(self.ks)
-        hits = torch.zeros(len(self.users), kmax, dtype=torch.bool)
+        hits = {name: torch.zeros(len(self.users), kmax, dtype=torch.bool) for name in self.parts}
         with torch.no_grad():
             for start in range(0, len(self.users), self.chunk_size):
                 chunk = self.users[start:start + self.chunk_size]
                 s = scorer(chunk)
-                mask_known(s, self.known, chunk)
-                hits[start:start + len(chunk)] = self._hits(s, chunk, kmax)
-            values = ranking_metrics(hits, self.n_relevant, self.ks)
+                self._mask(s, chunk)
+                for name, truth in self.parts.items():
+                    hits[name][start:start + len(chunk)] = self._hits(s, chunk, kmax, truth, self.relevant[name])
+            values = {}
+            for name, truth in self.parts.items():
+                n_rel = torch.from_numpy(np.diff(truth.indptr))[self.users]
+                has = n_rel > 0
+                part = ranking_metrics(hits[name][has], n_rel[has], self.ks)
+                for metric, v in part.items():
+                    full = torch.full((len(self.users),), float("nan"), dtype=v.dtype)
+                    full[has] = v
+                    values[name + metric] = full
         if per_user:
             return values
-        return {name: float(v.mean()) for name, v in values.items()}
+        # a part no user has (no repeat among the held-out items) reports nothing rather than NaN
+        return {name: float(np.nanmean(v.numpy())) for name, v in values.items() if bool((~v.isnan()).any())}
 
-    def _hits(self, scores: torch.Tensor, users: torch.Tensor, kmax: int) -> torch.Tensor:
+    def _hits(self, scores: torch.Tensor, users: torch.Tensor, kmax: int, truth, relevant: KnownPositives) -> torch.Tensor:
         """[c, kmax] bool: is the item at rank r of each row relevant (ranked as ``top_k`` does)?
 
         Metrics need only where the relevant items rank. A row with few of them (leave-last-out:
@@ -74,14 +112,14 @@ class Evaluator:
         lower indices: one compare-and-count pass per relevant item, a fraction of a top-k's
         cost. Rows with more relevant items take the top-k. Masked (non-finite) items never hit.
         """
-        truth = self.truth[users.numpy()]
+        truth = truth[users.numpy()]
         n_rel = np.diff(truth.indptr)
         hits = torch.zeros(len(users), kmax, dtype=torch.bool)
         many = n_rel > RANKED_BY_COUNT
         if many.any():
             rows = torch.from_numpy(np.flatnonzero(many))
             top, top_scores = top_k(scores[rows], kmax)
-            found = self.relevant.contains(users[rows], top) & torch.isfinite(top_scores)
+            found = relevant.contains(users[rows], top) & torch.isfinite(top_scores)
             hits[rows, :found.shape[1]] = found
         s = scores.numpy()
         for m in range(int(n_rel[~many].max(initial=0))):  # the m-th relevant item of each row that has one

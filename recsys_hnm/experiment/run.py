@@ -26,7 +26,7 @@ from ..data import (
     time_split,
 )
 from ..data.profile import DataProfile, describe_profile, profile_split, suggest_settings
-from ..evaluation import Evaluator, mask_known, phase_counts, popularity_scorer, top_k
+from ..evaluation import EXCLUDE, Evaluator, mask_known, phase_counts, popularity_scorer, top_k
 from ..sampling.ann import AnnSampler
 from ..training.refresh import IndexRefresh
 from ..training.distributed import Cluster, PeerFailures, ShardedTwoTower, check_supported, cluster_from_env
@@ -324,7 +324,7 @@ def _train(config: ExperimentConfig, cluster: Cluster | None, resume: bool | str
         if not chief:
             return TrainResult(run_id, {}, {}, history, config=config)
         log_metrics({"train_s": train_s})
-        test_eval = Evaluator(split, "test", config.eval.ks, config.eval.chunk_size)
+        test_eval = Evaluator(split, "test", config.eval.ks, config.eval.chunk_size, exclude=config.eval.exclude)
         per_user = test_eval.per_user(model_scorer(model, features.with_history(split.history("test"))))
         test = {k: float(per_user[k].mean()) for k in per_user.columns if k != "user"}
         log_per_user(per_user, "test", data.users)
@@ -351,7 +351,8 @@ def _against_mostpop(config: ExperimentConfig, split: Split, best: float) -> lis
     if not len(split.valid):
         return []
     m = config.train.monitor
-    mostpop = Evaluator(split, "valid", config.eval.ks, config.eval.chunk_size).evaluate(popularity_scorer(phase_counts(split, "valid")))
+    evaluator = Evaluator(split, "valid", config.eval.ks, config.eval.chunk_size, exclude=config.eval.exclude)
+    mostpop = evaluator.evaluate(popularity_scorer(phase_counts(split, "valid")))
     log_metrics(mostpop, prefix="mostpop.valid.")
     beats = best > mostpop[m]
     mlflow.set_tag("beats_mostpop", str(beats).lower())
@@ -380,7 +381,7 @@ def build_trainer(config: ExperimentConfig, data: Interactions, split: Split, sa
         sharded = ShardedTwoTower(model, cluster, sharding=config.distributed.sharding, table_optimizer=t.embedding_optimizer,
                                   lr=t.embedding_lr or t.lr)
     features = build_features(config, data, split.history("train"))
-    evaluator = Evaluator(split, "valid", config.eval.ks, config.eval.chunk_size) if validate else None
+    evaluator = Evaluator(split, "valid", config.eval.ks, config.eval.chunk_size, exclude=config.eval.exclude) if validate else None
     diagnostics = NegativeDiagnostics(sampler.names, heldout_positives(split), data.n_items, seed=config.train.seed)
     refresh = None
     if "ann" in sampler.components:
@@ -607,20 +608,25 @@ def load_run(run_id: str, uri: str | None = None) -> LoadedRun:
 def evaluate_run(run_id: str, uri: str | None = None) -> dict[str, float]:
     """Test metrics of a finished run, recomputed from its logged config and weights."""
     run = load_run(run_id, uri)
-    ev = Evaluator(run.split, "test", run.config.eval.ks, run.config.eval.chunk_size)
+    ev = Evaluator(run.split, "test", run.config.eval.ks, run.config.eval.chunk_size, exclude=run.config.eval.exclude)
     return ev.evaluate(model_scorer(run.model, run.features))
 
 
 HISTORIES = ("test", "all")
 
 
-def recommend(run_id: str, k: int, users=None, uri: str | None = None, history: str = "test") -> pd.DataFrame:
+def recommend(run_id: str, k: int, users=None, uri: str | None = None, history: str = "test",
+              exclude: str | None = None) -> pd.DataFrame:
     """Top-``k`` items per user (raw ids, rank 1 best). Default users: everyone with test items.
 
     ``history="test"``: the test-phase view used for offline evaluation: the user tower reads
     the train + validation events and those items are masked (a test item can be recommended).
     ``history="all"``: the serving view: every known event of the user (train, validation and
     test) is both the tower's history and masked, so no item the user has is returned.
+
+    ``exclude`` (default: the run's ``eval.exclude``): ``history`` masks the items of that
+    history, as above; ``train`` the training items only; ``none`` nothing, so items the user
+    already has may come back (repeat purchases).
 
     Requested users are de-duplicated (first occurrence kept); ids the run does not know are
     reported in the log and the rest are served. The frame's ``attrs["unknown_users"]`` lists them.
@@ -629,7 +635,10 @@ def recommend(run_id: str, k: int, users=None, uri: str | None = None, history: 
         raise ValueError(f"k must be > 0, not {k}")
     if history not in HISTORIES:
         raise ValueError(f"history must be one of {HISTORIES}, not {history!r}")
+    if exclude is not None and exclude not in EXCLUDE:
+        raise ValueError(f"exclude must be one of {EXCLUDE}, not {exclude!r}")
     run = load_run(run_id, uri)
+    exclude = exclude or run.config.eval.exclude
     split, data = run.split, run.data
     unknown: list = []
     if users is None:
@@ -646,12 +655,14 @@ def recommend(run_id: str, k: int, users=None, uri: str | None = None, history: 
     features, masked = run.features, split.known("test")
     if history == "all":
         features, masked = run.features.with_history(split.history_all()), split.known_all()
+    masked = {"history": masked, "train": split.matrix("train"), "none": None}[exclude]
     scorer = model_scorer(run.model, features)
     items, scores = [], []
     for start in range(0, len(idx), run.config.eval.chunk_size):
         chunk = idx[start:start + run.config.eval.chunk_size]
         s = scorer(chunk)
-        mask_known(s, masked, chunk)
+        if masked is not None:
+            mask_known(s, masked, chunk)
         top_items, top_scores = top_k(s, k)
         items.append(top_items)
         scores.append(top_scores)
