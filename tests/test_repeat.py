@@ -95,3 +95,67 @@ def test_personal_baselines_are_tuned_on_validation_under_the_chosen_protocol():
     assert len(table) == 2 and all("repeat.ndcg@1" in row["valid"] or "explore.ndcg@1" in row["valid"] for row in table)
     with pytest.raises(ValueError, match="events"):
         make_baseline("tifuknn").fit(split.known("valid"))
+
+
+# -- the repeat-aware two-tower ------------------------------------------------------------------
+
+import scipy.sparse as sp  # noqa: E402
+
+from conftest import small_config  # noqa: E402
+from recsys_hnm.config import ConfigError  # noqa: E402
+from recsys_hnm.experiment import train  # noqa: E402
+from recsys_hnm.models import FeatureBuilder, TowerSizes, TwoTower, model_scorer  # noqa: E402
+
+
+def test_repeat_counts_see_only_what_came_before_and_scoring_only_the_phase_history():
+    events = pd.DataFrame({"user": [0, 0, 0, 0, 1], "item": [2, 3, 2, 2, 1], "timestamp": [1.0, 2, 3, 4, 1]})
+    features = FeatureBuilder(events, 2, sp.csr_matrix((5, 0)), history_len=10)
+    positions = features.event_positions(events)
+    items, counts = features.repeat_counts(torch.tensor([0, 0, 0]), positions[[1, 2, 3]])
+    got = [{int(i): int(c) for i, c in zip(r, n) if i >= 0} for r, n in zip(items, counts)]
+    assert got == [{2: 1}, {2: 1, 3: 1}, {2: 2, 3: 1}]  # the event itself and later ones never counted
+    model = TwoTower(TowerSizes(2, 5, 0), dim=8, hidden=[8], repeat=True)
+    with torch.no_grad():
+        model.repeat_term.item[2] = 1.5
+    plain = TwoTower(TowerSizes(2, 5, 0), dim=8, hidden=[8])
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("repeat_term")})
+    diff = model_scorer(model, features)(torch.tensor([0, 1])) - model_scorer(plain, features)(torch.tensor([0, 1]))
+    # user 0 has item 2 three times and 3 once; 1.5 + log 4 and 0 + log 2; nothing else moves
+    assert torch.allclose(diff[0], torch.tensor([0, 0, 1.5 + np.log(4), np.log(2), 0], dtype=torch.float32), atol=1e-5)
+    assert torch.allclose(diff[1], torch.tensor([0, float(np.log(2)), 0, 0, 0]), atol=1e-5)
+    later = features.with_history(pd.concat([events, pd.DataFrame({"user": [1], "item": [4], "timestamp": [9.0]})]))
+    assert model_scorer(model, later)(torch.tensor([1]))[0, 4] - model_scorer(plain, later)(torch.tensor([1]))[0, 4] > 0
+
+
+@pytest.fixture(scope="module")
+def rebuy_files(tmp_path_factory):
+    """Shoppers who buy again: each household's last basket is two of its earlier items."""
+    rng = np.random.default_rng(0)
+    rows, t = [], 0
+    for u in range(150):
+        own = rng.choice(120, 6, replace=False)
+        for b in range(8):
+            t += 1
+            for i in rng.choice(own, 2, replace=False) if b % 2 else rng.choice(120, 2, replace=False):
+                rows.append((u, int(i), t, f"{u}-{b}"))
+    frame = pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp", "basket_id"])
+    root = tmp_path_factory.mktemp("rebuy")
+    frame.to_csv(root / "events.csv", index=False)  # a generic events folder
+    return root
+
+
+def test_the_repeat_aware_model_learns_what_is_bought_again(rebuy_files, tmp_path):
+    def run(repeat):
+        config = small_config({}, tmp_path / str(repeat), data={"dataset": str(rebuy_files), "split": "last_basket",
+                                                                "duplicates": "keep"},
+                              model={"repeat": repeat, "train_history": "causal", "history_len": 30},
+                              eval={"exclude": "none", "ks": [10, 20]}, train={"epochs": 3})
+        return train(config).test
+    plain, repeat = run(False), run(True)
+    assert repeat["repeat.recall@10"] > plain["repeat.recall@10"] + 0.1, (plain, repeat)
+    assert repeat["ndcg@10"] > plain["ndcg@10"]
+    with pytest.raises(ConfigError, match="eval.exclude"):
+        small_config({}, tmp_path, data={"dataset": "ml-latest-small"}, model={"repeat": True, "train_history": "causal"})
+    with pytest.raises(ConfigError, match="train_history=causal"):
+        small_config({}, tmp_path, data={"dataset": "ml-latest-small"}, model={"repeat": True, "train_history": "all"},
+                     eval={"exclude": "none"})

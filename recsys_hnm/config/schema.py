@@ -62,6 +62,9 @@ class ModelConfig:
     attention_heads: int = 2
     attention_dropout: float = 0.2
     item_id_dropout: float = 0.0  # > 0: item ids dropped at this rate in training, and items unseen in training scored from their categories
+    # repeat-aware: items of the user's history get a learned repeat term (per-item propensity,
+    # log count); its history items are exact negatives in training. For eval.exclude train / none
+    repeat: bool = False
 
 
 @dataclass
@@ -490,6 +493,21 @@ def with_values(c: ExperimentConfig, values: dict[str, Any]) -> ExperimentConfig
     return dataclasses.replace(c, **{s: dataclasses.replace(getattr(c, s), **v) for s, v in sections.items()})
 
 
+def _check_repeat(c: ExperimentConfig) -> None:
+    """The repeat term scores items the user already has: it needs an evaluation that may rank
+    them, and a training history that ends before each positive."""
+    m = c.model
+    if not m.repeat:
+        return
+    if c.eval.exclude == "history":
+        raise ConfigError("model.repeat: eval.exclude=history masks every item the repeat term scores; "
+                          "set eval.exclude=none (or train)")
+    if m.train_history not in ("causal", AUTO):
+        raise ConfigError(f"model.repeat: needs model.train_history=causal (what came before each positive), not {m.train_history!r}")
+    if c.sampler.memory_bank.size:
+        raise ConfigError("model.repeat: not with sampler.memory_bank (its split-gradient softmax has no history block)")
+
+
 def _check_per_position(c: ExperimentConfig) -> None:
     """What per-position training needs, and what only it allows."""
     m, t, s = c.model, c.train, c.sampler
@@ -599,6 +617,7 @@ def validate(c: ExperimentConfig, check_run_name: bool = True) -> None:
     a = s.ann
     _choice(a.anchor, ("user", "item", "position"), "sampler.ann.anchor")
     _check_per_position(c)
+    _check_repeat(c)
     _choice(a.backend, ("auto", "annoy", "exact", "hnsw", "ivf"), "sampler.ann.backend")
     for key in ("hnsw_m", "ef_construction", "ef_search", "ivf_nprobe"):
         _positive(getattr(a, key), f"sampler.ann.{key}")

@@ -91,6 +91,9 @@ def build_model(config: ExperimentConfig, data: Interactions) -> TwoTower:
         raise ConfigError(f"{unresolved} are 'auto': train() resolves them from the data; to build components by hand, "
                           "call choose_settings(config, data, split) first")
     m = config.model
+    if m.repeat and m.train_history != "causal":  # an "auto" history may resolve to all
+        raise ConfigError(f"model.repeat: the repeat term is trained on what came before each positive; it needs "
+                          f"model.train_history=causal, not {m.train_history!r}")
     n_side = item_side_features(config, data).shape[1]
     torch.manual_seed(config.train.seed)
     try:
@@ -99,6 +102,7 @@ def build_model(config: ExperimentConfig, data: Interactions) -> TwoTower:
             temperature=m.temperature, learn_temperature=m.learn_temperature, item_bias=m.item_bias,
             history_encoder=m.history_encoder, history_len=m.history_len, history_decay=m.history_decay,
             last_k=m.last_k, layers=m.attention_layers, heads=m.attention_heads, dropout=m.attention_dropout,
+            repeat=m.repeat,
         )
     except ValueError as e:
         raise ConfigError(f"model.temperature: {e}") from e

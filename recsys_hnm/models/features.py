@@ -85,6 +85,26 @@ class FeatureBuilder:
         starts = self.seq_start[users] + positions - lengths
         return self._user_kjt(users, lengths, self.seq_items[jagged_positions(starts, lengths)])
 
+    def repeat_counts(self, users: torch.Tensor, positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(items, counts), each [B, history_len]: the distinct items of each row's history and
+        how often each occurs in it (-1 and 0 padding): what the repeat term reads. ``positions``:
+        the last ``history_len`` events strictly before each row's event (training, causal);
+        None: the user's recent history (scoring: train events for validation, train + valid
+        for test, never the phase scored)."""
+        L = self.history_len
+        if positions is None:
+            window = self.history[users]
+        else:
+            lengths = positions.clamp(max=L)
+            at = (self.seq_start[users] + positions - lengths)[:, None] + torch.arange(L)
+            window = torch.where(torch.arange(L) < lengths[:, None], self.seq_items[at.clamp(max=max(len(self.seq_items) - 1, 0))], -1)
+        ordered = window.sort(dim=1).values
+        counts = (ordered[:, :, None] == ordered[:, None, :]).sum(-1)
+        first = torch.ones_like(ordered, dtype=torch.bool)
+        first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+        keep = first & (ordered >= 0)
+        return torch.where(keep, ordered, -1), torch.where(keep, counts, 0)
+
     def _user_kjt(self, users: torch.Tensor, lengths: torch.Tensor, items: torch.Tensor) -> KeyedJaggedTensor:
         """The history bag's weights sum to 1 per row: decay ** age (age 0 = the most recent
         item), normalised; decay 1 is the plain mean."""

@@ -24,6 +24,20 @@ def user_embeddings(model: TwoTower, features: FeatureBuilder, chunk: int = 8192
 
 
 def model_scorer(model: TwoTower, features: FeatureBuilder) -> Scorer:
-    """Scores = user . item / temperature (+ item bias), from embeddings computed once."""
+    """Scores = user . item / temperature (+ item bias), from embeddings computed once, plus the
+    repeat term on the items of each user's history (``features``' history: what the phase may
+    see) when the model has one."""
     bias = model.item_bias.detach() if model.item_bias is not None else None
-    return embedding_scorer(user_embeddings(model, features), item_embeddings(model, features), float(model.scale.detach()), bias)
+    score = embedding_scorer(user_embeddings(model, features), item_embeddings(model, features), float(model.scale.detach()), bias)
+    if model.repeat_term is None:
+        return score
+
+    @torch.no_grad()
+    def with_repeats(users: torch.Tensor) -> torch.Tensor:
+        s = score(users)
+        items, counts = features.repeat_counts(users)
+        rows, cols = (items >= 0).nonzero(as_tuple=True)
+        s.index_put_((rows, items[rows, cols]), model.repeat_term(items[rows, cols], counts[rows, cols]), accumulate=True)
+        return s
+
+    return with_repeats

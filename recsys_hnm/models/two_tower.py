@@ -113,6 +113,24 @@ class LearnedRecencyEncoder(nn.Module):
         return (weights.unsqueeze(-1) * items).sum(1)
 
 
+class RepeatTerm(nn.Module):
+    """The repeat-aware part of the score: r(u, j) = b + b_j + w log(1 + c) for an item j the user
+    already has c > 0 times in the history the user tower reads (causal in training: only what
+    came before the positive), 0 for every other item. ``b_j`` is the item's own repurchase
+    propensity (milk is bought again, a kettle is not), ``w`` how much each earlier purchase adds.
+    It is part of the logit, so the logQ correction and the softmax treat it as the item bias."""
+
+    def __init__(self, n_items: int):
+        super().__init__()
+        self.base = nn.Parameter(torch.zeros(()))
+        self.weight = nn.Parameter(torch.ones(()))
+        self.item = nn.Parameter(torch.zeros(n_items))
+
+    def forward(self, items: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        r = self.base + self.item[items.clamp(min=0)] + self.weight * torch.log1p(counts.float())
+        return torch.where(counts > 0, r, torch.zeros((), dtype=r.dtype))
+
+
 class TwoTower(nn.Module):
     """User tower: user id (optional) + an encoding of the user's recent items; item tower: item
     id + mean of its categories. The history encoder is ``bag`` (a recency-weighted mean, see
@@ -143,6 +161,7 @@ class TwoTower(nn.Module):
         layers: int = 2,
         heads: int = 2,
         dropout: float = 0.2,
+        repeat: bool = False,
         device: torch.device | str | None = None,
     ):
         super().__init__()
@@ -172,6 +191,7 @@ class TwoTower(nn.Module):
         else:
             self.register_buffer("log_temperature", log_t)
         self.item_bias = nn.Parameter(torch.zeros(sizes.n_items)) if item_bias else None
+        self.repeat_term = RepeatTerm(sizes.n_items) if repeat else None  # None: items the user has score as any other
         if history_encoder not in HISTORY_ENCODERS:
             raise ValueError(f"history encoder must be one of {HISTORY_ENCODERS}, not {history_encoder!r}")
         self.history_len = history_len

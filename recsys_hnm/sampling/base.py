@@ -41,6 +41,8 @@ class Negatives:
     hard: the source's role. False (a proposal source): log_q is its share of the corrected
       proposal. True (a hard source, e.g. mined negatives): log_q is 0, the negatives enter the
       loss uncorrected, since correcting them would cancel the hardness they were mined for.
+    offset: what the model adds to these candidates' logits beyond the two towers (the repeat
+      term of the user's history items).
     """
 
     items: torch.Tensor
@@ -49,6 +51,7 @@ class Negatives:
     invalid: torch.Tensor | None = None
     fallback: torch.Tensor | None = None
     hard: bool = False
+    offset: torch.Tensor | None = None  # [B, n]: a term added to the candidates' logits (the repeat term)
 
     @property
     def shared(self) -> bool:

@@ -257,7 +257,11 @@ class Trainer:
             torch.distributed.all_gather(shares, pos_items)
             batch_items = torch.cat(shares)
         ctx = Context(users, pos_items, batch_items)
-        blocks = self.sampler.sample(ctx, self.generator)
+        sampled = self.sampler.sample(ctx, self.generator)
+        blocks, pos_offset = sampled, None
+        if self.model.repeat_term is not None:
+            history, pos_offset = self._history_block(users, pos_items, positions)
+            blocks = sampled + [history]
         # Each distinct item goes through the item tower once per step.
         unique, inverse = torch.unique(torch.cat([pos_items] + [b.items.reshape(-1) for b in blocks]), return_inverse=True)
         drop_id = self._drop_ids(len(unique))
@@ -271,11 +275,24 @@ class Trainer:
         else:
             user_features = self.features.user_features(users, exclude=pos_items)
         user_emb, item_emb = self.forward(user_features, self.features.item_features(looked_up, drop_id))
-        loss, neg_cos = self._objective(ctx, blocks, user_emb, item_emb[: len(unique)], inverse)
+        loss, neg_cos = self._objective(ctx, blocks, user_emb, item_emb[: len(unique)], inverse, pos_offset=pos_offset)
         self._update(loss)
+        neg_cos = neg_cos[: len(sampled)]  # the history block is the model's, not a sampler's
         if self.diagnostics is not None:
-            self.diagnostics.update(ctx, blocks, neg_cos, self._rank_sample_scores(user_emb))
-        return StepOutput(float(loss.detach()), blocks, neg_cos)
+            self.diagnostics.update(ctx, sampled, neg_cos, self._rank_sample_scores(user_emb))
+        return StepOutput(float(loss.detach()), sampled, neg_cos)
+
+    def _history_block(self, users: torch.Tensor, pos_items: torch.Tensor, positions: torch.Tensor | None) -> tuple[Negatives, torch.Tensor]:
+        """The repeat-aware model's exact candidates: every distinct item of the row's history
+        (before the positive), scored with its repeat term and log_q 0, so that the items a user
+        has but did not buy again at this step are negatives; the sampled blocks mask them as
+        known positives, so none is counted twice. The positive's own repeat term comes back too."""
+        items, counts = self.features.repeat_counts(users, positions)
+        pos_count = ((items == pos_items[:, None]) * counts).sum(1)
+        term = self.model.repeat_term
+        invalid = (items < 0) | (items == pos_items[:, None])
+        block = Negatives(items.clamp(min=0), torch.zeros(items.shape), source=-1, invalid=invalid, offset=term(items, counts))
+        return block, term(pos_items[:, None], pos_count[:, None]).squeeze(1)
 
     def sequence_step(self, users: torch.Tensor, ends: torch.Tensor) -> StepOutput:
         """One per-position step over the windows ``(users, ends)``: every real position is a
@@ -333,15 +350,19 @@ class Trainer:
         self._version += 1
 
     def _objective(self, ctx: Context, blocks: list[Negatives], user_emb: torch.Tensor, item_emb: torch.Tensor,
-                   inverse: torch.Tensor, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                   inverse: torch.Tensor, weights: torch.Tensor | None = None,
+                   pos_offset: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The step's loss from the rows' user vectors and the embeddings of the distinct items
         (``inverse``: where the positives, then each block's items, sit among them); per-row
-        ``weights`` (softmax only). Returns the loss and each block's detached cosines."""
+        ``weights`` (softmax only); ``pos_offset``: added to the positives' logits as each
+        block's ``offset`` to its own. Returns the loss and each block's detached cosines."""
         users, pos_items = ctx.users, ctx.pos_items
         scale = self.model.scale
         offsets = np.cumsum([0, len(pos_items)] + [b.items.numel() for b in blocks])
         pos_emb = item_emb[inverse[: offsets[1]]]
         pos_logits = (user_emb * pos_emb).sum(-1) * scale + self.model.bias(pos_items)
+        if pos_offset is not None:
+            pos_logits = pos_logits + pos_offset
         neg_cos, terms = [], []  # per block: logits, log_q, invalid, hard
         bank = self.memory_bank if self.memory_bank is not None and self.memory_bank.ready else None
         # the mixture correction counts the bank as one more proposal source (see MemoryBank)
@@ -354,6 +375,8 @@ class Trainer:
             cos = _cosines(user_emb, emb, block.shared)
             neg_cos.append(cos.detach())
             logits = cos * scale + self.model.bias(block.items)
+            if block.offset is not None:
+                logits = logits + block.offset
             invalid = block.invalid
             if block.hard:
                 invalid = self._guard(logits, pos_logits, pos_items, block, invalid)
