@@ -196,6 +196,9 @@ def write_recommender_data(model, features, data, known, k: int, root: Path) -> 
         raise ValueError(f"known must be users x items {(n_users, n_items)}, not {known.shape}")
     known.sum_duplicates()
     known.sort_indices()
+    if getattr(model, "repeat_term", None) is not None:
+        log.warning("the served recommender scores with the two towers only: it masks the user's items and carries no "
+                    "repeat term (use `recsys-hnm recommend --exclude none` for repeat-aware lists)")
     scale = float(model.scale.detach())
     with torch.no_grad():
         users = user_embeddings(model, features)
