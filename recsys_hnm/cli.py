@@ -193,14 +193,14 @@ def _run_pipeline(spec_path: str, args) -> int:
 
 
 def _compare_experiment(args) -> int:
-    from .studies.compare import check_metric, compare_runs, comparison_markdown, experiment_runs, plot_validation
+    from .studies.compare import check_metric, compare_runs, comparison_markdown, experiment_runs, plot_validation, table_metrics
 
     if args.output:
         check_writable(args.output, (".md", ".csv"))
     records = experiment_runs(args.experiment, args.tracking_uri)
     check_metric(records, args.metric, "--metric")  # with or without --baseline: before the table, not a KeyError in it
-    frame = compare_runs(records, args.metric, args.baseline)
-    text = comparison_markdown(frame, baseline=args.baseline, metric=args.metric)
+    frame = compare_runs(records, args.metric, args.baseline, metrics=table_metrics(records))
+    text = comparison_markdown(frame, table_metrics(records), baseline=args.baseline, metric=args.metric)
     print(text)
     if args.output:
         out = Path(args.output)

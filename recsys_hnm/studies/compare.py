@@ -14,6 +14,15 @@ from ..config import ConfigError, check_name, read_yaml
 
 log = logging.getLogger(__name__)
 TABLE_METRICS = ("ndcg@10", "map@10", "recall@10")
+SPLIT_METRICS = ("repeat.ndcg@10", "explore.ndcg@10")  # runs scored with repeats allowed (eval.exclude train / none)
+
+
+def table_metrics(records) -> tuple[str, ...]:
+    """The table's columns: the totals, and the repeat / explore parts where a run has them."""
+    from ..tracking import metric_name
+
+    split = any(metric_name(f"test.{SPLIT_METRICS[0]}") in r.metrics for r in records)
+    return TABLE_METRICS + SPLIT_METRICS if split else TABLE_METRICS
 
 
 @dataclass

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from .compare import TABLE_METRICS, ComparisonSpec, _slug, compare_runs, comparison_markdown, experiment_runs, plot_validation
+from .compare import TABLE_METRICS, ComparisonSpec, _slug, compare_runs, comparison_markdown, experiment_runs, plot_validation, table_metrics
 from ..config import ConfigError, ExperimentConfig, load_config
 from ..ops.io import atomic_write
 from ..tracking import TrackingError, sigterm_raises, tracking_uri
@@ -113,8 +113,8 @@ def run_pipeline(spec: ComparisonSpec, uri: str | None = None, *, workers: int =
         client.set_terminated(parent, "FAILED")
         return summary
     base = baseline if baseline in {r.variant for r in records} else None
-    frame = compare_runs(records, baseline=base)
-    summary["table"] = comparison_markdown(frame, baseline=base)
+    frame = compare_runs(records, baseline=base, metrics=table_metrics(records))
+    summary["table"] = comparison_markdown(frame, table_metrics(records), baseline=base)
     client.log_text(parent, summary["table"] + "\n", "comparison.md")
     client.log_text(parent, frame.to_csv(index=False), "comparison.csv")
     with tempfile.TemporaryDirectory() as tmp:
