@@ -298,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     mine.set_defaults(func=_mine)
 
     baseline = commands.add_parser("baseline", help="a strong simple baseline on a config's data: tuned on validation, one MLflow run")
-    baseline.add_argument("--name", required=True, choices=["mostpop", "itemknn", "ease", "als"])
+    baseline.add_argument("--name", required=True, choices=["mostpop", "itemknn", "ease", "als", "repeatpop", "tifuknn"])
     baseline.add_argument("--config", default="pipelines/quickstart.yaml", help="its data, split, eval and tracking (default: %(default)s)")
     baseline.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
     baseline.add_argument("--tracking-uri")
