@@ -164,15 +164,16 @@ def test_verbose_logs_info_to_stderr(tmp_path, capsys):
 def test_recommend_passes_history(tmp_path, capsys, monkeypatch, history):
     calls = []
 
-    def fake(run_id, k, users=None, uri=None, history="test"):
-        calls.append(history)
+    def fake(run_id, k, users=None, uri=None, history="test", exclude=None):
+        calls.append((history, exclude))
         return pd.DataFrame({"user_id": [1], "item_id": [2], "rank": [1], "score": [0.5]})
 
     monkeypatch.setattr(experiment, "recommend", fake)
     out = tmp_path / "recs.csv"
     argv = ["recommend", "--run-id", "r", "--output", str(out)] + (["--history", history] if history else [])
     assert main(argv) == 0
-    assert calls == [history or "test"] and out.is_file()
+    assert calls == [(history or "test", None)] and out.is_file()
+    assert main(argv + ["--exclude", "none"]) == 0 and calls[-1] == (history or "test", "none")
 
 
 def test_recommend_history_refuses_other_values(capsys):

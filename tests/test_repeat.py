@@ -159,3 +159,24 @@ def test_the_repeat_aware_model_learns_what_is_bought_again(rebuy_files, tmp_pat
     with pytest.raises(ConfigError, match="train_history=causal"):
         small_config({}, tmp_path, data={"dataset": "ml-latest-small"}, model={"repeat": True, "train_history": "all"},
                      eval={"exclude": "none"})
+
+
+def test_history_items_are_exact_candidates_once_and_the_sampled_blocks_mask_them(tmp_path):
+    from recsys_hnm.data import leave_last_out, synthetic
+    from recsys_hnm.experiment.run import build_sampler, build_trainer
+    data = synthetic(40, 60, 900, n_categories=3, seed=4, duplicates="keep")
+    split = leave_last_out(data)
+    config = small_config({}, tmp_path, data={"dataset": "ml-latest-small"}, eval={"exclude": "none"},
+                          model={"repeat": True, "train_history": "causal", "history_len": 20, "dim": 16, "hidden": [16]},
+                          sampler={"num_negatives": 32})
+    trainer, _ = build_trainer(config, data, split, build_sampler(config, data, split), [], tmp_path / "index", epochs=1, validate=False)
+    users, pos, positions = trainer.users[:64], trainer.items[:64], trainer.positions[:64]
+    block, pos_offset = trainer._history_block(users, pos, positions)
+    items, counts = trainer.features.repeat_counts(users, positions)
+    assert (block.log_q == 0).all() and torch.equal(block.invalid, (items < 0) | (items == pos[:, None]))
+    assert torch.equal(pos_offset != 0, ((items == pos[:, None]) & (counts > 0)).any(1))  # a repeat positive carries its term
+    out = trainer.train_step(users, pos, positions)
+    for b in out.blocks:  # the sampler's blocks: a history item is never a valid sampled candidate
+        cand = b.per_row_items(len(users))
+        in_history = (cand[:, :, None] == items[:, None, :]).any(-1)
+        assert not (in_history & ~b.invalid).any()
