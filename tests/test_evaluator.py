@@ -98,7 +98,7 @@ def test_a_masked_item_in_a_short_list_is_never_a_hit():
 def _metrics_from_top_k(ev: Evaluator, scorer, kmax: int) -> dict:
     """The plain reference: a top-k of every row, then which of its items are relevant."""
     top, scores = ev.top_k(scorer, ev.users, kmax)
-    hits = ev.relevant.contains(ev.users, top) & torch.isfinite(scores)
+    hits = ev.relevant[""].contains(ev.users, top) & torch.isfinite(scores)  # "": the total part
     hits = torch.nn.functional.pad(hits, (0, kmax - hits.shape[1]))
     return ranking_metrics(hits, ev.n_relevant, ev.ks)
 
