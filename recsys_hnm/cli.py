@@ -223,6 +223,7 @@ def _register_name(value: str) -> str:
     return value
 
 
+# size: a declaration of every subcommand and flag, read top to bottom as the CLI's reference
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recsys-hnm", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level (before the command: recsys-hnm -v train ...)")

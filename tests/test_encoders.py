@@ -16,11 +16,11 @@ from recsys_hnm.evaluation import Evaluator
 from recsys_hnm.experiment import build_features, build_sampler, build_trainer
 from recsys_hnm.models import model_scorer
 from recsys_hnm.models.features import FeatureBuilder
-from recsys_hnm.models.two_tower import HISTORY_ENCODERS, SelfAttentiveEncoder, TowerSizes, TwoTower
+from recsys_hnm.models.two_tower import HISTORY_ENCODERS, HistoryEncoder, SelfAttentiveEncoder, TowerSizes, TwoTower
 
 from conftest import small_config
 
-ENCODER_ARGS = {"bag": {}, "learned_recency": {"history_decay": 0.5}, "last_k": {"last_k": 3},
+ENCODER_ARGS = {"bag": {}, "learned_recency": {"decay": 0.5}, "last_k": {"last_k": 3},
                 "sasrec": {"layers": 2, "heads": 2, "dropout": 0.0}}
 
 
@@ -31,8 +31,8 @@ def test_no_encoder_sees_the_positive_or_anything_after_it(encoder):
     later_changed = events.assign(item=[0, 1, 2, 3, 4, 9, 8, 10])  # the positive and later items differ
     earlier_changed = events.assign(item=[0, 1, 2, 3, 11, 5, 6, 7])  # the item just before differs
     torch.manual_seed(0)
-    model = TwoTower(TowerSizes(1, 12, 1), dim=8, hidden=[8], history_encoder=encoder, history_len=4,
-                     **ENCODER_ARGS[encoder]).eval()
+    model = TwoTower(TowerSizes(1, 12, 1), dim=8, hidden=[8],
+                     encoder=HistoryEncoder(encoder, history_len=4, **ENCODER_ARGS[encoder])).eval()
 
     def row_embedding(log):
         fb = FeatureBuilder(log, 1, sp.csr_matrix((12, 1)), history_len=4, user_id=False)
@@ -66,8 +66,8 @@ def test_sasrec_blocks_compute_what_the_torch_transformer_computes():
 def test_sequence_encoders_read_order_and_ignore_padding(encoder):
     # the same items in another order give another user vector; empty histories stay finite
     torch.manual_seed(0)
-    model = TwoTower(TowerSizes(3, 6, 1), dim=8, hidden=[8], history_encoder=encoder, history_len=4,
-                     **ENCODER_ARGS[encoder]).eval()
+    model = TwoTower(TowerSizes(3, 6, 1), dim=8, hidden=[8],
+                     encoder=HistoryEncoder(encoder, history_len=4, **ENCODER_ARGS[encoder])).eval()
     log = pd.DataFrame({"user": [0, 0, 0, 1, 1, 1], "item": [1, 2, 3, 3, 2, 1], "timestamp": [1, 2, 3, 1, 2, 3]})
     emb = model.user_embeddings(FeatureBuilder(log, 3, sp.csr_matrix((6, 1)), history_len=4, user_id=False)
                                 .user_features(torch.arange(3)))

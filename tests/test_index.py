@@ -6,7 +6,7 @@ from mlflow.tracking import MlflowClient
 
 from recsys_hnm.config import ConfigError, config_from_dict
 from recsys_hnm.experiment import train
-from recsys_hnm.index import AnnoyItemIndex, ExactIndex, HnswItemIndex, IndexFileError, IvfItemIndex, load_index, make_index, recall_at_k
+from recsys_hnm.index import AnnoyItemIndex, ExactIndex, HnswItemIndex, IndexFileError, IndexOptions, IvfItemIndex, load_index, make_index, recall_at_k
 from recsys_hnm.sampling import AnnSampler, resolve_window
 from recsys_hnm.training import IndexRefresh
 from recsys_hnm.ops.io import atomic_write
@@ -153,7 +153,7 @@ def test_refresh_remines_after_embeddings_change(monkeypatch):
     monkeypatch.setattr(refresh_mod, "user_embeddings", lambda model, features: state["users"])
     ann = AnnSampler(n_items, n_users, "user", [5, 50])
     mix = MixtureSampler({"uniform": UniformSampler(n_items), "ann": ann}, {"uniform": 0.5, "ann": 0.5}, 10)
-    cb = IndexRefresh(ann, mix, exclude=None, backend="annoy", warmup_epochs=1, ramp_epochs=2, n_trees=10, recall_sample=20)
+    cb = IndexRefresh(ann, mix, exclude=None, backend="annoy", warmup_epochs=1, ramp_epochs=2, index_options=IndexOptions(n_trees=10), recall_sample=20)
     trainer = type("T", (), {"model": _Model(), "features": None, "epoch": 0, "cluster": None,
                             "unsharded_model": lambda self: self.model})()
     cb.on_fit_start(trainer)

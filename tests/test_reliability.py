@@ -20,7 +20,7 @@ from recsys_hnm.models import FeatureBuilder, TowerSizes, TwoTower, item_embeddi
 from recsys_hnm.sampling import InBatchSampler, KnownPositives, MixtureSampler, UniformSampler
 from recsys_hnm.sampling.diagnostics import NegativeDiagnostics
 from recsys_hnm.tracking import download
-from recsys_hnm.training import Callback, EarlyStopping, Trainer
+from recsys_hnm.training import Callback, EarlyStopping, Trainer, TrainOptions
 
 ANN = {"num_negatives": 64, "mixture": {"in_batch": 1.0, "uniform": 0.5, "ann": 0.5},
        "ann": {"window": [5, 50], "warmup_epochs": 1, "backend": "annoy", "n_trees": 5, "n_jobs": 1, "recall_sample": 50}}
@@ -51,8 +51,8 @@ def _trainer(tiny, evaluator, *, diagnostics=None, callbacks=(), temperature=0.1
     sampler = MixtureSampler({"in_batch": InBatchSampler(counts), "uniform": UniformSampler(data.n_items)},
                              {"in_batch": 1.0, "uniform": 1.0}, 32, KnownPositives(split.matrix("train")))
     features = FeatureBuilder(split.history("train"), data.n_users, data.item_categories, 20)
-    return Trainer(model, features, sampler, split.train, evaluator, epochs=epochs, batch_size=256, lr=0.01,
-                   callbacks=list(callbacks), diagnostics=diagnostics, progress=False)
+    return Trainer(model, features, sampler, split.train, evaluator, options=TrainOptions(epochs=epochs, batch_size=256, lr=0.01, progress=False),
+                   callbacks=list(callbacks), diagnostics=diagnostics)
 
 
 class Scripted:
@@ -114,9 +114,9 @@ def test_a_learned_temperature_is_bounded_and_says_so(tiny, caplog):
 
 
 def test_config_refuses_a_learned_temperature_out_of_range(synthetic_files, tmp_path):
-    config = small_config(synthetic_files, tmp_path, model={"temperature": 3.0, "learn_temperature": True})
-    with pytest.raises(ConfigError, match="model.temperature"):
-        train(config)
+    with pytest.raises(ConfigError, match=r"model.temperature: a learned temperature starts within \[0.01, 1.0\]"):
+        small_config(synthetic_files, tmp_path, model={"temperature": 3.0, "learn_temperature": True})  # before any run
+    assert not (tmp_path / "mlruns").exists()
 
 
 # -- experiments with ANN pools -------------------------------------------------------------------

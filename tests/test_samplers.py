@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import numpy as np
@@ -882,10 +883,10 @@ def test_the_guard_drops_exactly_the_mined_negatives_above_the_positive_or_co_co
                                                               "false_negative_guard": True, "guard_cooccurrence": 2})
     data, split = load_data(config)
     trainer, _ = build_trainer(config, data, split, build_sampler(config, data, split), [], tmp_path, epochs=1, validate=False)
-    assert trainer.cooccurring is not None
+    assert trainer.objective.cooccurring is not None
     # users 0 and 1 both have items 0 and 1; user 2 has items 0 and 2: only (0, 1) reaches 2 users
     history = pd.DataFrame({"user": [0, 0, 1, 1, 2, 2], "item": [0, 1, 0, 1, 0, 2]})
-    trainer.cooccurring = SortedPairs(copurchase_graph(history, 5, source="history", min_count=2))
+    trainer.objective = dataclasses.replace(trainer.objective, cooccurring=SortedPairs(copurchase_graph(history, 5, source="history", min_count=2)))
     trainer.guard_counts.zero_()
     block = Negatives(torch.tensor([[1, 2, 3], [1, 2, 3]]), torch.zeros(2, 3), 0, torch.tensor([[False, False, True], [False] * 3]), hard=True)
     logits = torch.tensor([[0.5, 2.0, 9.0], [0.5, 0.2, 0.1]])

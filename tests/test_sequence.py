@@ -5,7 +5,7 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
-from recsys_hnm.models import FeatureBuilder, TowerSizes, TwoTower
+from recsys_hnm.models import FeatureBuilder, HistoryEncoder, TowerSizes, TwoTower
 from recsys_hnm.training.sequence import chunked_full_softmax, end_weights, next_item_sequences
 
 
@@ -36,7 +36,7 @@ def test_end_weights_lean_toward_the_end_and_average_one():
 
 def _model(n_items=40, dim=16, L=6, seed=0):
     torch.manual_seed(seed)
-    return TwoTower(TowerSizes(5, n_items, 0), dim=dim, hidden=[32], history_encoder="sasrec", history_len=L, dropout=0.0).eval()
+    return TwoTower(TowerSizes(5, n_items, 0), dim=dim, hidden=[32], encoder=HistoryEncoder("sasrec", history_len=L, dropout=0.0)).eval()
 
 
 def test_no_position_sees_its_target_or_anything_after_it():
@@ -134,7 +134,6 @@ from recsys_hnm.experiment import train  # noqa: E402
 from recsys_hnm.experiment.run import build_sampler, build_trainer, training_stream  # noqa: E402
 from recsys_hnm.sampling import Context  # noqa: E402
 from recsys_hnm.training.sequence import sequence_windows  # noqa: E402
-from recsys_hnm.training.losses import sampled_softmax_by_role  # noqa: E402
 
 PER_POSITION = {"history_encoder": "sasrec", "train_history": "per_position", "history_len": 8, "dim": 16,
                 "hidden": [16], "user_id": False}

@@ -3,7 +3,9 @@ any depth counts, lazy ones in functions included, relative ones resolved.
 
 - no import cycle between modules;
 - nothing at the package root but the public face (``__init__.py``, ``cli.py``, ``__main__.py``);
-- each stage imports only the stages below it, in ``STAGES``' order.
+- each stage imports only the stages below it, in ``STAGES``' order;
+- no function over ``MAX_LINES`` lines and no constructor over ``MAX_PARAMETERS`` parameters,
+  unless a ``# size:`` comment on the line above it says why.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ STAGES = [
     "config", "experiment", "studies", "cli", "__init__",
 ]
 ROOT_MODULES = {"__init__.py", "cli.py", "__main__.py"}
+MAX_LINES, MAX_PARAMETERS = 60, 12
 
 
 def module_name(path: Path) -> str:
@@ -163,3 +166,39 @@ def test_the_checks_see_what_they_must_refuse():
 def test_imports_are_resolved(source, expected):
     probe = ROOT / "data" / "_probe_.py"  # read as a module of recsys_hnm.data; never written
     assert imports(probe, set(modules()), source) == expected
+
+
+def oversized(path: Path, source: str | None = None) -> list[str]:
+    """Functions over MAX_LINES lines and constructors over MAX_PARAMETERS parameters (self not
+    counted) without a ``# size:`` comment on the line above the ``def`` (or its decorators)."""
+    text = path.read_text() if source is None else source
+    lines = text.splitlines()
+    found = []
+    for node in ast.walk(ast.parse(text, str(path))):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        a = node.args
+        params = [*a.posonlyargs, *a.args, *a.kwonlyargs][1 if node.name == "__init__" else 0:]
+        length = node.end_lineno - node.lineno + 1
+        first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+        excused = first >= 2 and lines[first - 2].strip().startswith("# size:")
+        if excused:
+            continue
+        if length > MAX_LINES:
+            found.append(f"{path.name}:{node.lineno} {node.name}: {length} lines")
+        if node.name == "__init__" and len(params) > MAX_PARAMETERS:
+            found.append(f"{path.name}:{node.lineno} {node.name}: {len(params)} parameters")
+    return found
+
+
+def test_no_long_function_and_no_wide_constructor():
+    assert [f for p in sorted(ROOT.rglob("*.py")) for f in oversized(p)] == []
+
+
+def test_the_size_check_sees_what_it_must_refuse():
+    long_body = "\n".join(f"    x{i} = {i}" for i in range(MAX_LINES))
+    wide = ", ".join(f"a{i}" for i in range(MAX_PARAMETERS + 1))
+    source = f"def long():\n{long_body}\n\nclass C:\n    def __init__(self, {wide}):\n        pass\n"
+    assert oversized(ROOT / "_probe_.py", source) == ["_probe_.py:1 long: 61 lines", f"_probe_.py:{MAX_LINES + 4} __init__: 13 parameters"]
+    assert oversized(ROOT / "_probe_.py", "# size: a table\n" + source.replace("class C", "# size: wide\nclass C")) == [
+        f"_probe_.py:{MAX_LINES + 6} __init__: 13 parameters"]  # the comment must sit above the def itself

@@ -14,6 +14,7 @@ import yaml
 
 from ..evaluation.metrics import METRICS
 from ..index.item_index import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M, IVF_NLIST, IVF_NPROBE
+from ..models.two_tower import LEARNED_T_MAX, LEARNED_T_MIN
 from ..ops.errors import ConfigError
 
 SOURCES = ("in_batch", "uniform", "popularity", "category", "copurchase", "ann", "full", "static")
@@ -524,10 +525,8 @@ def _check_per_position(c: ExperimentConfig) -> None:
         raise ConfigError("train.position_weight: position weights apply to the sampled softmax without a memory bank")
 
 
-def validate(c: ExperimentConfig, check_run_name: bool = True) -> None:
-    """Impossible values, refused with the key named."""
-    if check_run_name:
-        check_name(c.name, "name")
+def _check_data(c: ExperimentConfig) -> None:
+    """data.*: the files or dataset, the split and its keys."""
     d = c.data
     external = [d.train, d.valid, d.test]
     if any(external):
@@ -544,18 +543,21 @@ def validate(c: ExperimentConfig, check_run_name: bool = True) -> None:
     _positive(d.numeric_bins, "data.numeric_bins")
     if d.split == "time" and not external[0] and (d.valid_start is None or d.test_start is None):
         raise ConfigError("data.valid_start and data.test_start are needed for data.split=time")
+
+
+def _check_model(c: ExperimentConfig) -> None:
+    """model.*: sizes, the history encoder and its settings."""
     m = c.model
     _check_auto(m)
     for key, v in (("model.dim", m.dim), ("model.history_len", m.history_len)):
         _positive(v, key)
     if m.temperature != AUTO:
         _positive(m.temperature, "model.temperature")
+        if m.learn_temperature and not LEARNED_T_MIN <= m.temperature <= LEARNED_T_MAX:
+            raise ConfigError(f"model.temperature: a learned temperature starts within [{LEARNED_T_MIN}, {LEARNED_T_MAX}], "
+                              f"not at {m.temperature}")
     for i, h in enumerate(m.hidden):
         _positive(h, f"model.hidden[{i}]")
-    s = c.sampler
-    _positive(s.num_negatives, "sampler.num_negatives", strict=False)
-    if s.per_row_negatives is not None:
-        _positive(s.per_row_negatives, "sampler.per_row_negatives", strict=False)
     _choice(m.train_history, ("all", "causal", PER_POSITION, AUTO), "model.train_history")
     _choice(m.history_encoder, ("bag", "learned_recency", "last_k", "sasrec"), "model.history_encoder")
     for key, v in (("model.last_k", m.last_k), ("model.attention_layers", m.attention_layers), ("model.attention_heads", m.attention_heads)):
@@ -569,6 +571,14 @@ def validate(c: ExperimentConfig, check_run_name: bool = True) -> None:
             raise ConfigError(f"{key}: {v!r} must be in [0, 1)")
     if m.history_decay != AUTO and not 0.0 < m.history_decay <= 1.0:
         raise ConfigError(f"model.history_decay: {m.history_decay!r} must be in (0, 1] (1 = plain mean)")
+
+
+def _check_sampler(c: ExperimentConfig) -> None:
+    """sampler.*, loss.*, train's table optimizer, distributed.sharding."""
+    s = c.sampler
+    _positive(s.num_negatives, "sampler.num_negatives", strict=False)
+    if s.per_row_negatives is not None:
+        _positive(s.per_row_negatives, "sampler.per_row_negatives", strict=False)
     _choice(s.logq, ("mixture", "per_source", "none"), "sampler.logq")
     _choice(s.known_positives, ("mask", "redraw"), "sampler.known_positives")
     for name, w in s.mixture.items():
@@ -614,10 +624,13 @@ def validate(c: ExperimentConfig, check_run_name: bool = True) -> None:
     _choice(s.copurchase.fallback, ("uniform", "popularity"), "sampler.copurchase.fallback")
     _positive(s.copurchase.min_count, "sampler.copurchase.min_count")
     _positive(s.copurchase.beta, "sampler.copurchase.beta", strict=False)
+
+
+def _check_ann(c: ExperimentConfig) -> None:
+    """sampler.ann.*: the index, its window and refresh schedule."""
+    s = c.sampler
     a = s.ann
     _choice(a.anchor, ("user", "item", "position"), "sampler.ann.anchor")
-    _check_per_position(c)
-    _check_repeat(c)
     _choice(a.backend, ("auto", "annoy", "exact", "hnsw", "ivf"), "sampler.ann.backend")
     for key in ("hnsw_m", "ef_construction", "ef_search", "ivf_nprobe"):
         _positive(getattr(a, key), f"sampler.ann.{key}")
@@ -632,6 +645,10 @@ def validate(c: ExperimentConfig, check_run_name: bool = True) -> None:
     if s.mixture.get("ann", 0) > 0 and not others and (a.warmup_epochs > 0 or a.ramp_epochs > 0):
         raise ConfigError("sampler.mixture: ann needs another source for its warm-up epochs (or set sampler.ann.warmup_epochs=0)")
     _positive(a.n_trees, "sampler.ann.n_trees")
+
+
+def _check_train_eval(c: ExperimentConfig) -> None:
+    """train.*, eval.*, auto.*: the loop, the metrics and what is monitored."""
     t = c.train
     for key, v in (("train.epochs", t.epochs), ("train.batch_size", t.batch_size), ("train.lr", t.lr), ("train.num_threads", t.num_threads)):
         _positive(v, key)
@@ -649,5 +666,14 @@ def validate(c: ExperimentConfig, check_run_name: bool = True) -> None:
     metric, _, k = t.monitor.partition("@")
     if metric not in METRICS or not k.isdigit() or int(k) not in e.ks:
         raise ConfigError(f"train.monitor: {t.monitor!r} must be one of {list(METRICS)} @ a K in eval.ks {e.ks}")
+
+def validate(c: ExperimentConfig, check_run_name: bool = True) -> None:
+    """Impossible values, refused with the key named: each section's checks, then those that
+    span sections."""
+    if check_run_name:
+        check_name(c.name, "name")
+    for check in (_check_data, _check_model, _check_sampler, _check_ann, _check_train_eval, _check_per_position, _check_repeat):
+        check(c)
     if check_run_name:  # a logged run's config is not refused for its (already used) registry name
         check_register_name(c.tracking.register, "tracking.register")
+

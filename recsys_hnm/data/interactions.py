@@ -95,6 +95,24 @@ def _id_kind(values: np.ndarray, what: str, column: str) -> str:
     return _ID_KINDS.get(kind, kind)
 
 
+def _check_parts_agree(names: list[str], cleaned, kinds, items: pd.DataFrame | None, items_source: str) -> None:
+    """The event parts (and the items file) agree on the optional columns and on their ids' types."""
+    for col in ("timestamp", "basket_raw"):
+        has = [col in c.columns for c in cleaned]
+        if any(has) and not all(has):
+            name = "basket_id" if col == "basket_raw" else col
+            with_, without = [n for n, h in zip(names, has) if h], [n for n, h in zip(names, has) if not h]
+            raise DataError(f"column {name!r} is in {with_} but missing from {without}; give it in every file or in none")
+    for col, name in (("user_raw", "user_id"), ("item_raw", "item_id"), ("basket_raw", "basket_id")):
+        if col in cleaned[0].columns:
+            _check_same_kind(name, [(what, k[col]) for what, k in zip(names, kinds)])
+    if items is not None and len(items) and "item_id" in items.columns:
+        _require_no_nulls(items, "item_id", items_source)
+        item_kinds = [(what, k["item_raw"]) for what, k in zip(names, kinds)]
+        items_kind = _id_kind(items["item_id"].to_numpy(), items_source, "item_id")
+        _check_same_kind("item_id", item_kinds + [(items_source, items_kind)])
+
+
 def _check_same_kind(column: str, kinds: list[tuple[str, str]]) -> None:
     """Raw ids of ``column`` must be of one kind in every source, e.g. not ints in one file and text in another."""
     seen = {}
@@ -269,21 +287,7 @@ class Interactions:
             raise DataError("no event sources given")
         names = [what for what, _ in parts]
         cleaned, kinds = zip(*(_clean_events(events, what, keep_columns) for what, events in parts))
-        for col in ("timestamp", "basket_raw"):
-            has = [col in c.columns for c in cleaned]
-            if any(has) and not all(has):
-                name = "basket_id" if col == "basket_raw" else col
-                with_, without = [n for n, h in zip(names, has) if h], [n for n, h in zip(names, has) if not h]
-                raise DataError(f"column {name!r} is in {with_} but missing from {without}; give it in every file or in none")
-        for col, name in (("user_raw", "user_id"), ("item_raw", "item_id"), ("basket_raw", "basket_id")):
-            if col in cleaned[0].columns:
-                _check_same_kind(name, [(what, k[col]) for what, k in zip(names, kinds)])
-        if items is not None and len(items) and "item_id" in items.columns:
-            _require_no_nulls(items, "item_id", items_source)
-            item_kinds = [(what, k["item_raw"]) for what, k in zip(names, kinds)]
-            items_kind = _id_kind(items["item_id"].to_numpy(), items_source, "item_id")
-            _check_same_kind("item_id", item_kinds + [(items_source, items_kind)])
-
+        _check_parts_agree(names, cleaned, kinds, items, items_source)
         frame = pd.concat(
             [c.assign(_part=np.int64(i)) for i, c in enumerate(cleaned)], ignore_index=True
         ) if len(cleaned) > 1 else cleaned[0].assign(_part=np.int64(0))

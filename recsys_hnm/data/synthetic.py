@@ -8,6 +8,7 @@ import pandas as pd
 from .interactions import DataError, Interactions
 
 
+# size: one generative story (users' tastes, items' categories, events, baskets) read in order
 def synthetic_frames(
     n_users: int = 500,
     n_items: int = 1000,

@@ -18,7 +18,6 @@ from ..ops.io import atomic_write, check_writable
 from ..models.scoring import item_embeddings, user_embeddings
 from ..sampling import Context, allocate
 
-MINED_COLUMNS = ("user_id", "item_id", "negative_id", "source", "rank", "score")
 MINE_SOURCES = ("ann", "category", "copurchase")
 REDRAW_TRIES = 10  # draws of a known item of the user are replaced, by the source, then uniformly
 
@@ -38,32 +37,14 @@ def mine(run_id: str, output: str, *, sources: tuple[str, ...] = ("ann",), per_p
     chunks to a temporary file that replaces ``output`` only when complete.
     """
     path = str(output)
-    check_writable(path, (".parquet", ".csv"))
-    if not overwrite and pd.io.common.file_exists(path):
-        raise FileExistsError(f"{path} exists; pass overwrite (--force) to replace it")
-    unknown = set(sources) - set(MINE_SOURCES)
-    if unknown or not sources:
-        raise ValueError(f"mining sources must be among {MINE_SOURCES}, not {sorted(unknown) or 'none'}")
-    if per_positive < 1:
-        raise ValueError(f"per_positive must be >= 1, not {per_positive}")
     lo, hi = window
-    if "ann" in sources and not 0 <= lo < hi:  # the window is ann's alone
-        raise ValueError(f"window must be 0 <= lo < hi, not [{lo}, {hi})")
+    _check_mine_args(path, overwrite, sources, per_positive, window)
     run = load_run(run_id, uri)
     split = refit_split(run.split) if run.config.train.refit else run.split
     data, model = run.data, run.model
     if "ann" in sources and hi > data.n_items:
         raise ValueError(f"window [{lo}, {hi}) reaches beyond the catalog ({data.n_items} items)")
-    samplers = {}
-    if {"category", "copurchase"} & set(sources):
-        config = run.config
-        config.sampler.mixture = {name: 1.0 for name in sources if name != "ann"}
-        config.sampler.hard, config.sampler.per_row_negatives = [], None  # the run's roles are not the mining sources'
-        try:
-            mixture = build_sampler(config, data, split)
-        except ConfigError as e:
-            raise ValueError(f"cannot mine {sorted(config.sampler.mixture)}: {e}") from e
-        samplers = mixture.components
+    samplers = _conditioned_samplers(run, sources, split)
     counts = allocate(per_positive, {name: 1.0 for name in sources})
     features = run.features.with_history(split.history("train"))
     users_emb = user_embeddings(model, features)
@@ -81,12 +62,44 @@ def mine(run_id: str, output: str, *, sources: tuple[str, ...] = ("ann",), per_p
             if len(rows):
                 yield _mine_chunk(rows, users_emb, items_t, bias, known, samplers, counts, (lo, hi), generator, data)
 
+    return _write_frames(path, chunks(), run_id)
+
+
+def _check_mine_args(path: str, overwrite: bool, sources: tuple[str, ...], per_positive: int, window: tuple[int, int]) -> None:
+    check_writable(path, (".parquet", ".csv"))
+    if not overwrite and pd.io.common.file_exists(path):
+        raise FileExistsError(f"{path} exists; pass overwrite (--force) to replace it")
+    unknown = set(sources) - set(MINE_SOURCES)
+    if unknown or not sources:
+        raise ValueError(f"mining sources must be among {MINE_SOURCES}, not {sorted(unknown) or 'none'}")
+    if per_positive < 1:
+        raise ValueError(f"per_positive must be >= 1, not {per_positive}")
+    lo, hi = window
+    if "ann" in sources and not 0 <= lo < hi:  # the window is ann's alone
+        raise ValueError(f"window must be 0 <= lo < hi, not [{lo}, {hi})")
+
+
+def _conditioned_samplers(run, sources: tuple[str, ...], split) -> dict:
+    """The run's category / co-purchase samplers, built as the run built them, for the mining sources."""
+    if not {"category", "copurchase"} & set(sources):
+        return {}
+    config = run.config
+    config.sampler.mixture = {name: 1.0 for name in sources if name != "ann"}
+    config.sampler.hard, config.sampler.per_row_negatives = [], None  # the run's roles are not the mining sources'
+    try:
+        return build_sampler(config, run.data, split).components
+    except ConfigError as e:
+        raise ValueError(f"cannot mine {sorted(config.sampler.mixture)}: {e}") from e
+
+
+def _write_frames(path: str, frames, run_id: str) -> int:
+    """The frames appended to a temporary file that replaces ``path`` only when complete; the row count."""
     n = 0
 
     def write(tmp: str) -> None:
         nonlocal n
         writer = None
-        for frame in chunks():
+        for frame in frames:
             n += len(frame)
             if Path(path).suffix.lower() == ".csv":
                 frame.to_csv(tmp, mode="a", header=writer is None, index=False)

@@ -28,11 +28,12 @@ from ..data import (
 from ..data.profile import DataProfile, describe_profile, profile_split, suggest_settings
 from ..evaluation import EXCLUDE, Evaluator, mask_known, phase_counts, popularity_scorer, top_k
 from ..sampling.ann import AnnSampler
+from ..index import IndexOptions
 from ..training.refresh import IndexRefresh
 from ..training.distributed import Cluster, PeerFailures, ShardedTwoTower, check_supported, cluster_from_env
 from ..ops.io import atomic_write
 from ..ops.sparse import SortedPairs
-from ..models import FeatureBuilder, TowerSizes, TwoTower, model_scorer
+from ..models import FeatureBuilder, HistoryEncoder, TowerSizes, TwoTower, model_scorer
 from ..sampling import (
     CategorySampler, CopurchaseSampler, FullCatalog, InBatchSampler, KnownPositives, MixtureSampler, PopularitySampler,
     UniformSampler,
@@ -43,7 +44,7 @@ from ..tracking.pyfunc import log_recommender, lookup_ids
 from ..tracking import (
     MlflowLogger, TrackingError, download, get_run, git_commit, log_metrics, log_per_user, tracked_run, tracking_uri,
 )
-from ..training import Checkpoint, CheckpointError, EarlyStopping, Trainer, load_checkpoint, load_torch_file
+from ..training import Checkpoint, CheckpointError, EarlyStopping, Objective, Trainer, TrainOptions, load_checkpoint, load_torch_file
 from ..mining import MemoryBank
 
 log = logging.getLogger(__name__)
@@ -57,14 +58,7 @@ def load_data(config: ExperimentConfig) -> tuple[Interactions, Split]:
     if d.train:
         return load_fixed_split(d.train, d.valid, d.test, d.items, **options)
     data = load_dataset(d.dataset, min_rating=d.min_rating, **options)
-    if d.split == "leave_last_out":
-        split = leave_last_out(data)
-    elif d.split == "last_basket":
-        split = last_basket_out(data)
-    elif d.split == "ratio":
-        split = ratio_split(data, d.ratios, by_time=d.ratio_by_time, seed=d.seed)
-    else:
-        split = time_split(data, d.valid_start, d.test_start)
+    split = split_data(config, data)
     empty = [phase for phase in ("valid", "test") if not len(split.phase(phase))]
     if empty:  # checked before any run: a model selected on nothing and scored on nothing reports NaN
         sizes = ", ".join(f"{p} {len(split.phase(p)):,}" for p in ("train", "valid", "test"))
@@ -72,6 +66,18 @@ def load_data(config: ExperimentConfig) -> tuple[Interactions, Split]:
         raise ConfigError(f"data.split={d.split}: the {' and '.join(empty)} {'phases are' if len(empty) > 1 else 'phase is'} "
                           f"empty ({sizes} events){hint}")
     return data, split
+
+
+def split_data(config: ExperimentConfig, data: Interactions) -> Split:
+    """``data`` split as ``config.data.split`` says."""
+    d = config.data
+    if d.split == "leave_last_out":
+        return leave_last_out(data)
+    if d.split == "last_basket":
+        return last_basket_out(data)
+    if d.split == "ratio":
+        return ratio_split(data, d.ratios, by_time=d.ratio_by_time, seed=d.seed)
+    return time_split(data, d.valid_start, d.test_start)
 
 
 # -- components ---------------------------------------------------------------------------------
@@ -97,15 +103,12 @@ def build_model(config: ExperimentConfig, data: Interactions) -> TwoTower:
     n_side = item_side_features(config, data).shape[1]
     torch.manual_seed(config.train.seed)
     try:
-        return TwoTower(
-            TowerSizes(data.n_users, data.n_items, n_side), dim=m.dim, hidden=m.hidden,
-            temperature=m.temperature, learn_temperature=m.learn_temperature, item_bias=m.item_bias,
-            history_encoder=m.history_encoder, history_len=m.history_len, history_decay=m.history_decay,
-            last_k=m.last_k, layers=m.attention_layers, heads=m.attention_heads, dropout=m.attention_dropout,
-            repeat=m.repeat,
-        )
-    except ValueError as e:
-        raise ConfigError(f"model.temperature: {e}") from e
+        encoder = HistoryEncoder(m.history_encoder, m.history_len, m.history_decay, m.last_k, m.attention_layers,
+                                 m.attention_heads, m.attention_dropout)
+        return TwoTower(TowerSizes(data.n_users, data.n_items, n_side), dim=m.dim, hidden=m.hidden, temperature=m.temperature,
+                        learn_temperature=m.learn_temperature, item_bias=m.item_bias, encoder=encoder, repeat=m.repeat)
+    except ValueError as e:  # what the config's checks cannot see alone (a learned temperature's start, dim by heads)
+        raise ConfigError(f"model: {e}") from e
 
 
 def build_features(config: ExperimentConfig, data: Interactions, train_events) -> FeatureBuilder:
@@ -247,25 +250,7 @@ def _train(config: ExperimentConfig, cluster: Cluster | None, resume: bool | str
            peer_failure=None) -> TrainResult:
     chief, rank, world = (cluster.chief, cluster.rank, cluster.world) if cluster is not None else (True, 0, 1)
     check_supported(config.train.embedding_optimizer, cluster)
-    state = None
-    run_id = None
-    if resume:
-        if chief:
-            ckpt = latest_checkpoint(config) if resume is True else checkpoint_path(config, resume)
-            state = load_checkpoint(ckpt)
-            run_id = state["extra"]["run_id"]
-        if cluster is not None:  # the other ranks load their own shards of the run rank 0 chose
-            run_id = cluster.broadcast(run_id)
-            ckpt = checkpoint_path(config, run_id, rank)
-            state = state if chief else load_checkpoint(ckpt)
-        _check_same_config(state["extra"]["config"], config, ckpt)
-        if state["extra"].get("world", 1) != world:
-            raise ConfigError(f"checkpoint {ckpt} holds the shards of {state['extra'].get('world', 1)} processes; "
-                              f"resume it with that many, not {world}")
-        epoch = state["trainer"]["epoch"]
-        if cluster is not None and (cluster.max(epoch), -cluster.max(-epoch)) != (epoch, epoch):
-            # a rank that died between two ranks' checkpoint writes: their states do not fit together
-            raise ConfigError(f"run {run_id}: the ranks' checkpoints are from different epochs; it cannot be resumed")
+    state, run_id = _resumed(config, cluster, resume) if resume else (None, None)
     logged = get_run(run_id, tracking_uri(config.tracking.uri)) if resume and chief else None  # another store: refused by name
     data, split = load_data(config)
     if logged is not None and logged.data.tags.get("data_fingerprint") not in (None, data.fingerprint()):
@@ -282,20 +267,7 @@ def _train(config: ExperimentConfig, cluster: Cluster | None, resume: bool | str
         run_id = run.info.run_id if chief else None
         run_id = cluster.broadcast(run_id) if cluster is not None else run_id
         ckpt = checkpoint_path(config, run_id, rank)
-        if state is not None:  # a resumed run keeps the settings it chose
-            saved = state["extra"]["config"]
-            config = with_values(config, {k: saved[k.split(".")[0]][k.split(".")[1]] for k in auto_keys(config)})
-            selection = Selection(profile_split(split, "valid"))
-        else:  # probes run in a single process; under torchrun every rank applies the same rules
-            config, selection = choose_settings(config, data, split, probe=cluster is None)
-        if state is None and chief:
-            mlflow.set_tags(selection.tags())
-            mlflow.log_dict({"profile": selection.profile.as_dict(), "choices": {k: {"value": v, "why": why} for k, (v, why) in
-                             selection.choices.items()}, "probes": selection.probes}, "auto_selection.json")
-            mlflow.log_params(config.flat())
-            mlflow.log_text(yaml.safe_dump(config.to_dict(), sort_keys=False), "config.yaml")
-            mlflow.log_dict({"data": data.report, "split": split.summary()}, "data_report.json")
-            mlflow.set_tag("data_fingerprint", data.fingerprint())
+        config, selection = _settings(config, state, data, split, cluster)
         early = EarlyStopping(f"valid.{config.train.monitor}", config.train.patience)
         # order matters: logs are complete before MLflow sees them, and checkpointed state is final
         callbacks = [early, *([MlflowLogger()] if chief else []),
@@ -324,29 +296,80 @@ def _train(config: ExperimentConfig, cluster: Cluster | None, resume: bool | str
             train_s += sum(h["epoch_s"] for h in trainer.history)
             if chief:
                 log_metrics({"refit.epochs": epochs, "refit.train_loss": trainer.history[-1]["train_loss"]})
-        model, features = trainer.unsharded_model(), trainer.features  # the last collective
+        model = trainer.unsharded_model()  # the last collective
         if not chief:
             return TrainResult(run_id, {}, {}, history, config=config)
         log_metrics({"train_s": train_s})
-        test_eval = Evaluator(split, "test", config.eval.ks, config.eval.chunk_size, exclude=config.eval.exclude)
-        per_user = test_eval.per_user(model_scorer(model, features.with_history(split.history("test"))))
-        test = {k: float(per_user[k].mean()) for k in per_user.columns if k != "user"}
-        log_per_user(per_user, "test", data.users)
-        mostpop = test_eval.evaluate(popularity_scorer(phase_counts(split, "test")))
-        log_metrics(test, prefix="test.")
-        log_metrics(mostpop, prefix="mostpop.test.")
-        _log_model(model)
-        # the serving view: every known event of a user is its history and masked
-        log_recommender(model, features.with_history(split.history_all()), data, split.known_all(),
-                        registered_name=config.tracking.register)
+        test, mostpop = _log_outcome(config, data, split, model, trainer.features, refresh, trainer)
         _log_plot(history, config.train.monitor)
-        if refresh is not None:
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / "items.index"
-                refresh.final_index(trainer, path)
-                mlflow.log_artifact(str(path), "index")
-                mlflow.log_artifact(str(path) + ".json", "index")
         return TrainResult(run_id, test, mostpop, history, summary, config)
+
+
+def _resumed(config: ExperimentConfig, cluster: Cluster | None, resume: bool | str) -> tuple[dict, str]:
+    """The checkpointed state a resume continues from, and its run id (every rank its own shards)."""
+    chief, rank, world = (cluster.chief, cluster.rank, cluster.world) if cluster is not None else (True, 0, 1)
+    state = run_id = None
+    if chief:
+        ckpt = latest_checkpoint(config) if resume is True else checkpoint_path(config, resume)
+        state = load_checkpoint(ckpt)
+        run_id = state["extra"]["run_id"]
+    if cluster is not None:  # the other ranks load their own shards of the run rank 0 chose
+        run_id = cluster.broadcast(run_id)
+        ckpt = checkpoint_path(config, run_id, rank)
+        state = state if chief else load_checkpoint(ckpt)
+    _check_same_config(state["extra"]["config"], config, ckpt)
+    if state["extra"].get("world", 1) != world:
+        raise ConfigError(f"checkpoint {ckpt} holds the shards of {state['extra'].get('world', 1)} processes; "
+                          f"resume it with that many, not {world}")
+    epoch = state["trainer"]["epoch"]
+    if cluster is not None and (cluster.max(epoch), -cluster.max(-epoch)) != (epoch, epoch):
+        # a rank that died between two ranks' checkpoint writes: their states do not fit together
+        raise ConfigError(f"run {run_id}: the ranks' checkpoints are from different epochs; it cannot be resumed")
+    return state, run_id
+
+
+def _settings(config: ExperimentConfig, state: dict | None, data: Interactions, split: Split,
+              cluster: Cluster | None) -> tuple[ExperimentConfig, Selection]:
+    """The run's "auto" settings: those a resumed run chose, or chosen now and logged (rank 0)."""
+    if state is not None:  # a resumed run keeps the settings it chose
+        saved = state["extra"]["config"]
+        config = with_values(config, {k: saved[k.split(".")[0]][k.split(".")[1]] for k in auto_keys(config)})
+        return config, Selection(profile_split(split, "valid"))
+    # probes run in a single process; under torchrun every rank applies the same rules
+    config, selection = choose_settings(config, data, split, probe=cluster is None)
+    if cluster is None or cluster.chief:
+        mlflow.set_tags(selection.tags())
+        mlflow.log_dict({"profile": selection.profile.as_dict(), "choices": {k: {"value": v, "why": why} for k, (v, why) in
+                         selection.choices.items()}, "probes": selection.probes}, "auto_selection.json")
+        mlflow.log_params(config.flat())
+        mlflow.log_text(yaml.safe_dump(config.to_dict(), sort_keys=False), "config.yaml")
+        mlflow.log_dict({"data": data.report, "split": split.summary()}, "data_report.json")
+        mlflow.set_tag("data_fingerprint", data.fingerprint())
+    return config, selection
+
+
+def _log_outcome(config: ExperimentConfig, data: Interactions, split: Split, model: TwoTower, features: FeatureBuilder,
+                 refresh: IndexRefresh | None, trainer: Trainer) -> tuple[dict[str, float], dict[str, float]]:
+    """Test metrics (the model's and MostPop's), per user, the model, the served recommender and
+    the final index, logged; returns the two sets of test metrics."""
+    test_eval = Evaluator(split, "test", config.eval.ks, config.eval.chunk_size, exclude=config.eval.exclude)
+    per_user = test_eval.per_user(model_scorer(model, features.with_history(split.history("test"))))
+    test = {k: float(per_user[k].mean()) for k in per_user.columns if k != "user"}
+    log_per_user(per_user, "test", data.users)
+    mostpop = test_eval.evaluate(popularity_scorer(phase_counts(split, "test")))
+    log_metrics(test, prefix="test.")
+    log_metrics(mostpop, prefix="mostpop.test.")
+    _log_model(model)
+    # the serving view: every known event of a user is its history and masked
+    log_recommender(model, features.with_history(split.history_all()), data, split.known_all(),
+                    registered_name=config.tracking.register)
+    if refresh is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "items.index"
+            refresh.final_index(trainer, path)
+            mlflow.log_artifact(str(path), "index")
+            mlflow.log_artifact(str(path) + ".json", "index")
+    return test, mostpop
 
 
 def _against_mostpop(config: ExperimentConfig, split: Split, best: float) -> list[str]:
@@ -390,13 +413,12 @@ def build_trainer(config: ExperimentConfig, data: Interactions, split: Split, sa
     refresh = None
     if "ann" in sampler.components:
         a = config.sampler.ann
-        refresh = IndexRefresh(
-            sampler.components["ann"], sampler, exclude=split.matrix("train"), backend=a.backend,
-            refresh_every=a.refresh_every, warmup_epochs=a.warmup_epochs, ramp_epochs=a.ramp_epochs,
-            index_path=index_path, n_trees=a.n_trees, search_k=a.search_k, n_jobs=a.n_jobs, hnsw_m=a.hnsw_m,
-            ef_construction=a.ef_construction, ef_search=a.ef_search, ivf_nlist=a.ivf_nlist, ivf_nprobe=a.ivf_nprobe,
-            recall_sample=a.recall_sample, seed=config.train.seed,
-        )
+        options = IndexOptions(n_trees=a.n_trees, search_k=a.search_k, n_jobs=a.n_jobs, seed=config.train.seed, hnsw_m=a.hnsw_m,
+                               ef_construction=a.ef_construction, ef_search=a.ef_search, ivf_nlist=a.ivf_nlist,
+                               ivf_nprobe=a.ivf_nprobe)
+        refresh = IndexRefresh(sampler.components["ann"], sampler, exclude=split.matrix("train"), backend=a.backend,
+                               refresh_every=a.refresh_every, warmup_epochs=a.warmup_epochs, ramp_epochs=a.ramp_epochs,
+                               index_path=index_path, index_options=options, recall_sample=a.recall_sample, seed=config.train.seed)
         callbacks = [refresh, *callbacks]
     bank = config.sampler.memory_bank
     memory_bank = None
@@ -404,20 +426,18 @@ def build_trainer(config: ExperimentConfig, data: Interactions, split: Split, sa
         stream = InBatchSampler(training_stream(config, split.train, data.n_items))
         memory_bank = MemoryBank(bank.size, config.model.dim, None if config.sampler.logq == "none" else stream.log_p,
                                  bank.warmup_steps)
-    trainer = Trainer(model, features, sampler, split.train, evaluator, epochs=epochs or t.epochs, batch_size=t.batch_size,
-                      lr=t.lr, weight_decay=t.weight_decay, seed=t.seed, callbacks=callbacks,
-                      diagnostics=diagnostics, progress=t.progress, causal_history=config.model.train_history == "causal",
-                      item_id_dropout=config.model.item_id_dropout, hard_loss=config.sampler.hard_loss,
-                      hard_weight=config.sampler.hard_weight, false_negative_guard=config.sampler.false_negative_guard,
-                      cooccurring=_cooccurring(config, data, split),
-                      loss=config.loss.type, margin=config.loss.margin, triplet_negative=config.loss.triplet_negative,
-                      gbce_calibration=config.loss.gbce_calibration,
-                      select=config.sampler.select.mode, select_k=config.sampler.select.k,
-                      select_margin=config.sampler.select.margin, memory_bank=memory_bank,
-                      embedding_optimizer=t.embedding_optimizer, embedding_lr=t.embedding_lr, sharded=sharded,
-                      gather_in_batch=config.distributed.gather_in_batch, per_position=per_position,
-                      position_weight=t.position_weight,
-                      position_miner=refresh.mine_positions if refresh is not None and refresh.sampler.anchor == "position" else None)
+    m, s, loss = config.model, config.sampler, config.loss
+    options = TrainOptions(epochs=epochs or t.epochs, batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay,
+                           embedding_optimizer=t.embedding_optimizer, embedding_lr=t.embedding_lr, seed=t.seed,
+                           progress=t.progress, history=m.train_history, gather_in_batch=config.distributed.gather_in_batch)
+    objective = Objective(loss=loss.type, margin=loss.margin, triplet_negative=loss.triplet_negative,
+                          gbce_calibration=loss.gbce_calibration, hard_loss=s.hard_loss, hard_weight=s.hard_weight,
+                          false_negative_guard=s.false_negative_guard, cooccurring=_cooccurring(config, data, split),
+                          select=s.select.mode, select_k=s.select.k, select_margin=s.select.margin,
+                          position_weight=t.position_weight, item_id_dropout=m.item_id_dropout)
+    miner = refresh.mine_positions if refresh is not None and refresh.sampler.anchor == "position" else None
+    trainer = Trainer(model, features, sampler, split.train, evaluator, options=options, objective=objective, callbacks=callbacks,
+                      diagnostics=diagnostics, memory_bank=memory_bank, sharded=sharded, position_miner=miner)
     return trainer, refresh
 
 
@@ -644,26 +664,23 @@ def recommend(run_id: str, k: int, users=None, uri: str | None = None, history: 
     run = load_run(run_id, uri)
     exclude = exclude or run.config.eval.exclude
     split, data = run.split, run.data
-    unknown: list = []
-    if users is None:
-        idx = torch.from_numpy(np.flatnonzero(np.diff(split.matrix("test").indptr) > 0))
-    else:
-        wanted = pd.Series(users).drop_duplicates()
-        found = lookup_ids(pd.Index(data.users.raw), wanted)
-        unknown = wanted[found < 0].tolist()
-        if unknown and len(unknown) == len(wanted):
-            raise DataError(f"recommend: none of the {len(wanted)} requested user ids is known to run {run_id}, e.g. {unknown[:5]}")
-        if unknown:
-            log.warning("recommend: %d user id(s) unknown to run %s, skipped, e.g. %s", len(unknown), run_id, unknown[:5])
-        idx = torch.from_numpy(found[found >= 0])
+    idx, unknown = _requested_users(users, run_id, split, data)
     features, masked = run.features, split.known("test")
     if history == "all":
         features, masked = run.features.with_history(split.history_all()), split.known_all()
     masked = {"history": masked, "train": split.matrix("train"), "none": None}[exclude]
-    scorer = model_scorer(run.model, features)
+    out = top_k_frame(model_scorer(run.model, features), idx, masked, k, data, run.config.eval.chunk_size)
+    out.attrs["unknown_users"] = unknown
+    return out
+
+
+def top_k_frame(scorer, idx: torch.Tensor, masked, k: int, data: Interactions, chunk_size: int = 1024) -> pd.DataFrame:
+    """The top ``k`` unmasked items of each user index in ``idx``, in raw ids: columns
+    ``user_id, item_id, rank`` (1 best) ``, score``; a user with fewer than k unmasked items
+    gets fewer rows. ``masked``: a users x items matrix of items never returned, or None."""
     items, scores = [], []
-    for start in range(0, len(idx), run.config.eval.chunk_size):
-        chunk = idx[start:start + run.config.eval.chunk_size]
+    for start in range(0, len(idx), chunk_size):
+        chunk = idx[start:start + chunk_size]
         s = scorer(chunk)
         if masked is not None:
             mask_known(s, masked, chunk)
@@ -672,16 +689,29 @@ def recommend(run_id: str, k: int, users=None, uri: str | None = None, history: 
         scores.append(top_scores)
     items = torch.cat(items) if items else torch.zeros(0, min(k, data.n_items), dtype=torch.long)
     scores = torch.cat(scores) if scores else torch.zeros(0, min(k, data.n_items))
-    valid = torch.isfinite(scores)  # a user with fewer than k unmasked items gets fewer rows
+    valid = torch.isfinite(scores)
     rows = valid.nonzero()
-    out = pd.DataFrame({
+    return pd.DataFrame({
         "user_id": data.users.to_raw(idx[rows[:, 0]].numpy()),
         "item_id": data.items.to_raw(items[valid].numpy()),
         "rank": (rows[:, 1] + 1).numpy(),
         "score": scores[valid].numpy(),
     })
-    out.attrs["unknown_users"] = unknown
-    return out
+
+
+def _requested_users(users, run_id: str, split: Split, data: Interactions) -> tuple[torch.Tensor, list]:
+    """The indices of the requested raw user ids (default: everyone with test items),
+    de-duplicated, and the ids the run does not know (logged; refused when none is known)."""
+    if users is None:
+        return torch.from_numpy(np.flatnonzero(np.diff(split.matrix("test").indptr) > 0)), []
+    wanted = pd.Series(users).drop_duplicates()
+    found = lookup_ids(pd.Index(data.users.raw), wanted)
+    unknown = wanted[found < 0].tolist()
+    if unknown and len(unknown) == len(wanted):
+        raise DataError(f"recommend: none of the {len(wanted)} requested user ids is known to run {run_id}, e.g. {unknown[:5]}")
+    if unknown:
+        log.warning("recommend: %d user id(s) unknown to run %s, skipped, e.g. %s", len(unknown), run_id, unknown[:5])
+    return torch.from_numpy(found[found >= 0]), unknown
 
 
 def write_table(frame: pd.DataFrame, path: str | Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+from dataclasses import asdict, dataclass
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
@@ -311,6 +312,26 @@ class IvfItemIndex(FaissItemIndex):
 
 
 BACKENDS = ("auto", "exact", "annoy", "hnsw", "ivf")
+
+
+@dataclass(frozen=True)
+class IndexOptions:
+    """Build and search settings of every backend (each reads its own): Annoy's trees and node
+    budget, HNSW's links and beam widths, IVF's cells and probes, threads and the build seed."""
+
+    n_trees: int = 10
+    search_k: int = -1
+    n_jobs: int = 2
+    seed: int = 0
+    hnsw_m: int = HNSW_M
+    ef_construction: int = HNSW_EF_CONSTRUCTION
+    ef_search: int = HNSW_EF_SEARCH
+    ivf_nlist: int = IVF_NLIST
+    ivf_nprobe: int = IVF_NPROBE
+
+    def as_kwargs(self) -> dict:
+        """The keyword arguments of ``make_index`` and ``load_index``."""
+        return asdict(self)
 
 
 def make_index(vectors: np.ndarray, backend: str = "auto", path: str | Path | None = None, *, n_trees: int = 10,

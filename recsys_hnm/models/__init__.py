@@ -2,6 +2,6 @@
 
 from .features import FeatureBuilder
 from .scoring import item_embeddings, model_scorer, user_embeddings
-from .two_tower import TowerSizes, TwoTower
+from .two_tower import HistoryEncoder, TowerSizes, TwoTower
 
-__all__ = ["FeatureBuilder", "TowerSizes", "TwoTower", "item_embeddings", "model_scorer", "user_embeddings"]
+__all__ = ["FeatureBuilder", "HistoryEncoder", "TowerSizes", "TwoTower", "item_embeddings", "model_scorer", "user_embeddings"]

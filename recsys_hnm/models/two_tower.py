@@ -131,6 +131,27 @@ class RepeatTerm(nn.Module):
         return torch.where(counts > 0, r, torch.zeros((), dtype=r.dtype))
 
 
+@dataclass(frozen=True)
+class HistoryEncoder:
+    """How the user tower reads the user's recent items: ``kind`` one of HISTORY_ENCODERS over
+    the last ``history_len`` items; ``decay`` the bag's (and learned_recency's starting) weight
+    per age; ``last_k`` for last_k; ``layers``, ``heads``, ``dropout`` for sasrec."""
+
+    kind: str = "bag"
+    history_len: int = 100
+    decay: float = 1.0
+    last_k: int = 5
+    layers: int = 2
+    heads: int = 2
+    dropout: float = 0.2
+
+    def __post_init__(self):
+        if self.kind not in HISTORY_ENCODERS:
+            raise ValueError(f"history encoder must be one of {HISTORY_ENCODERS}, not {self.kind!r}")
+        if self.kind == "last_k" and not 1 <= self.last_k <= self.history_len:
+            raise ValueError(f"last_k must be in [1, history_len={self.history_len}], not {self.last_k}")
+
+
 class TwoTower(nn.Module):
     """User tower: user id (optional) + an encoding of the user's recent items; item tower: item
     id + mean of its categories. The history encoder is ``bag`` (a recency-weighted mean, see
@@ -154,13 +175,7 @@ class TwoTower(nn.Module):
         temperature: float = 0.1,
         learn_temperature: bool = False,
         item_bias: bool = False,
-        history_encoder: str = "bag",
-        history_len: int = 100,
-        history_decay: float = 1.0,
-        last_k: int = 5,
-        layers: int = 2,
-        heads: int = 2,
-        dropout: float = 0.2,
+        encoder: HistoryEncoder = HistoryEncoder(),
         repeat: bool = False,
         device: torch.device | str | None = None,
     ):
@@ -192,20 +207,16 @@ class TwoTower(nn.Module):
             self.register_buffer("log_temperature", log_t)
         self.item_bias = nn.Parameter(torch.zeros(sizes.n_items)) if item_bias else None
         self.repeat_term = RepeatTerm(sizes.n_items) if repeat else None  # None: items the user has score as any other
-        if history_encoder not in HISTORY_ENCODERS:
-            raise ValueError(f"history encoder must be one of {HISTORY_ENCODERS}, not {history_encoder!r}")
-        self.history_len = history_len
+        self.history_len = encoder.history_len
         self.sequence_encoder: nn.Module | None = None
-        if history_encoder == "learned_recency":
-            self.sequence_encoder = LearnedRecencyEncoder(history_len, history_decay)
-        elif history_encoder == "last_k":
-            if not 1 <= last_k <= history_len:
-                raise ValueError(f"last_k must be in [1, history_len={history_len}], not {last_k}")
-            self.sequence_encoder = LastKEncoder(dim, last_k)
-        elif history_encoder == "sasrec":
-            if dim % heads:
-                raise ValueError(f"dim ({dim}) must be a multiple of heads ({heads})")
-            self.sequence_encoder = SelfAttentiveEncoder(dim, history_len, layers, heads, dropout)
+        if encoder.kind == "learned_recency":
+            self.sequence_encoder = LearnedRecencyEncoder(encoder.history_len, encoder.decay)
+        elif encoder.kind == "last_k":
+            self.sequence_encoder = LastKEncoder(dim, encoder.last_k)
+        elif encoder.kind == "sasrec":
+            if dim % encoder.heads:
+                raise ValueError(f"dim ({dim}) must be a multiple of heads ({encoder.heads})")
+            self.sequence_encoder = SelfAttentiveEncoder(dim, encoder.history_len, encoder.layers, encoder.heads, encoder.dropout)
 
     @property
     def scale(self) -> torch.Tensor:

@@ -307,7 +307,7 @@ def run_search(spec: dict, base: str, name: str, uri: str | None, seeds: list[in
     (also those of earlier invocations), ``failed`` lists the keys that failed in this one."""
     uri = tracking_uri(uri)
     checked = _check(spec, base, name, uri, list(overrides))
-    metric, monitor, dists = checked["metric"], f"valid.{checked['metric']}", checked["dists"]
+    metric, monitor = checked["metric"], f"valid.{checked['metric']}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     client = MlflowClient(uri)
     exp_id = experiment_id(name, uri)
@@ -315,30 +315,7 @@ def run_search(spec: dict, base: str, name: str, uri: str | None, seeds: list[in
     parent = parent_run(name, uri)
     failed: list[str] = []
     try:
-        from ..experiment import train
-
-        def objective(trial: optuna.Trial) -> float:
-            params = {key: _suggest(trial, key, dist) for key, dist in dists.items()}
-            n = trial.number
-            pruning = PruningCallback(trial, monitor)
-            try:  # a combination the config refuses fails this trial only (no run)
-                # a trial is read on validation only: the refit on train + valid is the best runs' job
-                config = load_config(base, [*overrides, *_sets(params), "train.refit=false", *_names(name, f"trial-{n}", uri)])
-                config.tracking.tags = {
-                    **config.tracking.tags, **child_tags(name, parent, f"trial-{n}", f"search/trial-{n}"),
-                    "search.trial": str(n), "search.params": json.dumps(params, sort_keys=True),
-                    "search.fingerprint": checked["fingerprint"], "search.pruned": "false"}
-                result = train(config, extra_callbacks=[pruning])
-            except Exception:  # Optuna marks the trial FAIL (and logs why); the run, if any, is FAILED
-                failed.append(f"search/trial-{n}")
-                raise
-            trial.set_user_attr("run_id", result.run_id)
-            value = max(h[monitor] for h in result.history)  # validation only: result.test is not read
-            client.set_tag(result.run_id, "search.value", repr(value))
-            if pruning.pruned_epoch is not None:
-                raise optuna.TrialPruned(f"trial {n} pruned after epoch {pruning.pruned_epoch}")
-            return value
-
+        objective = _trial_objective(base, list(overrides), name, uri, parent, checked, client, failed)
         study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=checked["seed"]),
                                     pruner=checked["pruner"])
         study.add_trials(earlier)
@@ -373,6 +350,39 @@ def run_search(spec: dict, base: str, name: str, uri: str | None, seeds: list[in
         raise
     client.set_terminated(parent, "FAILED" if failed else "FINISHED")  # re-run: it resumes
     return summary
+
+
+def _trial_objective(base: str, overrides: list[str], name: str, uri: str, parent: str, checked: dict,
+                     client: MlflowClient, failed: list[str]):
+    """Optuna's objective: one trial trains a child run on train only and returns its best
+    validation value; a trial that fails is appended to ``failed``."""
+    from ..experiment import train
+
+    monitor, dists = f"valid.{checked['metric']}", checked["dists"]
+
+    def objective(trial: optuna.Trial) -> float:
+        params = {key: _suggest(trial, key, dist) for key, dist in dists.items()}
+        n = trial.number
+        pruning = PruningCallback(trial, monitor)
+        try:  # a combination the config refuses fails this trial only (no run)
+            # a trial is read on validation only: the refit on train + valid is the best runs' job
+            config = load_config(base, [*overrides, *_sets(params), "train.refit=false", *_names(name, f"trial-{n}", uri)])
+            config.tracking.tags = {
+                **config.tracking.tags, **child_tags(name, parent, f"trial-{n}", f"search/trial-{n}"),
+                "search.trial": str(n), "search.params": json.dumps(params, sort_keys=True),
+                "search.fingerprint": checked["fingerprint"], "search.pruned": "false"}
+            result = train(config, extra_callbacks=[pruning])
+        except Exception:  # Optuna marks the trial FAIL (and logs why); the run, if any, is FAILED
+            failed.append(f"search/trial-{n}")
+            raise
+        trial.set_user_attr("run_id", result.run_id)
+        value = max(h[monitor] for h in result.history)  # validation only: result.test is not read
+        client.set_tag(result.run_id, "search.value", repr(value))
+        if pruning.pruned_epoch is not None:
+            raise optuna.TrialPruned(f"trial {n} pruned after epoch {pruning.pruned_epoch}")
+        return value
+
+    return objective
 
 
 def _train_best(client: MlflowClient, exp_id: str, name: str, base: str, overrides: list[str], seeds: list[int],

@@ -39,7 +39,6 @@ USER_IDS, ITEM_IDS = "user_ids.npy", "item_ids.npy"
 USER_EMB, ITEM_VECS, ITEM_BIAS = "user_embeddings.npy", "item_vectors.npy", "item_bias.npy"
 KNOWN = "known.npz"
 MAX_CELLS = 1 << 22  # scores held at once per request chunk (users x items)
-OUTPUT_COLUMNS = ("user_id", "item_id", "rank", "score")
 
 
 class TopKRecommender(PythonModel):

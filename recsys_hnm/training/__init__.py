@@ -3,9 +3,10 @@ sharded (TorchRec) backend in ``training.distributed``."""
 
 from .callbacks import Callback, Checkpoint, CheckpointError, EarlyStopping, atomic_save, load_checkpoint, load_torch_file
 from .refresh import IndexRefresh
-from .trainer import StepOutput, Trainer
+from .trainer import Objective, StepOutput, Trainer, TrainOptions
 
 __all__ = [
-    "Callback", "Checkpoint", "CheckpointError", "EarlyStopping", "IndexRefresh", "StepOutput", "Trainer", "atomic_save",
+    "Callback", "Checkpoint", "CheckpointError", "EarlyStopping", "IndexRefresh", "Objective", "StepOutput", "TrainOptions", "Trainer",
+    "atomic_save",
     "load_checkpoint", "load_torch_file",
 ]

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
+import torch
 
 from ..models import item_embeddings, user_embeddings
 from ..sampling import MixtureSampler
 from .callbacks import Callback
 from ..sampling.ann import AnnSampler
-from ..index.item_index import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M, IVF_NLIST, IVF_NPROBE, ExactIndex, load_index, make_index, recall_at_k
+from ..index.item_index import ExactIndex, IndexOptions, load_index, make_index, recall_at_k
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +42,9 @@ class IndexRefresh(Callback):
         warmup_epochs: int = 2,
         ramp_epochs: int = 0,
         index_path: str | Path | None = None,  # where an Annoy index is kept memory-mapped
-        n_trees: int = 10,
-        search_k: int = -1,
-        n_jobs: int = 2,
+        index_options: IndexOptions = IndexOptions(),
         recall_sample: int = 200,
         seed: int = 0,
-        hnsw_m: int = HNSW_M,
-        ef_construction: int = HNSW_EF_CONSTRUCTION,
-        ef_search: int = HNSW_EF_SEARCH,
-        ivf_nlist: int = IVF_NLIST,
-        ivf_nprobe: int = IVF_NPROBE,
     ):
         if refresh_every < 1:
             raise ValueError(f"refresh_every must be >= 1, not {refresh_every}")
@@ -64,8 +58,7 @@ class IndexRefresh(Callback):
         self.warmup_epochs = warmup_epochs
         self.ramp_epochs = ramp_epochs
         self.index_path = Path(index_path) if index_path else None
-        self.index_options = {"n_trees": n_trees, "search_k": search_k, "n_jobs": n_jobs, "seed": seed, "hnsw_m": hnsw_m,
-                              "ef_construction": ef_construction, "ef_search": ef_search, "ivf_nlist": ivf_nlist, "ivf_nprobe": ivf_nprobe}
+        self.index_options = index_options.as_kwargs()
         self.recall_sample = recall_sample
         self.index = None
         self.biased = False  # the index holds the item bias as an extra coordinate (see vectors)

@@ -32,6 +32,60 @@ log = logging.getLogger(__name__)
 # table optimizers that take sparse gradients (adagrad's update is the same either way)
 SPARSE_GRADIENT_OPTIMIZERS = ("sparse_adam", "adagrad")
 LOSSES = ("softmax", "bpr", "triplet", "gbce")
+HISTORIES = ("all", "causal", "per_position")  # what each training row's user tower reads
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """The loop and its optimisers. ``history``: ``all`` (every other training item of the
+    user), ``causal`` (only the items before the positive) or ``per_position`` (sequence
+    encoders: every position of a window predicts its next item). ``gather_in_batch``: under
+    DMP, in-batch negatives from every rank's positives (ignored in one process)."""
+
+    epochs: int = 20
+    batch_size: int = 1024
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    embedding_optimizer: str = "adam"
+    embedding_lr: float | None = None  # None: lr
+    seed: int = 0
+    progress: bool = True
+    history: str = "all"
+    gather_in_batch: bool = False
+
+    def __post_init__(self):
+        if self.history not in HISTORIES:
+            raise ValueError(f"history must be one of {HISTORIES}, not {self.history!r}")
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What one step optimises, whatever its negatives' sources (the role of TFRS's
+    ``tasks.Retrieval``): the loss; how mined ("hard") candidates enter it (``hard_loss``
+    joint or separate, ``hard_weight``); the false-negative guard on them (drop those above the
+    positive; drop ``cooccurring`` pairs); online selection among all candidates (``select``
+    none, hardest (``select_k``) or semi_hard (``select_margin``)); per-position weights toward
+    the window's end; item id dropout (the item tower learns to score cold items from categories)."""
+
+    loss: str = "softmax"
+    margin: float = 1.0  # bpr / triplet
+    triplet_negative: str = "hardest"
+    gbce_calibration: float = 0.75
+    hard_loss: str = "joint"
+    hard_weight: float = 1.0
+    false_negative_guard: bool = False
+    cooccurring: SortedPairs | None = None  # (positive, item) pairs many users share: not negatives of each other
+    select: str = "none"
+    select_k: int = 64
+    select_margin: float = 1.0
+    position_weight: float = 0.0
+    item_id_dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, not {self.loss!r}")
+        if self.hard_loss not in ("joint", "separate"):
+            raise ValueError(f"hard_loss must be 'joint' or 'separate', not {self.hard_loss!r}")
 
 
 def _cosines(user_emb: torch.Tensor, emb: torch.Tensor, shared: bool) -> torch.Tensor:
@@ -62,10 +116,6 @@ class Trainer:
     ``torch.Generator`` whose state is part of ``state_dict``, so a resumed run continues exactly.
     """
 
-    # size: 30 keyword options and a 98-line body, kept for now. The options are the flat knobs
-    # of one step's objective (loss, hard term, online selection, false-negative guard, memory
-    # bank) and of the optimiser; they belong grouped in a per-step task object and a
-    # local/sharded backend (the house issue), which is a larger change than this move.
     def __init__(
         self,
         model: TwoTower,
@@ -74,36 +124,16 @@ class Trainer:
         train_events: pd.DataFrame,
         evaluator: Evaluator | None,
         *,
-        epochs: int = 20,
-        batch_size: int = 1024,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        seed: int = 0,
+        options: TrainOptions = TrainOptions(),
+        objective: Objective = Objective(),
         callbacks: list[Callback] | None = None,
         diagnostics: NegativeDiagnostics | None = None,
-        progress: bool = True,
-        causal_history: bool = False,
-        item_id_dropout: float = 0.0,
-        hard_loss: str = "joint",
-        hard_weight: float = 1.0,
-        false_negative_guard: bool = False,
-        cooccurring: SortedPairs | None = None,
-        loss: str = "softmax",
-        margin: float = 1.0,
-        triplet_negative: str = "hardest",
-        gbce_calibration: float = 0.75,
-        select: str = "none",
-        select_k: int = 64,
-        select_margin: float = 1.0,
         memory_bank: MemoryBank | None = None,
-        embedding_optimizer: str = "adam",
-        embedding_lr: float | None = None,
         sharded: ShardedTwoTower | None = None,
-        gather_in_batch: bool = False,
-        per_position: bool = False,
-        position_weight: float = 0.0,
         position_miner=None,
     ):
+        o = self.options = options
+        self.objective = objective
         # distributed (``sharded``): the model's tables are sharded by DMP and every rank runs
         # this same loop on its share of each global batch; see ``recsys_hnm.training.distributed``
         self.sharded = sharded
@@ -111,44 +141,56 @@ class Trainer:
         self.model = sharded.module if sharded is not None else model
         self.forward = sharded.dmp if sharded is not None else model  # the call that syncs dense gradients
         self._version = self._gathered_at = 0  # weight updates so far; those the gathered copy has
-        self.gather_in_batch = gather_in_batch and self.cluster is not None  # in-batch negatives from the global batch
+        self.gather_in_batch = o.gather_in_batch and self.cluster is not None  # in-batch negatives from the global batch
         self.features = features
         self.sampler = sampler
         self.users = torch.tensor(train_events["user"].to_numpy(np.int64))
         self.items = torch.tensor(train_events["item"].to_numpy(np.int64))
         # causal: each (user, positive) sees only the items before the positive; otherwise every
         # other training item of the user (the positive itself left out)
-        self.positions = features.event_positions(train_events) if causal_history else None
+        self.positions = features.event_positions(train_events) if o.history == "causal" else None
         # per position (sequence encoders): a step's rows are the real positions of B windows of
         # history_len events, each predicting its next item; the epoch's examples are the windows
-        self.per_position, self.position_weight = per_position, position_weight
+        self.per_position = o.history == "per_position"
         self.position_miner = position_miner  # called with each step's position vectors before sampling (index mining)
-        if per_position:
-            if sharded is not None:
-                raise ValueError("per-position training runs in one process (its step has no sharded form yet)")
-            seq_len = torch.diff(torch.cat([features.seq_start, torch.tensor([len(features.seq_items)])]))
-            self.seq_len = seq_len
-            self.users, self.ends = sequence_windows(seq_len, model.history_len)
-            if not len(self.users):
-                raise ValueError("per-position training needs users with at least two training events; there are none")
-            self.full_softmax = sampler.names == [FULL] and loss == "softmax"  # exact, chunked over the catalog
-        self.item_id_dropout = item_id_dropout  # the item tower learns to score cold items from categories
-        if hard_loss not in ("joint", "separate"):
-            raise ValueError(f"hard_loss must be 'joint' or 'separate', not {hard_loss!r}")
-        self.hard_loss, self.hard_weight = hard_loss, hard_weight
-        self.false_negative_guard = false_negative_guard
-        self.cooccurring = cooccurring  # (positive, item) pairs many users share: not negatives of each other
+        if self.per_position:
+            self._windows()
         self.guard_counts = torch.zeros(3)  # hard negatives seen; dropped as above the positive; as co-consumed
-        if loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, not {loss!r}")
-        self.loss, self.margin, self.triplet_negative = loss, margin, triplet_negative
-        self.gbce_calibration = gbce_calibration
-        self.select, self.select_k, self.select_margin = select, select_k, select_margin
         self.memory_bank = memory_bank
         self.step_means: dict[str, list[float]] = {}  # per-epoch means of step statistics (selection, bank)
         self.evaluator = evaluator
-        self.epochs = epochs
-        self.batch_size = batch_size
+        self.epochs = o.epochs
+        self.batch_size = o.batch_size
+        self._optimizers(model, sharded)
+        self.generator = torch.Generator().manual_seed(o.seed)
+        # the epoch's order is the same on every rank (each takes its share of every global
+        # batch); the negatives differ by rank
+        self.order_generator = self.generator
+        if self.cluster is not None:
+            self.order_generator = torch.Generator().manual_seed(o.seed)
+            self.generator = torch.Generator().manual_seed(o.seed + 1_000_003 * (self.cluster.rank + 1))
+        self.callbacks = list(callbacks or [])
+        self.diagnostics = diagnostics
+        self.epoch = 0  # the next epoch to run
+        self.history: list[dict[str, float]] = []
+        self.should_stop = False
+
+    def _windows(self) -> None:
+        """Per position: the epoch's examples are windows of the users' sequences, (user, end)."""
+        if self.sharded is not None:
+            raise ValueError("per-position training runs in one process (its step has no sharded form yet)")
+        features = self.features
+        self.seq_len = torch.diff(torch.cat([features.seq_start, torch.tensor([len(features.seq_items)])]))
+        self.users, self.ends = sequence_windows(self.seq_len, self.model.history_len)
+        if not len(self.users):
+            raise ValueError("per-position training needs users with at least two training events; there are none")
+        self.full_softmax = self.sampler.names == [FULL] and self.objective.loss == "softmax"  # exact, chunked over the catalog
+
+    def _optimizers(self, model: TwoTower, sharded: ShardedTwoTower | None) -> None:
+        """Adam on the dense layers; the tables' own optimizer where the options ask for one
+        (sparse gradients, another rate) or where DMP runs it fused in the lookup's backward."""
+        o = self.options
+        lr, weight_decay, embedding_optimizer, embedding_lr = o.lr, o.weight_decay, o.embedding_optimizer, o.embedding_lr
         self.table_optimizer = None
         if sharded is not None:  # the tables' optimizer runs fused in the lookup's backward
             self.optimizer = torch.optim.Adam(sharded.dense_parameters(), lr=lr, weight_decay=weight_decay)
@@ -169,19 +211,6 @@ class Trainer:
                     warnings.filterwarnings("ignore", "Sparse invariant checks are implicitly disabled", UserWarning)
                 self.optimizer = torch.optim.Adam(dense, lr=lr, weight_decay=weight_decay)
                 self.table_optimizer = table_optimizer_class(embedding_optimizer)(tables, lr=embedding_lr or lr)
-        self.generator = torch.Generator().manual_seed(seed)
-        # the epoch's order is the same on every rank (each takes its share of every global
-        # batch); the negatives differ by rank
-        self.order_generator = self.generator
-        if self.cluster is not None:
-            self.order_generator = torch.Generator().manual_seed(seed)
-            self.generator = torch.Generator().manual_seed(seed + 1_000_003 * (self.cluster.rank + 1))
-        self.callbacks = list(callbacks or [])
-        self.diagnostics = diagnostics
-        self.progress = progress
-        self.epoch = 0  # the next epoch to run
-        self.history: list[dict[str, float]] = []
-        self.should_stop = False
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -197,9 +226,9 @@ class Trainer:
             self.step_means.clear()
             logs = {"train_loss": self.train_epoch(epoch), "temperature": self.model.temperature}
             seen, above, together = self.guard_counts.tolist()
-            if seen and self.false_negative_guard:
+            if seen and self.objective.false_negative_guard:
                 logs["guard.above_positive_share"] = above / seen
-            if seen and self.cooccurring is not None:
+            if seen and self.objective.cooccurring is not None:
                 logs["guard.cooccurring_share"] = together / seen
             logs.update({k: total / n for k, (total, n) in self.step_means.items() if n})
             if self.model.temperature_at_bound():
@@ -227,7 +256,7 @@ class Trainer:
         order = torch.randperm(len(self.users), generator=self.order_generator)
         batches = range(0, len(order), self.batch_size)
         chief = self.cluster is None or self.cluster.chief
-        bar = tqdm(batches, desc=f"epoch {epoch}", disable=None if self.progress and chief else True, leave=False)  # None: off when not a terminal
+        bar = tqdm(batches, desc=f"epoch {epoch}", disable=None if self.options.progress and chief else True, leave=False)  # None: off when not a terminal
         rank, world = (self.cluster.rank, self.cluster.world) if self.cluster is not None else (0, 1)
         total, count = 0.0, 0
         for start in bar:
@@ -304,7 +333,8 @@ class Trainer:
                                               self.model.history_len, ends)
         real = targets >= 0
         rows_users, pos_items = users[:, None].expand_as(targets)[real], targets[real]
-        weights = end_weights(real, self.position_weight)[real] if self.position_weight > 0 else None
+        power = self.objective.position_weight
+        weights = end_weights(real, power)[real] if power > 0 else None
         user_emb = self.model.position_embeddings(inputs, users if self.features.user_id else None)[real]
         if self.position_miner is not None:
             self.position_miner(user_emb.detach(), rows_users)
@@ -337,7 +367,8 @@ class Trainer:
         return per_row.mean() if weights is None else (per_row * weights).sum() / weights.sum()
 
     def _drop_ids(self, n: int) -> torch.Tensor | None:
-        return torch.rand(n, generator=self.generator) < self.item_id_dropout if self.item_id_dropout > 0 else None
+        rate = self.objective.item_id_dropout
+        return torch.rand(n, generator=self.generator) < rate if rate > 0 else None
 
     def _update(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -392,23 +423,29 @@ class Trainer:
             terms.append(((user_emb @ emb.T) * scale + self.model.bias(items), log_q, invalid, False))
             self._note("bank.staleness_steps", staleness)
             self._note("bank.entries", len(items))
-        if self.select != "none":
-            widths = [p[0].shape[1] for p in terms]
-            invalid, stats = select_candidates(torch.cat([p[0] for p in terms], 1), pos_logits, torch.cat([p[2] for p in terms], 1),
-                                               self.select, self.select_k, self.select_margin)
-            terms = [(lg, lq, inv, hard) for (lg, lq, _, hard), inv in zip(terms, torch.split(invalid, widths, dim=1))]
-            for name, value in stats.items():
-                self._note(f"select.{name}", value)
-        if self.loss == "softmax" and bank is not None:
+        ob = self.objective
+        if ob.select != "none":
+            terms = self._select(terms, pos_logits)
+        if ob.loss == "softmax" and bank is not None:
             loss = self._bank_softmax(user_emb, pos_emb, pos_items, blocks, block_emb, own_log_q, terms)
-        elif self.loss == "softmax":
-            loss = sampled_softmax_by_role(pos_logits, terms, self.hard_loss, self.hard_weight, weights)
+        elif ob.loss == "softmax":
+            loss = sampled_softmax_by_role(pos_logits, terms, ob.hard_loss, ob.hard_weight, weights)
         else:
-            loss = pairwise(self.loss, pos_logits, torch.cat([p[0] for p in terms], 1), torch.cat([p[2] for p in terms], 1),
-                            self.margin, self.triplet_negative, self.model.sizes.n_items, self.gbce_calibration)
+            loss = pairwise(ob.loss, pos_logits, torch.cat([p[0] for p in terms], 1), torch.cat([p[2] for p in terms], 1),
+                            ob.margin, ob.triplet_negative, self.model.sizes.n_items, ob.gbce_calibration)
         if self.memory_bank is not None:
             self.memory_bank.push(pos_items, pos_emb)
         return loss, neg_cos
+
+    def _select(self, terms: list[tuple], pos_logits: torch.Tensor) -> list[tuple]:
+        """Online selection among all of a row's candidates: the others leave the loss."""
+        ob = self.objective
+        widths = [p[0].shape[1] for p in terms]
+        invalid, stats = select_candidates(torch.cat([p[0] for p in terms], 1), pos_logits, torch.cat([p[2] for p in terms], 1),
+                                           ob.select, ob.select_k, ob.select_margin)
+        for name, value in stats.items():
+            self._note(f"select.{name}", value)
+        return [(lg, lq, inv, hard) for (lg, lq, _, hard), inv in zip(terms, torch.split(invalid, widths, dim=1))]
 
     def _bank_softmax(self, user_emb, pos_emb, pos_items, blocks, block_emb, own_log_q, terms) -> torch.Tensor:
         """The memory bank's sampled softmax with split gradients. The user tower learns from every
@@ -427,8 +464,9 @@ class Trainer:
                      for b, e, lq, (_, _, inv, hard) in zip(blocks, block_emb, own_log_q, terms[:n])]
         pos_user = (user_emb * pos_emb.detach()).sum(-1) * scale + frozen(bias(pos_items))
         pos_item = (user_emb.detach() * pos_emb).sum(-1) * scale + bias(pos_items)
-        user_loss = sampled_softmax_by_role(pos_user, user_side, self.hard_loss, self.hard_weight)
-        item_loss = sampled_softmax_by_role(pos_item, item_side, self.hard_loss, self.hard_weight)
+        ob = self.objective
+        user_loss = sampled_softmax_by_role(pos_user, user_side, ob.hard_loss, ob.hard_weight)
+        item_loss = sampled_softmax_by_role(pos_item, item_side, ob.hard_loss, ob.hard_weight)
         return user_loss + (item_loss - item_loss.detach())
 
     def _guard(self, logits, pos_logits, pos_items, block, invalid) -> torch.Tensor:
@@ -436,12 +474,12 @@ class Trainer:
         and those many users consume together with the positive, are more likely unlabelled
         positives than negatives; they leave the loss and are counted."""
         self.guard_counts[0] += float((~invalid).sum())
-        if self.false_negative_guard:
+        if self.objective.false_negative_guard:
             above = (logits.detach() > pos_logits.detach()[:, None]) & ~invalid
             self.guard_counts[1] += float(above.sum())
             invalid = invalid | above
-        if self.cooccurring is not None:
-            together = (self.cooccurring.find(pos_items, block.per_row_items(len(pos_items))) >= 0) & ~invalid
+        if self.objective.cooccurring is not None:
+            together = (self.objective.cooccurring.find(pos_items, block.per_row_items(len(pos_items))) >= 0) & ~invalid
             self.guard_counts[2] += float(together.sum())
             invalid = invalid | together
         return invalid
