@@ -59,8 +59,6 @@ def _train(args) -> int:
 
     if args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, not {args.nproc}")
-    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        return _torchrun(args.nproc, args.argv)
     overrides = list(args.set or [])
     if args.tracking_uri:
         overrides.append(f"tracking.uri={args.tracking_uri}")
@@ -75,6 +73,9 @@ def _train(args) -> int:
     if args.train:
         overrides.append("data.dataset=null")
     config = load_config(args.config, overrides)
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        _check_launch(config)  # once, here, not once per rank after the launch
+        return _torchrun(args.nproc, args.argv)
     try:
         result = train(config, resume=args.resume)
     finally:
@@ -84,6 +85,16 @@ def _train(args) -> int:
         print(summary_json(result))
         print(f"run_id={result.run_id}")
     return 0
+
+
+def _check_launch(config) -> None:
+    """What every rank would refuse, refused before torchrun starts them."""
+    from .config import PER_POSITION, ConfigError
+    from .training.distributed import SHARDED_DEVICE, check_supported, embedding_optimizer_for
+
+    if config.model.train_history == PER_POSITION:
+        raise ConfigError(f"model.train_history: {PER_POSITION!r} runs in one process; drop --nproc")
+    check_supported(embedding_optimizer_for(config.train.embedding_optimizer, SHARDED_DEVICE), SHARDED_DEVICE)
 
 
 def _torchrun(nproc: int, argv: list[str]) -> int:

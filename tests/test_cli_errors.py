@@ -40,8 +40,36 @@ def spec(tmp_path, text):
     return write(tmp_path / "spec.yaml", text.replace("BASE", str(tmp_path / "base.yaml")))
 
 
+def movielens(tmp_path, ratings: bytes):
+    """A MovieLens-layout folder with these ratings.csv bytes."""
+    folder = tmp_path / "ml"
+    folder.mkdir(exist_ok=True)
+    (folder / "movies.csv").write_text("movieId,title,genres\n1,A,Drama\n2,B,Comedy\n")
+    (folder / "ratings.csv").write_bytes(ratings)
+    return str(folder)
+
+
+def foreign_database(tmp_path):
+    """An SQLite file of another application."""
+    import sqlite3
+
+    path = tmp_path / "other.db"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE foo (a INTEGER)")
+    return path
+
+
 # (id, argv built from tmp_path, substrings the one error line must hold; {t} is tmp_path)
 CASES = [
+    ("movielens without timestamps", lambda t: ["datasets", "describe", movielens(t, b"userId,movieId,rating\n1,1,4.0\n")],
+     ["ml/ratings.csv", "missing column(s) ['timestamp']"]),
+    ("movielens not utf-8", lambda t: ["train", "--set", "data.dataset=" + movielens(t, b"userId,movieId,rating,timestamp\n1,1,4,1\n1,\xff2,4,2\n"),
+                                       "--tracking-uri", f"sqlite:///{t / 'm.db'}"],
+     ["ml/ratings.csv", "line 3 (data row 2), column 3", "byte 0xff is not UTF-8"]),
+    ("foreign sqlite store", lambda t: ["compare", "--experiment", "x", "--tracking-uri", f"sqlite:///{foreign_database(t)}"],
+     ["other.db is an SQLite database but not an MLflow store", "foo"]),
+    ("empty store file", lambda t: ["evaluate", "--run-id", "r", "--tracking-uri", f"sqlite:///{write(t / 'e.db', '')}"],
+     ["{t}/e.db is empty: no run was tracked there"]),
     ("bad value", lambda t: ["train", "--config", QUICK, "--set", "train.lr=-1"], ["train.lr: must be > 0"]),
     ("bad list item", lambda t: ["train", "--config", QUICK, "--set", "eval.ks=[0]"], ["eval.ks[0]"]),
     ("config yaml syntax", lambda t: ["train", "--config", write(t / "bad.yaml", "train: [1,\n"), *TRIPWIRE],
@@ -218,5 +246,29 @@ def test_a_split_with_an_empty_phase_is_refused_before_any_run(tmp_path, capsys)
             "--set", "data.valid_start=2100-01-01", "--set", "data.test_start=2101-01-01"]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "data.split=time: the valid and test phases are empty" in err and "valid_start" in err
+    assert "data.split=time: the valid and test phases are empty" in err and "after every event?" in err
     assert not store.exists()
+    argv[-3:] = ["data.valid_start=1990-01-01", "--set", "data.test_start=1991-01-01"]  # before every event
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "the train and valid phases are empty" in err and "before every event?" in err
+    assert not store.exists()
+
+
+def test_a_step_too_large_for_memory_is_refused_before_any_run(tmp_path, capsys):
+    store = tmp_path / "m.db"
+    assert main(["train", "--config", QUICK, "--set", "sampler.num_negatives=100000000", "--tracking-uri", f"sqlite:///{store}"]) == 2
+    err = capsys.readouterr().err
+    assert "sampler.num_negatives: a training step needs about" in err and "GB available" in err and "Traceback" not in err
+    assert not store.exists()
+
+
+def test_a_dry_run_on_a_new_store_writes_nothing(tmp_path, capsys):
+    store = tmp_path / "new" / "m.db"
+    assert main(["pipeline", "run", "pipelines/sasrec_amazon_sports.yaml", "--dry-run", "--tracking-uri", f"sqlite:///{store}"]) == 0
+    assert "baseline:ease" in capsys.readouterr().out
+    assert not (tmp_path / "new").exists()
+    foreign = foreign_database(tmp_path)
+    before = foreign.read_bytes()
+    assert main(["pipeline", "run", "pipelines/sasrec_amazon_sports.yaml", "--dry-run", "--tracking-uri", f"sqlite:///{foreign}"]) == 2
+    assert "not an MLflow store" in capsys.readouterr().err and foreign.read_bytes() == before

@@ -157,6 +157,27 @@ def test_sharded_adam_on_cpu_and_bad_nproc_are_refused(tmp_path):
     assert main(["train", "--nproc", "0"]) == 2
 
 
+def test_a_launch_is_refused_once_before_torchrun_and_auto_picks_a_fused_optimizer(tmp_path, capsys, monkeypatch):
+    from recsys_hnm.cli import main
+    from recsys_hnm.training.distributed import embedding_optimizer_for
+    import recsys_hnm.cli as cli
+
+    launched = []
+    monkeypatch.setattr(cli, "_torchrun", lambda nproc, argv: launched.append(argv) or 0)
+    store = tmp_path / "m.db"
+    assert main(["train", "--nproc", "2", "--set", "train.embedding_optimizer=adam", "--tracking-uri", f"sqlite:///{store}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("adam has no fused CPU kernel") == 1 and "Traceback" not in err
+    assert not launched and not store.exists()  # refused before any process or run
+    assert main(["train", "--nproc", "2", "--set", "model.history_encoder=sasrec", "--set", "model.train_history=per_position",
+                 "--tracking-uri", f"sqlite:///{store}"]) == 2
+    assert "drop --nproc" in capsys.readouterr().err and not launched
+    assert main(["train", "--nproc", "2", "--tracking-uri", f"sqlite:///{store}"]) == 0  # the default (auto) launches
+    assert len(launched) == 1
+    assert embedding_optimizer_for("auto", "cpu") == "rowwise_adagrad" and embedding_optimizer_for("auto", None) == "adam"
+    assert embedding_optimizer_for("adagrad", "cpu") == "adagrad"
+
+
 def test_in_batch_negatives_of_the_global_batch_take_its_log_q():
     counts = np.array([5.0, 3.0, 2.0, 1.0, 1.0, 4.0])
     mix = MixtureSampler({"in_batch": InBatchSampler(counts)}, {"in_batch": 1.0}, 0)

@@ -183,8 +183,9 @@ class TrainConfig:
     # sparse_adam (lazy Adam on the rows a step looked up: the cost follows the batch, not the
     # catalog; single process); or adagrad / rowwise_adagrad, which TorchRec fuses into the table
     # lookup's backward when the tables are sharded (fbgemm's CPU kernels have no fused adam).
+    # auto: adam in one process, rowwise_adagrad where the tables are sharded (CPU ranks).
     # embedding_lr: the tables' learning rate (null = lr)
-    embedding_optimizer: str = "adam"
+    embedding_optimizer: str = "auto"
     embedding_lr: float | None = None
     # per_position training: loss weight ((i + 1) / n) ** position_weight of a window's i-th of n
     # real positions, mean 1 (0: every position alike; > 0 leans toward the most recent)
@@ -192,7 +193,7 @@ class TrainConfig:
 
 
 PER_POSITION = "per_position"
-EMBEDDING_OPTIMIZERS = ("adam", "sparse_adam", "adagrad", "rowwise_adagrad")
+EMBEDDING_OPTIMIZERS = ("auto", "adam", "sparse_adam", "adagrad", "rowwise_adagrad")
 
 
 @dataclass

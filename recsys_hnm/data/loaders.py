@@ -39,16 +39,46 @@ def read_table(path: str | Path, **kwargs) -> pd.DataFrame:
     if not path.is_file():
         raise DataError(f"file not found: {path}")
     suffix = "".join(path.suffixes[-2:]).lower()
-    try:
-        if suffix.endswith(".parquet") or suffix.endswith(".pq"):
+    if suffix.endswith(".parquet") or suffix.endswith(".pq"):
+        try:
             return pd.read_parquet(path)
-        if any(suffix.endswith(s) for s in (".csv", ".csv.gz", ".tsv", ".txt")):
-            return pd.read_csv(path, sep="\t" if ".tsv" in suffix else ",", **kwargs)
+        except OSError as e:
+            raise DataError(f"{path}: cannot be read: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    if any(suffix.endswith(s) for s in (".csv", ".csv.gz", ".tsv", ".txt")):
+        return read_csv(path, sep="\t" if ".tsv" in suffix else ",", **kwargs)
+    raise DataError(f"{path}: unsupported file type (use .csv, .csv.gz, .tsv or .parquet)")
+
+
+def read_csv(path: Path, **kwargs) -> pd.DataFrame:
+    """``pd.read_csv`` whose failures name the file (and, for bytes that are not UTF-8, the line)."""
+    try:
+        return pd.read_csv(path, **kwargs)
     except pd.errors.EmptyDataError as e:
         raise DataError(f"{path}: empty file (no header and no data rows)") from e
-    except (pd.errors.ParserError, UnicodeDecodeError, OSError) as e:
+    except UnicodeDecodeError as e:
+        raise DataError(_not_utf8(path)) from e
+    except (pd.errors.ParserError, OSError) as e:
         raise DataError(f"{path}: cannot be read: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
-    raise DataError(f"{path}: unsupported file type (use .csv, .csv.gz, .tsv or .parquet)")
+
+
+def _not_utf8(path: Path) -> str:
+    """Where the first byte that is not UTF-8 sits: line (1 = the header) and column."""
+    raw = path.read_bytes() if path.suffix.lower() != ".gz" else b""
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        return (f"{path}: line {line} (data row {line - 1}), column {column}: byte 0x{raw[e.start]:02x} is not UTF-8; "
+                "save the file as UTF-8")
+    return f"{path}: cannot be read: it is not UTF-8 text"
+
+
+def _require_columns(frame: pd.DataFrame, columns: list[str], path: Path) -> pd.DataFrame:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; it has {list(frame.columns)}")
+    return frame
 
 
 def load_fixed_split(
@@ -99,26 +129,28 @@ def load_movielens(path: str | Path, *, min_rating: float | None = None, **optio
     path = Path(path)
     if (path / "ratings.csv").is_file():
         files = ("ratings.csv", "movies.csv")
-        ratings = pd.read_csv(path / "ratings.csv")
-        movies = pd.read_csv(path / "movies.csv")
+        ratings = _require_columns(read_csv(path / "ratings.csv"),
+                                   ["userId", "movieId", "timestamp"] + (["rating"] if min_rating is not None else []),
+                                   path / "ratings.csv")
+        movies = _require_columns(read_csv(path / "movies.csv"), ["movieId", "genres"], path / "movies.csv")
         ratings = ratings.rename(columns={"userId": "user_id", "movieId": "item_id"})
         items = movies.rename(columns={"movieId": "item_id", "genres": "category"})
     elif (path / "ratings.dat").is_file():
         files = ("ratings.dat", "movies.dat")
-        ratings = pd.read_csv(
+        ratings = read_csv(
             path / "ratings.dat", sep="::", engine="python", header=None,
             names=["user_id", "item_id", "rating", "timestamp"],
         )
-        items = pd.read_csv(
+        items = read_csv(
             path / "movies.dat", sep="::", engine="python", header=None,
             names=["item_id", "title", "category"], encoding="latin-1",
         )
     elif (path / "u.data").is_file():
         files = ("u.data", "u.item")
-        ratings = pd.read_csv(
+        ratings = read_csv(
             path / "u.data", sep="\t", header=None, names=["user_id", "item_id", "rating", "timestamp"]
         )
-        raw = pd.read_csv(path / "u.item", sep="|", header=None, encoding="latin-1")
+        raw = read_csv(path / "u.item", sep="|", header=None, encoding="latin-1")
         flags = raw.iloc[:, 5:5 + len(ML100K_GENRES)].to_numpy().astype(bool)
         items = pd.DataFrame(
             {"item_id": raw[0], "category": ["|".join(g for g, f in zip(ML100K_GENRES, row) if f) for row in flags]}

@@ -19,7 +19,7 @@ from ..evaluation import EXCLUDE, Evaluator
 from ..models import model_scorer
 from ..training import EarlyStopping
 from ..tracking.pyfunc import lookup_ids
-from .run import build_sampler, build_trainer, choose_settings, load_data, refit_split, split_data, top_k_frame
+from .run import build_sampler, build_trainer, check_memory, choose_settings, load_data, refit_split, split_data, top_k_frame
 
 
 class TwoTowerRecommender:
@@ -38,6 +38,7 @@ class TwoTowerRecommender:
             data, split = load_data(self.config) if data is None else (data, split_data(self.config, data))
         elif data is None:
             raise ValueError("fit: give the Interactions that the split was made from")
+        check_memory(self.config, build_sampler(self.config, data, split), data)
         config, self.selection = choose_settings(self.config, data, split)
         t = config.train
         early = EarlyStopping(f"valid.{t.monitor}", t.patience)

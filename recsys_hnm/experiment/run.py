@@ -28,10 +28,14 @@ from ..data import (
 from ..data.profile import DataProfile, describe_profile, profile_split, suggest_settings
 from ..evaluation import EXCLUDE, Evaluator, mask_known, phase_counts, popularity_scorer, top_k
 from ..sampling.ann import AnnSampler
+from ..sampling.mixture import FULL
 from ..index import IndexOptions
 from ..training.refresh import IndexRefresh
-from ..training.distributed import Cluster, PeerFailures, ShardedTwoTower, check_supported, cluster_from_env
+from ..training.distributed import (
+    Cluster, PeerFailures, ShardedTwoTower, check_supported, cluster_from_env, embedding_optimizer_for,
+)
 from ..ops.io import atomic_write
+from ..ops.memory import available_bytes, gigabytes
 from ..ops.sparse import SortedPairs
 from ..models import FeatureBuilder, HistoryEncoder, TowerSizes, TwoTower, model_scorer
 from ..sampling import (
@@ -59,10 +63,11 @@ def load_data(config: ExperimentConfig) -> tuple[Interactions, Split]:
         return load_fixed_split(d.train, d.valid, d.test, d.items, **options)
     data = load_dataset(d.dataset, min_rating=d.min_rating, **options)
     split = split_data(config, data)
-    empty = [phase for phase in ("valid", "test") if not len(split.phase(phase))]
+    empty = [phase for phase in ("train", "valid", "test") if not len(split.phase(phase))]
     if empty:  # checked before any run: a model selected on nothing and scored on nothing reports NaN
         sizes = ", ".join(f"{p} {len(split.phase(p)):,}" for p in ("train", "valid", "test"))
-        hint = " (data.valid_start / data.test_start after every event?)" if d.split == "time" else ""
+        side = "before" if not len(split.train) else "after"
+        hint = f" (data.valid_start / data.test_start {side} every event?)" if d.split == "time" else ""
         raise ConfigError(f"data.split={d.split}: the {' and '.join(empty)} {'phases are' if len(empty) > 1 else 'phase is'} "
                           f"empty ({sizes} events){hint}")
     return data, split
@@ -174,6 +179,38 @@ def build_sampler(config: ExperimentConfig, data: Interactions, split: Split) ->
     )
 
 
+def step_memory(config: ExperimentConfig, sampler: MixtureSampler, data: Interactions) -> int:
+    """Bytes a training step holds at its peak, roughly: the tables with their gradients and
+    Adam states, the item tower's activations over the step's candidates, and the rows x
+    candidates logits (with their gradient, softmax, logQ and mask)."""
+    m, t = config.model, config.train
+    rows = t.batch_size * (m.history_len if m.train_history == PER_POSITION else 1)
+    shared = per_row = 0
+    for name, count in sampler.counts.items():
+        if name == FULL:  # per position the exact softmax runs in chunks of the catalog
+            shared += 0 if m.train_history == PER_POSITION else data.n_items
+        elif sampler.components[name].shared:
+            shared += count
+        else:
+            per_row += count
+    shared += rows if sampler.use_in_batch else 0
+    width = 3 * m.dim + sum(m.hidden)  # one candidate's activations through the item tower
+    tables = 16 * (data.n_users + data.n_items + data.n_categories) * m.dim  # weights, gradients, two Adam moments
+    tower = 3 * 4 * (min(shared + rows * per_row, data.n_items + rows) * width + rows * per_row * m.dim)
+    return tables + tower + 17 * rows * (shared + per_row)
+
+
+def check_memory(config: ExperimentConfig, sampler: MixtureSampler, data: Interactions) -> None:
+    """Refuse, before any run, a step that cannot fit in this machine's available memory."""
+    need, free = step_memory(config, sampler, data), available_bytes()
+    if need > free:
+        s, t = config.sampler, config.train
+        raise ConfigError(f"sampler.num_negatives: a training step needs about {gigabytes(need)} (train.batch_size "
+                          f"{t.batch_size} x {s.num_negatives:,} negatives, model.dim {config.model.dim}, "
+                          f"{data.n_items:,} items), more than the {gigabytes(free)} available; lower sampler.num_negatives, "
+                          "sampler.per_row_negatives or train.batch_size")
+
+
 def _static_negatives(path: str, data: Interactions) -> pd.DataFrame:
     """A mined-negatives file as index columns user, item, negative; an id the data does not
     know is refused, naming the file and column."""
@@ -249,7 +286,9 @@ def train(config: ExperimentConfig, *, resume: bool | str = False, extra_callbac
 def _train(config: ExperimentConfig, cluster: Cluster | None, resume: bool | str, extra_callbacks,
            peer_failure=None) -> TrainResult:
     chief, rank, world = (cluster.chief, cluster.rank, cluster.world) if cluster is not None else (True, 0, 1)
-    check_supported(config.train.embedding_optimizer, cluster)
+    device = cluster.device.type if cluster is not None else None
+    config = with_values(config, {"train.embedding_optimizer": embedding_optimizer_for(config.train.embedding_optimizer, device)})
+    check_supported(config.train.embedding_optimizer, device)
     state, run_id = _resumed(config, cluster, resume) if resume else (None, None)
     logged = get_run(run_id, tracking_uri(config.tracking.uri)) if resume and chief else None  # another store: refused by name
     data, split = load_data(config)
@@ -258,6 +297,7 @@ def _train(config: ExperimentConfig, cluster: Cluster | None, resume: bool | str
         where = config.data.train or config.data.dataset
         raise ConfigError(f"run {run_id}: its input data ({where}) changed since the run was trained; refusing to resume it")
     sampler = build_sampler(config, data, split)  # refuses what the data cannot serve, before any run
+    check_memory(config, sampler, data)
     tags = {"dataset": config.data.dataset or config.data.train, "sampler_mix": describe_mix(config),
             "logq": config.sampler.logq, "git_commit": git_commit(), "config_name": config.name, "model": "two_tower",
             **config.tracking.tags}
@@ -400,12 +440,13 @@ def build_trainer(config: ExperimentConfig, data: Interactions, split: Split, sa
     ``cluster``: the model's tables sharded over its ranks."""
     model = build_model(config, data)
     t = config.train
+    table_optimizer = embedding_optimizer_for(t.embedding_optimizer, cluster.device.type if cluster is not None else None)
     sharded = None
     per_position = config.model.train_history == PER_POSITION
     if cluster is not None and per_position:
         raise ConfigError(f"model.train_history: {PER_POSITION!r} runs in one process; drop --nproc")
     if cluster is not None:
-        sharded = ShardedTwoTower(model, cluster, sharding=config.distributed.sharding, table_optimizer=t.embedding_optimizer,
+        sharded = ShardedTwoTower(model, cluster, sharding=config.distributed.sharding, table_optimizer=table_optimizer,
                                   lr=t.embedding_lr or t.lr)
     features = build_features(config, data, split.history("train"))
     evaluator = Evaluator(split, "valid", config.eval.ks, config.eval.chunk_size, exclude=config.eval.exclude) if validate else None
@@ -428,7 +469,7 @@ def build_trainer(config: ExperimentConfig, data: Interactions, split: Split, sa
                                  bank.warmup_steps)
     m, s, loss = config.model, config.sampler, config.loss
     options = TrainOptions(epochs=epochs or t.epochs, batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay,
-                           embedding_optimizer=t.embedding_optimizer, embedding_lr=t.embedding_lr, seed=t.seed,
+                           embedding_optimizer=table_optimizer, embedding_lr=t.embedding_lr, seed=t.seed,
                            progress=t.progress, history=m.train_history, gather_in_batch=config.distributed.gather_in_batch)
     objective = Objective(loss=loss.type, margin=loss.margin, triplet_negative=loss.triplet_negative,
                           gbce_calibration=loss.gbce_calibration, hard_loss=s.hard_loss, hard_weight=s.hard_weight,

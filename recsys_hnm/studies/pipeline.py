@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from .compare import TABLE_METRICS, ComparisonSpec, _slug, compare_runs, comparison_markdown, experiment_runs, plot_validation, table_metrics
 from ..config import ConfigError, ExperimentConfig, load_config
 from ..ops.io import atomic_write
-from ..tracking import TrackingError, sigterm_raises, tracking_uri
+from ..tracking import TrackingError, sigterm_raises, store_exists, tracking_uri
 from ..tracking.runs import KEY_TAG, PARENT_TAG, child_tags, parent_run
 
 log = logging.getLogger(__name__)
@@ -86,8 +86,10 @@ def run_pipeline(spec: ComparisonSpec, uri: str | None = None, *, workers: int =
                  baseline: str | None = None, output: str | Path | None = None) -> dict:
     """Runs what is not yet done, then tabulates the experiment (``compare_runs``) into the parent
     run (and ``output``). Returns {"planned", "skipped", "ran", "failed", "table"}."""
-    uri = tracking_uri(uri)
+    uri = tracking_uri(uri, create=None if dry_run else True)
     jobs = plan(spec, uri)
+    if dry_run and not store_exists(uri):  # nothing tracked there yet: every job is to run, and nothing is written
+        return {"planned": [j.key for j in jobs], "skipped": [], "ran": [], "failed": [], "to_run": [j.key for j in jobs]}
     if spec.search is not None and not dry_run:
         from .search import run_search
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 import fcntl
 import logging
 import os
@@ -34,10 +35,11 @@ class TrackingError(RuntimeError):
 SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
 
 
-def tracking_uri(uri: str | None = None, create: bool = True) -> str:
+def tracking_uri(uri: str | None = None, create: bool | None = True) -> str:
     """``uri``, else $MLFLOW_TRACKING_URI, else SQLite in ./mlruns (MLflow 3.17+ refuses the
     plain file store), checked before MLflow sees it: a known scheme, and for SQLite a file that
-    is a database. ``create=False`` (commands that only read runs): the store must exist."""
+    is an MLflow database. ``create=False`` (commands that only read runs): the store must exist;
+    None (a dry run): it may be missing, and nothing is written."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_STORE / 'mlflow.db'}"
     scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else uri if uri == "databricks" else ""  # MLflow's bare "databricks"
     if scheme not in SCHEMES:
@@ -46,14 +48,38 @@ def tracking_uri(uri: str | None = None, create: bool = True) -> str:
     if uri.startswith("sqlite:///"):
         path = Path(uri[len("sqlite:///"):])
         if path.is_file() and path.stat().st_size:
-            with open(path, "rb") as f:
-                if f.read(16) != b"SQLite format 3\x00":
-                    raise TrackingError(f"tracking store {path} is not an SQLite database")
-        elif not path.exists() and not create:
-            raise TrackingError(f"tracking store {path} does not exist: no run was tracked there")
+            _check_mlflow_database(path)
+        elif create is False and (not path.exists() or path.is_file()):  # missing, or an empty file
+            raise TrackingError(f"tracking store {path} {'is empty' if path.exists() else 'does not exist'}: no run was tracked there")
         if create:
             path.parent.mkdir(parents=True, exist_ok=True)
     return uri
+
+
+def store_exists(uri: str | None = None) -> bool:
+    """Whether the store holds anything yet: False for an SQLite file that is missing or empty
+    (a server is taken to exist)."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_STORE / 'mlflow.db'}"
+    if not uri.startswith("sqlite:///"):
+        return True
+    path = Path(uri[len("sqlite:///"):])
+    return path.is_file() and path.stat().st_size > 0
+
+
+def _check_mlflow_database(path: Path) -> None:
+    """An SQLite file that MLflow may open: one that holds another application's tables would
+    get MLflow's ~60 tables written beside them."""
+    with open(path, "rb") as f:
+        if f.read(16) != b"SQLite format 3\x00":
+            raise TrackingError(f"tracking store {path} is not an SQLite database")
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.Error as e:
+        raise TrackingError(f"tracking store {path} cannot be read as an SQLite database: {e}") from e
+    if tables and not {"experiments", "runs"} <= tables:
+        raise TrackingError(f"tracking store {path} is an SQLite database but not an MLflow store "
+                            f"(its tables: {', '.join(sorted(tables)[:5])}); give another path")
 
 
 @contextlib.contextmanager

@@ -124,14 +124,26 @@ class PeerFailures:
             return None
 
 
-def check_supported(embedding_optimizer: str, cluster: Cluster | None) -> None:
-    """Refuse, before any run starts, what the sharded tables cannot train with here."""
-    if cluster is not None and embedding_optimizer == "sparse_adam":
+SHARDED_DEVICE = "cpu"  # where the ranks of a launch shard their tables (cluster_from_env: gloo, CPU)
+
+
+def embedding_optimizer_for(name: str, device_type: str | None) -> str:
+    """``auto``: Adam in one process (``device_type`` None) and on sharded GPU tables, rowwise
+    Adagrad on sharded CPU tables (fbgemm has no fused CPU Adam); any other name as given."""
+    if name != "auto":
+        return name
+    return "rowwise_adagrad" if device_type == "cpu" else "adam"
+
+
+def check_supported(embedding_optimizer: str, device_type: str | None) -> None:
+    """Refuse, before any process or run starts, what the sharded tables cannot train with here
+    (``device_type``: of the sharded tables; None: one process, anything goes)."""
+    if device_type is not None and embedding_optimizer == "sparse_adam":
         raise ConfigError("train.embedding_optimizer: sparse_adam is the single-process lazy Adam; sharded tables train "
-                          "with TorchRec's fused optimizers: adagrad or rowwise_adagrad")
-    if cluster is not None and cluster.device.type == "cpu" and embedding_optimizer == "adam":
+                          "with TorchRec's fused optimizers: adagrad or rowwise_adagrad (or auto)")
+    if device_type == "cpu" and embedding_optimizer == "adam":
         raise ConfigError("train.embedding_optimizer: adam has no fused CPU kernel in fbgemm; sharded tables on CPU "
-                          "train with adagrad or rowwise_adagrad")
+                          "train with adagrad or rowwise_adagrad (or auto)")
 
 
 def shutdown() -> None:
@@ -168,7 +180,7 @@ class ShardedTwoTower:
         from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
         from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
-        check_supported(table_optimizer, cluster)
+        check_supported(table_optimizer, cluster.device.type)
         self.cluster = cluster
         seeded = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.unsharded = copy.deepcopy(model)  # filled by ``gather``: what evaluation and serving read
