@@ -95,9 +95,9 @@ def test_unknown_users_are_skipped_and_logged_duplicates_served_once(served, cap
     assert out["user_id"].tolist() == [raw[3]] * 5 + [raw[1]] * 5
     assert out.attrs["unknown_users"] == [unknown]
     assert any("1 of 3 requested user id(s) unknown" in r.getMessage() and str(unknown) in r.getMessage() for r in caplog.records)
-    # nobody known: an empty answer with the same columns, not an error
-    empty = served.model.predict(pd.DataFrame({"user_id": [unknown, unknown + 1]}), params={"k": 5})
-    assert empty.empty and list(empty.columns) == ["user_id", "item_id", "rank", "score"]
+    # nobody known: a bad request (HTTP 400 when served), naming the field and the ids
+    with pytest.raises(mlflow.exceptions.MlflowException, match=rf"user_id: none of the 2 requested user ids is known.*{unknown}"):
+        served.model.predict(pd.DataFrame({"user_id": [unknown, unknown + 1]}), params={"k": 5})
     with pytest.raises(mlflow.exceptions.MlflowException, match="k must be a positive integer"):
         served.model.predict(pd.DataFrame({"user_id": raw[:1]}), params={"k": 0})
 
@@ -105,9 +105,11 @@ def test_unknown_users_are_skipped_and_logged_duplicates_served_once(served, cap
 def test_k_beyond_the_unmasked_items_returns_what_is_left(served):
     user = served.run.data.users.raw[:1]
     n_items = served.run.data.n_items
-    out = served.model.predict(pd.DataFrame({"user_id": user}), params={"k": n_items + 5})
+    out = served.model.predict(pd.DataFrame({"user_id": user}), params={"k": n_items})
     n_known = served.known[0].nnz
     assert len(out) == n_items - n_known and out["rank"].tolist() == list(range(1, n_items - n_known + 1))
+    with pytest.raises(mlflow.exceptions.MlflowException, match=f"k must be at most the catalog's {n_items:,} items"):
+        served.model.predict(pd.DataFrame({"user_id": user}), params={"k": n_items + 1})
 
 
 def test_signature_artifacts_and_registration(served):
@@ -191,3 +193,36 @@ def test_string_ids_and_item_bias(served):
     ref_items, ref_scores = reference(SimpleNamespace(model=model), features, known, np.array([7, 2]), 4)
     assert out["item_id"].tolist() == items.to_raw(ref_items.numpy().ravel()).tolist()
     np.testing.assert_allclose(out["score"], ref_scores.numpy().ravel(), rtol=1e-5, atol=1e-5)
+
+
+def test_the_served_model_over_http_refuses_bad_requests_and_answers_concurrently_as_sequentially(served):
+    """`mlflow models serve` of the run's recommender on loopback (benchmarks/serve_load.py's
+    server): bad requests get a 4xx naming the field, concurrent answers equal sequential ones."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from serve_load import free_port, post, serve, users_body
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/invocations"
+    proc = serve(served.run_id, served.uri, port)
+    try:
+        users = served.run.data.users.raw[:20].tolist()
+        sequential = [post(url, users_body([u], 5))[:2] for u in users]
+        assert all(status == 200 for status, _ in sequential)
+        assert json.loads(sequential[0][1])["predictions"][0]["user_id"] == users[0]
+        with ThreadPoolExecutor(8) as pool:
+            concurrent = list(pool.map(lambda u: post(url, users_body([u], 5))[:2], users * 3))
+        assert concurrent == sequential * 3
+        n_items = served.run.data.n_items
+        for body, says in [("", "JSON"), (json.dumps({"dataframe_split": {"columns": ["customer"], "data": [[1]]}}), "user_id"),
+                           (users_body([10**9]), "user_id: none of the 1 requested user ids is known"),
+                           (users_body(users[:1], 0), "k must be a positive integer"),
+                           (users_body(users[:1], n_items + 1), "k must be at most"),
+                           (users_body(["nobody"]), "user_id")]:
+            status, text, _ = post(url, body)
+            assert 400 <= status < 500 and says in text, (body, status, text[:200])
+        assert post(url, users_body(users[:1], 5))[:2] == sequential[0]  # still serving
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -45,8 +45,9 @@ class TopKRecommender(PythonModel):
     """``predict(model_input, params={"k": K})``: for each distinct known ``user_id`` of the
     input (first occurrence order), its top-``k`` unmasked items as rows ``user_id, item_id,
     rank, score`` (raw ids, rank 1 best). Unknown user ids are skipped and logged (and listed in
-    the result's ``attrs["unknown_users"]``); a user with fewer than ``k`` unmasked items gets
-    fewer rows."""
+    the result's ``attrs["unknown_users"]``), a request of unknown ids alone is refused (HTTP
+    400 when served); a user with fewer than ``k`` unmasked items gets fewer rows; ``k`` above
+    the catalog's size is refused."""
 
     def load_context(self, context):
         root = Path(context.artifacts[ARTIFACT_NAME])
@@ -69,10 +70,15 @@ class TopKRecommender(PythonModel):
         k = self.default_k if k is None else k
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
             raise MlflowException.invalid_parameter_value(f"k must be a positive integer, not {k!r}")
+        if k > len(self.item_ids):
+            raise MlflowException.invalid_parameter_value(f"k must be at most the catalog's {len(self.item_ids):,} items, not {k!r}")
         users = _user_column(model_input)
         wanted = users.drop_duplicates()
         found = lookup_ids(self.user_index, wanted)
         unknown = wanted[found < 0].tolist()
+        if unknown and len(unknown) == len(wanted):  # a request that can get nothing is a bad request
+            raise MlflowException.invalid_parameter_value(
+                f"user_id: none of the {len(wanted)} requested user ids is known to this model, e.g. {unknown[:5]}")
         if unknown:
             log.warning("recommender: %d of %d requested user id(s) unknown, skipped, e.g. %s",
                         len(unknown), len(wanted), unknown[:5])
