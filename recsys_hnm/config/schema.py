@@ -12,9 +12,12 @@ from typing import Any
 
 import yaml
 
+from ..evaluation import EXCLUDE
 from ..evaluation.metrics import METRICS
-from ..index.item_index import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M, IVF_NLIST, IVF_NPROBE
-from ..models.two_tower import LEARNED_T_MAX, LEARNED_T_MIN
+from ..index.item_index import BACKENDS, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M, IVF_NLIST, IVF_NPROBE
+from ..mining.miners import SELECTIONS
+from ..models.two_tower import HISTORY_ENCODERS, LEARNED_T_MAX, LEARNED_T_MIN
+from ..training.trainer import HISTORIES, LOSSES, PER_POSITION
 from ..ops.errors import ConfigError
 
 SOURCES = ("in_batch", "uniform", "popularity", "category", "copurchase", "ann", "full", "static")
@@ -191,8 +194,6 @@ class TrainConfig:
     # real positions, mean 1 (0: every position alike; > 0 leans toward the most recent)
     position_weight: float = 0.0
 
-
-PER_POSITION = "per_position"
 EMBEDDING_OPTIMIZERS = ("auto", "adam", "sparse_adam", "adagrad", "rowwise_adagrad")
 
 
@@ -559,8 +560,8 @@ def _check_model(c: ExperimentConfig) -> None:
                               f"not at {m.temperature}")
     for i, h in enumerate(m.hidden):
         _positive(h, f"model.hidden[{i}]")
-    _choice(m.train_history, ("all", "causal", PER_POSITION, AUTO), "model.train_history")
-    _choice(m.history_encoder, ("bag", "learned_recency", "last_k", "sasrec"), "model.history_encoder")
+    _choice(m.train_history, (*HISTORIES, AUTO), "model.train_history")
+    _choice(m.history_encoder, HISTORY_ENCODERS, "model.history_encoder")
     for key, v in (("model.last_k", m.last_k), ("model.attention_layers", m.attention_layers), ("model.attention_heads", m.attention_heads)):
         _positive(v, key)
     if m.history_encoder == "last_k" and m.last_k > m.history_len:
@@ -604,12 +605,12 @@ def _check_sampler(c: ExperimentConfig) -> None:
         if not Path(s.static.path).is_file():
             raise ConfigError(f"sampler.static.path: file not found: {s.static.path}")
     _choice(s.static.fallback, ("uniform", "popularity"), "sampler.static.fallback")
-    _choice(s.select.mode, ("none", "hardest", "semi_hard"), "sampler.select.mode")
+    _choice(s.select.mode, SELECTIONS, "sampler.select.mode")
     _positive(s.select.k, "sampler.select.k")
     _positive(s.select.margin, "sampler.select.margin")
     _positive(s.memory_bank.size, "sampler.memory_bank.size", strict=False)
     _positive(s.memory_bank.warmup_steps, "sampler.memory_bank.warmup_steps", strict=False)
-    _choice(c.loss.type, ("softmax", "bpr", "triplet", "gbce"), "loss.type")
+    _choice(c.loss.type, LOSSES, "loss.type")
     if not 0.0 <= c.loss.gbce_calibration <= 1.0:
         raise ConfigError(f"loss.gbce_calibration: {c.loss.gbce_calibration!r} must be in [0, 1]")
     _choice(c.train.embedding_optimizer, EMBEDDING_OPTIMIZERS, "train.embedding_optimizer")
@@ -632,7 +633,7 @@ def _check_ann(c: ExperimentConfig) -> None:
     s = c.sampler
     a = s.ann
     _choice(a.anchor, ("user", "item", "position"), "sampler.ann.anchor")
-    _choice(a.backend, ("auto", "annoy", "exact", "hnsw", "ivf"), "sampler.ann.backend")
+    _choice(a.backend, BACKENDS, "sampler.ann.backend")
     for key in ("hnsw_m", "ef_construction", "ef_search", "ivf_nprobe"):
         _positive(getattr(a, key), f"sampler.ann.{key}")
     _positive(a.ivf_nlist, "sampler.ann.ivf_nlist", strict=False)
@@ -661,7 +662,7 @@ def _check_train_eval(c: ExperimentConfig) -> None:
     for i, k in enumerate(e.ks):
         _positive(k, f"eval.ks[{i}]")
     _positive(e.chunk_size, "eval.chunk_size")
-    _choice(e.exclude, ("history", "train", "none"), "eval.exclude")
+    _choice(e.exclude, EXCLUDE, "eval.exclude")
     _positive(c.auto.budget, "auto.budget", strict=False)
     _positive(c.auto.probe_epochs, "auto.probe_epochs", strict=False)
     metric, _, k = t.monitor.partition("@")

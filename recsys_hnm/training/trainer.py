@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 # table optimizers that take sparse gradients (adagrad's update is the same either way)
 SPARSE_GRADIENT_OPTIMIZERS = ("sparse_adam", "adagrad")
 LOSSES = ("softmax", "bpr", "triplet", "gbce")
-HISTORIES = ("all", "causal", "per_position")  # what each training row's user tower reads
+PER_POSITION = "per_position"
+HISTORIES = ("all", "causal", PER_POSITION)  # what each training row's user tower reads
 
 
 @dataclass(frozen=True)
@@ -151,7 +152,7 @@ class Trainer:
         self.positions = features.event_positions(train_events) if o.history == "causal" else None
         # per position (sequence encoders): a step's rows are the real positions of B windows of
         # history_len events, each predicting its next item; the epoch's examples are the windows
-        self.per_position = o.history == "per_position"
+        self.per_position = o.history == PER_POSITION
         self.position_miner = position_miner  # called with each step's position vectors before sampling (index mining)
         if self.per_position:
             self._windows()
