@@ -82,7 +82,8 @@ class TwoTowerRecommender:
         reads the events before the phase; what the config's ``eval.exclude`` says is masked)."""
         if phase not in ("valid", "test"):
             raise ValueError(f"phase must be 'valid' or 'test', not {phase!r}")
-        e = self._fitted() and self.config.eval
+        self._fitted()
+        e = self.config.eval
         evaluator = Evaluator(self.split, phase, e.ks, e.chunk_size, exclude=e.exclude)
         return evaluator.evaluate(model_scorer(self.model, self.features.with_history(self.split.history(phase))))
 
