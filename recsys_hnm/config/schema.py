@@ -17,7 +17,7 @@ from ..evaluation.metrics import METRICS
 from ..index.item_index import BACKENDS, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M, IVF_NLIST, IVF_NPROBE
 from ..mining.miners import SELECTIONS
 from ..models.two_tower import HISTORY_ENCODERS, LEARNED_T_MAX, LEARNED_T_MIN
-from ..training.trainer import HISTORIES, LOSSES, PER_POSITION
+from ..training.trainer import HARD_LOSSES, HISTORIES, LOSSES, PER_POSITION
 from ..ops.errors import ConfigError
 
 SOURCES = ("in_batch", "uniform", "popularity", "category", "copurchase", "ann", "full", "static")
@@ -588,7 +588,7 @@ def _check_sampler(c: ExperimentConfig) -> None:
         _positive(w, f"sampler.mixture.{name}", strict=False)
     if not any(w > 0 for w in s.mixture.values()):
         raise ConfigError("sampler.mixture: all weights are zero")
-    _choice(s.hard_loss, ("joint", "separate"), "sampler.hard_loss")
+    _choice(s.hard_loss, HARD_LOSSES, "sampler.hard_loss")
     _choice(s.hard_correction, ("none", "source"), "sampler.hard_correction")
     _positive(s.guard_cooccurrence, "sampler.guard_cooccurrence", strict=False)
     _positive(s.hard_weight, "sampler.hard_weight", strict=False)

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 # table optimizers that take sparse gradients (adagrad's update is the same either way)
 SPARSE_GRADIENT_OPTIMIZERS = ("sparse_adam", "adagrad")
 LOSSES = ("softmax", "bpr", "triplet", "gbce")
+HARD_LOSSES = ("joint", "separate")  # mined candidates in the one softmax, or in a term of their own
 PER_POSITION = "per_position"
 HISTORIES = ("all", "causal", PER_POSITION)  # what each training row's user tower reads
 
@@ -85,8 +86,8 @@ class Objective:
     def __post_init__(self):
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, not {self.loss!r}")
-        if self.hard_loss not in ("joint", "separate"):
-            raise ValueError(f"hard_loss must be 'joint' or 'separate', not {self.hard_loss!r}")
+        if self.hard_loss not in HARD_LOSSES:
+            raise ValueError(f"hard_loss must be one of {HARD_LOSSES}, not {self.hard_loss!r}")
 
 
 def _cosines(user_emb: torch.Tensor, emb: torch.Tensor, shared: bool) -> torch.Tensor:
