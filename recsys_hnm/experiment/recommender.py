@@ -38,13 +38,14 @@ class TwoTowerRecommender:
             data, split = load_data(self.config) if data is None else (data, split_data(self.config, data))
         elif data is None:
             raise ValueError("fit: give the Interactions that the split was made from")
-        check_memory(self.config, build_sampler(self.config, data, split), data)
+        sampler = build_sampler(self.config, data, split)  # as train() does: built and checked before the work
+        check_memory(self.config, sampler, data)
         config, self.selection = choose_settings(self.config, data, split)
         t = config.train
         early = EarlyStopping(f"valid.{t.monitor}", t.patience)
         with tempfile.TemporaryDirectory(prefix="recsys-hnm-") as tmp:  # the ANN index, if the mix has one
             index = Path(tmp) / "items.index"
-            trainer, _ = build_trainer(config, data, split, build_sampler(config, data, split), [early], index)
+            trainer, _ = build_trainer(config, data, split, sampler, [early], index)
             self.history = trainer.fit()
             if t.refit:  # selection is done: afresh on train + valid for the selected epochs
                 refit = refit_split(split)
