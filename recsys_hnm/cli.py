@@ -196,6 +196,8 @@ def _run_pipeline(spec_path: str, args) -> int:
     if "to_run" in summary:
         print(f"{len(summary['planned'])} jobs, {len(summary['skipped'])} already finished; would run:")
         print("\n".join(f"  {key}" for key in summary["to_run"]))
+        for out in summary.get("to_mine", []):
+            print(f"  would mine {out} from the run {spec.mined[out]['from']}, after it and before the variants")
         return 0
     print(summary["table"])
     print(f"ran {len(summary['ran'])}, skipped {len(summary['skipped'])} already finished, failed {len(summary['failed'])}"

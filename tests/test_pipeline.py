@@ -115,3 +115,54 @@ def test_sigterm_stops_the_workers_and_marks_the_runs(synthetic_files, tmp_path)
     parents, children = _children(uri)
     assert parents[0].info.status == "KILLED"
     assert {r.info.status for r in children} <= {"KILLED", "FINISHED"} and "RUNNING" not in {r.info.status for r in children}
+
+
+def _specs():
+    """The shipped pipeline specs (the other YAML files in pipelines/ are configs)."""
+    from pathlib import Path
+
+    return sorted(p for p in Path("pipelines").glob("*.yaml") if {"variants", "baselines", "search"} & set(yaml.safe_load(p.read_text())))
+
+
+def test_every_shipped_pipeline_dry_runs_from_a_clean_checkout_and_writes_nothing(tmp_path, capsys):
+    specs = _specs()
+    assert len(specs) >= 10 and any(p.name == "movielens_ablation.yaml" for p in specs)
+    for path in specs:
+        store = tmp_path / path.stem / "m.db"
+        assert main(["pipeline", "run", str(path), "--dry-run", "--tracking-uri", f"sqlite:///{store}"]) == 0, path
+        assert "would run:" in capsys.readouterr().out, path
+        assert not store.parent.exists(), path
+    # the offline variant's file is made by the pipeline, and the dry run says so
+    main(["pipeline", "run", "pipelines/movielens_ablation.yaml", "--dry-run", "--tracking-uri", f"sqlite:///{tmp_path / 'a.db'}"])
+    assert "would mine mlruns/mined/movielens-default-s0.parquet from the run default/s0" in capsys.readouterr().out
+
+
+def test_a_pipeline_mines_its_offline_negatives_from_its_own_run_before_the_variant_that_reads_them(synthetic_files, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    mined = tmp_path / "mined" / "default-s0.parquet"
+    path = _spec(synthetic_files, tmp_path, {
+        "offline": ["sampler.mixture={in_batch: 1.0, uniform: 0.75, static: 0.25}", "sampler.hard=[static]",
+                    f"sampler.static.path={mined}"],
+        "default": []}, seeds=(0,))
+    spec = yaml.safe_load(path.read_text())
+    spec["mined"] = {str(mined): {"from": "default/s0", "sources": ["ann"], "per_positive": 2, "window": [5, 50]}}
+    path.write_text(yaml.safe_dump(spec))
+    summary = run_pipeline(ComparisonSpec.load(path), uri)
+    assert summary["ran"] == ["default/s0", "offline/s0"] and summary["failed"] == []  # the producer first
+    assert summary["mined"] == [str(mined)] and mined.is_file()
+    parents, children = _children(uri)
+    assert sorted(r.info.status for r in children) == ["FINISHED", "FINISHED"]
+    # what exists is not made again; a static file nobody makes is refused before anything runs
+    assert run_pipeline(ComparisonSpec.load(path), uri)["ran"] == [] and "mined" not in run_pipeline(ComparisonSpec.load(path), uri)
+    del spec["mined"]
+    spec["variants"]["offline"][-1] = f"sampler.static.path={tmp_path / 'nobody.parquet'}"
+    path.write_text(yaml.safe_dump(spec))
+    import pytest
+    from recsys_hnm.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"variant 'offline': sampler.static.path: file not found: .*declare it under mined:"):
+        run_pipeline(ComparisonSpec.load(path), uri, dry_run=True)
+    spec["mined"] = {"x.parquet": {"from": "nope/s0"}}
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match=r"mined.x.parquet: from: 'nope/s0' is not a run of this pipeline"):
+        ComparisonSpec.load(path)

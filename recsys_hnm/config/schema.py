@@ -602,8 +602,6 @@ def _check_sampler(c: ExperimentConfig) -> None:
     if s.mixture.get("static", 0) > 0:
         if s.static.path is None:
             raise ConfigError("sampler.static.path: the static source needs the file of mined negatives")
-        if not Path(s.static.path).is_file():
-            raise ConfigError(f"sampler.static.path: file not found: {s.static.path}")
     _choice(s.static.fallback, ("uniform", "popularity"), "sampler.static.fallback")
     _choice(s.select.mode, SELECTIONS, "sampler.select.mode")
     _positive(s.select.k, "sampler.select.k")

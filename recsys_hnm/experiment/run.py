@@ -213,7 +213,10 @@ def check_memory(config: ExperimentConfig, sampler: MixtureSampler, data: Intera
 
 def _static_negatives(path: str, data: Interactions) -> pd.DataFrame:
     """A mined-negatives file as index columns user, item, negative; an id the data does not
-    know is refused, naming the file and column."""
+    know is refused, naming the file and column (a pipeline's ``mined:`` step may make the file,
+    so it is looked for here, before the run, not when the config is read)."""
+    if not Path(path).is_file():
+        raise ConfigError(f"sampler.static.path: file not found: {path}")
     frame = read_table(path)
     missing = [c for c in ("user_id", "item_id", "negative_id") if c not in frame.columns]
     if missing:

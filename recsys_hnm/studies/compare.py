@@ -34,13 +34,17 @@ class ComparisonSpec:
     overrides: list[str] = field(default_factory=list)  # applied to every variant
     baselines: list[str] = field(default_factory=list)  # tuned on validation, run once each
     search: dict | None = None  # an Optuna search section (recsys_hnm.studies.search), run before the variants
+    # offline negatives the pipeline makes before the variants that read them: output path ->
+    # {from: "<variant>/s<seed>", sources, per_positive, window} (the arguments of `recsys-hnm mine`)
+    mined: dict[str, dict] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: str | Path) -> "ComparisonSpec":
         raw = read_yaml(path, "comparison spec")
-        unknown = set(raw) - {"name", "base", "seeds", "variants", "set", "baselines", "search"}
+        unknown = set(raw) - {"name", "base", "seeds", "variants", "set", "baselines", "search", "mined"}
         if unknown:
-            raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}; known: base, baselines, name, search, seeds, set, variants")
+            raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}; known: base, baselines, mined, name, search, seeds, set, "
+                              "variants")
         if not {"variants", "search", "baselines"} & raw.keys():
             raise ConfigError(f"{path}: needs variants, baselines or a search section")
         for key in ("name", "base"):
@@ -90,7 +94,39 @@ class ComparisonSpec:
         repeated = sorted({b for b in baselines if baselines.count(b) > 1})
         if repeated:
             raise ConfigError(f"{path}: baselines: {repeated} listed more than once")
-        return cls(raw["name"], raw["base"], seeds, variants, list(raw.get("set", [])), list(baselines), raw.get("search"))
+        mined = _mined_steps(raw.get("mined", {}), variants, seeds, path)
+        return cls(raw["name"], raw["base"], seeds, variants, list(raw.get("set", [])), list(baselines), raw.get("search"), mined)
+
+
+MINED_DEFAULTS = {"sources": ["ann"], "per_positive": 10, "window": [10, 100]}
+
+
+def _mined_steps(raw, variants: dict, seeds: list[int], path) -> dict[str, dict]:
+    """The spec's ``mined:`` section checked: each output made from a run of the spec itself."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: mined: expected a mapping of output file to {{from, sources, per_positive, window}}, got {raw!r}")
+    steps = {}
+    for output, step in raw.items():
+        where = f"{path}: mined.{output}"
+        if not isinstance(step, dict):
+            raise ConfigError(f"{where}: expected a mapping with 'from', got {step!r}")
+        unknown = set(step) - {"from", *MINED_DEFAULTS}
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; known: from, {', '.join(MINED_DEFAULTS)}")
+        source = step.get("from")
+        jobs = [f"{v}/s{s}" for v in variants for s in seeds]
+        if source not in jobs:
+            raise ConfigError(f"{where}: from: {source!r} is not a run of this pipeline; one of {jobs[:6]}")
+        step = {**MINED_DEFAULTS, **step}
+        if not (isinstance(step["sources"], list) and step["sources"] and all(isinstance(x, str) for x in step["sources"])):
+            raise ConfigError(f"{where}: sources: expected a non-empty list of names, got {step['sources']!r}")
+        if type(step["per_positive"]) is not int or step["per_positive"] < 1:
+            raise ConfigError(f"{where}: per_positive: expected an integer >= 1, got {step['per_positive']!r}")
+        w = step["window"]
+        if not (isinstance(w, list) and len(w) == 2 and all(type(x) is int for x in w) and 0 <= w[0] < w[1]):
+            raise ConfigError(f"{where}: window: expected [lo, hi] with 0 <= lo < hi, got {w!r}")
+        steps[str(output)] = step
+    return steps
 
 
 def _slug(variant: str) -> str:

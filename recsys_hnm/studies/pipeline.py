@@ -61,12 +61,17 @@ def _config(spec: ComparisonSpec, variant: str, sets: list[str], seed: int | Non
 
 def finished_keys(experiment: str, uri: str) -> set[str]:
     """Keys of the pipeline's child runs that FINISHED: they are not run again."""
+    return set(finished_runs(experiment, uri))
+
+
+def finished_runs(experiment: str, uri: str) -> dict[str, str]:
+    """Key -> run id of the pipeline's child runs that FINISHED."""
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        return set()
+        return {}
     runs = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'", max_results=50_000)
-    return {r.data.tags[KEY_TAG] for r in runs if KEY_TAG in r.data.tags}
+    return {r.data.tags[KEY_TAG]: r.info.run_id for r in runs if KEY_TAG in r.data.tags}
 
 
 def run_job(job: Job, parent_id: str) -> str:
@@ -88,8 +93,10 @@ def run_pipeline(spec: ComparisonSpec, uri: str | None = None, *, workers: int =
     run (and ``output``). Returns {"planned", "skipped", "ran", "failed", "table"}."""
     uri = tracking_uri(uri, create=None if dry_run else True)
     jobs = plan(spec, uri)
+    to_mine = _to_mine(spec, jobs)
     if dry_run and not store_exists(uri):  # nothing tracked there yet: every job is to run, and nothing is written
-        return {"planned": [j.key for j in jobs], "skipped": [], "ran": [], "failed": [], "to_run": [j.key for j in jobs]}
+        return {"planned": [j.key for j in jobs], "skipped": [], "ran": [], "failed": [], "to_run": [j.key for j in jobs],
+                "to_mine": to_mine}
     if spec.search is not None and not dry_run:
         from .search import run_search
 
@@ -100,10 +107,14 @@ def run_pipeline(spec: ComparisonSpec, uri: str | None = None, *, workers: int =
     summary = {"planned": [j.key for j in jobs], "skipped": [j.key for j in jobs if j.key in done], "ran": [], "failed": []}
     if dry_run:
         summary["to_run"] = [j.key for j in todo]
+        summary["to_mine"] = to_mine
         return summary
     parent = parent_run(spec.name, uri)
     try:
-        _run_jobs(todo, parent, workers, summary)
+        producers = {spec.mined[out]["from"] for out in to_mine}  # the runs the mined files come from go first
+        _run_jobs([j for j in todo if j.key in producers], parent, workers, summary)
+        _mine(spec, to_mine, uri, summary)
+        _run_jobs([j for j in todo if j.key not in producers], parent, workers, summary)
     except BaseException:  # interrupted: the parent says so; running again resumes
         MlflowClient(uri).set_terminated(parent, "KILLED")
         raise
@@ -130,6 +141,35 @@ def run_pipeline(spec: ComparisonSpec, uri: str | None = None, *, workers: int =
     client.set_tag(parent, "failed_jobs", str(len(summary["failed"])))
     client.set_terminated(parent, "FAILED" if summary["failed"] else "FINISHED")  # re-run: it resumes
     return summary
+
+
+def _to_mine(spec: ComparisonSpec, jobs: list[Job]) -> list[str]:
+    """The spec's mined files not made yet; a job reading a static file that neither exists nor
+    is made by the spec is refused here, before anything runs."""
+    for job in jobs:
+        path = job.config.sampler.static.path
+        if job.config.sampler.mixture.get("static", 0) > 0 and not Path(path).is_file() and path not in spec.mined:
+            raise ConfigError(f"variant {job.variant!r}: sampler.static.path: file not found: {path}; make it first, or "
+                              "declare it under mined: in the spec (the pipeline then mines it from one of its runs)")
+    return [out for out in spec.mined if not Path(out).is_file()]
+
+
+def _mine(spec: ComparisonSpec, outputs: list[str], uri: str, summary: dict) -> None:
+    """Each mined file from the FINISHED run it names (``recsys-hnm mine``'s work)."""
+    from ..experiment.offline import mine
+
+    runs = finished_runs(spec.name, uri)
+    for out in outputs:
+        step = spec.mined[out]
+        if step["from"] not in runs:  # its producer failed: the jobs reading the file fail on it, by name
+            log.error("mined %s: run %s did not finish; not mined", out, step["from"])
+            summary["failed"].append(f"mined:{out}")
+            continue
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        n = mine(runs[step["from"]], out, sources=tuple(step["sources"]), per_positive=step["per_positive"],
+                 window=tuple(step["window"]), uri=uri, progress=False)
+        log.info("mined %d negatives from %s into %s", n, step["from"], out)
+        summary.setdefault("mined", []).append(out)
 
 
 def _run_jobs(todo: list[Job], parent: str, workers: int, summary: dict) -> None:
