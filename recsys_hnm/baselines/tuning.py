@@ -12,7 +12,7 @@ import time
 
 from ..data.splits import Split
 from ..evaluation.evaluator import Evaluator
-from ..evaluation.metrics import METRICS
+from ..evaluation.metrics import METRICS, is_metric_at
 from .models import BASELINES, DEFAULT_GRIDS, Baseline, make_baseline
 
 
@@ -32,8 +32,7 @@ def grid_points(name: str, grid: dict | None = None) -> list[dict]:
 
 
 def check_metric(metric: str, ks) -> None:
-    m, _, k = metric.partition("@")
-    if m not in METRICS or not k.isdigit() or int(k) not in {int(x) for x in ks}:
+    if not is_metric_at(metric, ks):
         raise ValueError(f"metric {metric!r} must be one of {list(METRICS)} @ a K in {list(ks)}")
 
 

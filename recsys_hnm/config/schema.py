@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from ..evaluation import EXCLUDE
-from ..evaluation.metrics import METRICS
+from ..evaluation.metrics import METRICS, is_metric_at
 from ..index.item_index import BACKENDS, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M, IVF_NLIST, IVF_NPROBE
 from ..mining.miners import SELECTIONS
 from ..models.two_tower import HISTORY_ENCODERS, LEARNED_T_MAX, LEARNED_T_MIN
@@ -663,8 +663,7 @@ def _check_train_eval(c: ExperimentConfig) -> None:
     _choice(e.exclude, EXCLUDE, "eval.exclude")
     _positive(c.auto.budget, "auto.budget", strict=False)
     _positive(c.auto.probe_epochs, "auto.probe_epochs", strict=False)
-    metric, _, k = t.monitor.partition("@")
-    if metric not in METRICS or not k.isdigit() or int(k) not in e.ks:
+    if not is_metric_at(t.monitor, e.ks):
         raise ConfigError(f"train.monitor: {t.monitor!r} must be one of {list(METRICS)} @ a K in eval.ks {e.ks}")
 
 def validate(c: ExperimentConfig, check_run_name: bool = True) -> None:

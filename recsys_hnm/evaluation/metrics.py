@@ -7,6 +7,12 @@ import torch
 METRICS = ("ndcg", "map", "recall", "hr", "mrr", "precision")
 
 
+def is_metric_at(metric, ks) -> bool:
+    """Whether ``metric`` names one of METRICS at a K of ``ks``, as ``ndcg@10``."""
+    name, _, k = str(metric).partition("@")
+    return isinstance(metric, str) and name in METRICS and k.isdigit() and int(k) in {int(x) for x in ks}
+
+
 def ranking_metrics(hits: torch.Tensor, n_relevant: torch.Tensor, ks: list[int]) -> dict[str, torch.Tensor]:
     """Per-user metrics: ``hits`` [U, Kmax] bool (is the item at rank r relevant?), ``n_relevant``
     [U] (> 0). Returns ``{"ndcg@10": tensor[U], ...}``.

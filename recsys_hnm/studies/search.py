@@ -46,7 +46,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.trial import TrialState
 
 from ..config import ConfigError, ExperimentConfig, load_config
-from ..evaluation.metrics import METRICS
+from ..evaluation.metrics import METRICS, is_metric_at
 from ..tracking import Terminated, experiment_id, metric_name, tracking_uri
 from ..tracking.runs import KEY_TAG, PARENT_TAG, child_tags, parent_run
 from ..training.callbacks import Callback
@@ -231,8 +231,7 @@ def _check(spec, base: str, name: str, uri: str, overrides: list[str]) -> dict:
     lows = {key: _corners(dist)[0] for key, dist in dists.items()}
     _load(base, [*overrides, *_sets(lows), *_names(name, "search", uri)], f"search.space (every key at its low/first value {lows})")
     metric = spec.get("metric", config.train.monitor)
-    kind, _, k = str(metric).partition("@")
-    if not isinstance(metric, str) or kind not in METRICS or not k.isdigit() or int(k) not in config.eval.ks:
+    if not is_metric_at(metric, config.eval.ks):
         raise ConfigError(f"search.metric: {metric!r} must be one of {list(METRICS)} @ a K in eval.ks {config.eval.ks}")
     base_config = config.to_dict()
     for section in ("name", "tracking"):
