@@ -90,7 +90,8 @@ def run_job(job: Job, parent_id: str) -> str:
 def run_pipeline(spec: ComparisonSpec, uri: str | None = None, *, workers: int = 1, dry_run: bool = False,
                  baseline: str | None = None, output: str | Path | None = None) -> dict:
     """Runs what is not yet done, then tabulates the experiment (``compare_runs``) into the parent
-    run (and ``output``). Returns {"planned", "skipped", "ran", "failed", "table"}."""
+    run (and ``output``). Returns {"planned", "skipped", "ran", "failed", "table"}, with "mined"
+    (the files its ``mined:`` steps made) or, for a dry run, "to_run" and "to_mine"."""
     uri = tracking_uri(uri, create=None if dry_run else True)
     jobs = plan(spec, uri)
     to_mine = _to_mine(spec, jobs)
@@ -165,9 +166,14 @@ def _mine(spec: ComparisonSpec, outputs: list[str], uri: str, summary: dict) -> 
             log.error("mined %s: run %s did not finish; not mined", out, step["from"])
             summary["failed"].append(f"mined:{out}")
             continue
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        n = mine(runs[step["from"]], out, sources=tuple(step["sources"]), per_positive=step["per_positive"],
-                 window=tuple(step["window"]), uri=uri, progress=False)
+        try:  # a step that fails fails the jobs reading its file (by name), not the whole pipeline
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            n = mine(runs[step["from"]], out, sources=tuple(step["sources"]), per_positive=step["per_positive"],
+                     window=tuple(step["window"]), uri=uri, progress=False)
+        except Exception as e:
+            log.error("mined %s from %s failed: %s", out, step["from"], e)
+            summary["failed"].append(f"mined:{out}")
+            continue
         log.info("mined %d negatives from %s into %s", n, step["from"], out)
         summary.setdefault("mined", []).append(out)
 
