@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import small_config
 from recsys_hnm import TwoTowerRecommender, train
@@ -11,8 +12,11 @@ from recsys_hnm.experiment import load_data
 @pytest.fixture(scope="module")
 def fitted(synthetic_files, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("recommender")
-    config = small_config(synthetic_files, tmp, train={"epochs": 2})
-    return config, tmp, TwoTowerRecommender(config).fit()
+    config = small_config(synthetic_files, tmp, train={"epochs": 2, "num_threads": 1})
+    torch.set_num_threads(2)  # fit() takes the config's thread count, as train() does (results follow it)
+    rec = TwoTowerRecommender(config).fit()
+    assert torch.get_num_threads() == 1
+    return config, tmp, rec
 
 
 def test_fit_writes_no_tracking_store_and_scores_as_the_tracked_run(fitted):

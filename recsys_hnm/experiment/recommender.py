@@ -38,6 +38,7 @@ class TwoTowerRecommender:
             data, split = load_data(self.config) if data is None else (data, split_data(self.config, data))
         elif data is None:
             raise ValueError("fit: give the Interactions that the split was made from")
+        torch.set_num_threads(self.config.train.num_threads)  # as train(): float sums, hence results, follow the thread count
         sampler = build_sampler(self.config, data, split)  # as train() does: built and checked before the work
         check_memory(self.config, sampler, data)
         config, self.selection = choose_settings(self.config, data, split)
