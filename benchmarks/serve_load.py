@@ -58,19 +58,12 @@ def users_body(users, k=None) -> str:
 
 def train_small(tmp: Path) -> tuple[str, str, list]:
     """A 1-epoch model on the synthetic data the tests use; (run id, tracking URI, user ids)."""
-    from conftest import small_config  # noqa: E402  (tests/ on the path)
-    import pandas as pd
+    from conftest import small_config, write_split  # noqa: E402  (tests/ on the path)
     from recsys_hnm.data import leave_last_out, synthetic
     from recsys_hnm.experiment import train
 
     data = synthetic(2000, 5000, 60_000, n_categories=20, seed=3)
-    split = leave_last_out(data)
-    files = {}
-    for phase in ("train", "valid", "test"):
-        ev = split.phase(phase)
-        files[phase] = tmp / f"{phase}.csv"
-        pd.DataFrame({"user_id": data.users.to_raw(ev["user"]), "item_id": data.items.to_raw(ev["item"]),
-                      "timestamp": ev["timestamp"].to_numpy()}).to_csv(files[phase], index=False)
+    files = write_split(data, leave_last_out(data), tmp)
     config = small_config(files, tmp, train={"epochs": 1})
     result = train(config)
     return result.run_id, config.tracking.uri, data.users.to_raw(np.arange(data.n_users)).tolist()

@@ -74,7 +74,10 @@ def _train(args) -> int:
         overrides.append("data.dataset=null")
     config = load_config(args.config, overrides)
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        _check_launch(config)  # once, here, not once per rank after the launch
+        from .experiment.run import check_shardable
+        from .training.distributed import SHARDED_DEVICE
+
+        check_shardable(config, SHARDED_DEVICE)  # once, here, not once per rank after the launch
         return _torchrun(args.nproc, args.argv)
     try:
         result = train(config, resume=args.resume)
@@ -85,16 +88,6 @@ def _train(args) -> int:
         print(summary_json(result))
         print(f"run_id={result.run_id}")
     return 0
-
-
-def _check_launch(config) -> None:
-    """What every rank would refuse, refused before torchrun starts them."""
-    from .config import PER_POSITION, ConfigError
-    from .training.distributed import SHARDED_DEVICE, check_supported, embedding_optimizer_for
-
-    if config.model.train_history == PER_POSITION:
-        raise ConfigError(f"model.train_history: {PER_POSITION!r} runs in one process; drop --nproc")
-    check_supported(embedding_optimizer_for(config.train.embedding_optimizer, SHARDED_DEVICE), SHARDED_DEVICE)
 
 
 def _torchrun(nproc: int, argv: list[str]) -> int:

@@ -13,20 +13,25 @@ def synthetic_files(tmp_path_factory):
     synthetic log, split leave-last-out."""
     root = tmp_path_factory.mktemp("synthetic")
     data = synthetic(300, 600, 12_000, n_categories=12, seed=3)
-    split = leave_last_out(data)
+    return write_split(data, leave_last_out(data), root, baskets=True, items=True)
+
+
+def write_split(data, split, root, *, baskets: bool = False, items: bool = False) -> dict:
+    """The split as the CLI's external files: train/valid/test CSVs (user_id, item_id,
+    timestamp, and basket_id with ``baskets``) and, with ``items``, items.csv (item_id, category)."""
     paths = {}
     for phase in ("train", "valid", "test"):
         ev = split.phase(phase)
-        frame = pd.DataFrame({
-            "user_id": data.users.to_raw(ev["user"]), "item_id": data.items.to_raw(ev["item"]),
-            "timestamp": ev["timestamp"].to_numpy(), "basket_id": ev["basket"].to_numpy(),
-        })
+        frame = pd.DataFrame({"user_id": data.users.to_raw(ev["user"]), "item_id": data.items.to_raw(ev["item"]),
+                              "timestamp": ev["timestamp"].to_numpy()})
+        if baskets:
+            frame["basket_id"] = ev["basket"].to_numpy()
         paths[phase] = root / f"{phase}.csv"
         frame.to_csv(paths[phase], index=False)
-    cats = data.categories.to_raw(data.item_categories.tocoo().col)
-    items = pd.DataFrame({"item_id": data.items.to_raw(data.item_categories.tocoo().row), "category": cats})
-    paths["items"] = root / "items.csv"
-    items.to_csv(paths["items"], index=False)
+    if items:
+        coo = data.item_categories.tocoo()
+        paths["items"] = root / "items.csv"
+        pd.DataFrame({"item_id": data.items.to_raw(coo.row), "category": data.categories.to_raw(coo.col)}).to_csv(paths["items"], index=False)
     return paths
 
 

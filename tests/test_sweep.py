@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import small_config
+from conftest import small_config, write_split
 from recsys_hnm import experiment
 from recsys_hnm.cli import build_parser, main
 from recsys_hnm.config import ConfigError, check_register_name, config_from_dict, load_config
@@ -42,16 +42,7 @@ def tiny_run(tmp_path_factory):
     """One finished 1-epoch run on a 50-item catalog that logged test metrics at K 5 and 10."""
     root = tmp_path_factory.mktemp("tiny")
     data = synthetic(80, 50, 2000, n_categories=5, seed=2)
-    split = leave_last_out(data)
-    files = {}
-    for phase in ("train", "valid", "test"):
-        ev = split.phase(phase)
-        files[phase] = root / f"{phase}.csv"
-        pd.DataFrame({"user_id": data.users.to_raw(ev["user"]), "item_id": data.items.to_raw(ev["item"]),
-                      "timestamp": ev["timestamp"].to_numpy()}).to_csv(files[phase], index=False)
-    coo = data.item_categories.tocoo()
-    files["items"] = root / "items.csv"
-    pd.DataFrame({"item_id": data.items.to_raw(coo.row), "category": data.categories.to_raw(coo.col)}).to_csv(files["items"], index=False)
+    files = write_split(data, leave_last_out(data), root, items=True)
     config = small_config(files, root, name="tiny", model={"dim": 8, "hidden": [8]}, sampler={"num_negatives": 8},
                           train={"epochs": 1}, eval={"ks": [5, 10]})
     result = experiment.train(config)

@@ -291,7 +291,7 @@ def _train(config: ExperimentConfig, cluster: Cluster | None, resume: bool | str
     chief, rank, world = (cluster.chief, cluster.rank, cluster.world) if cluster is not None else (True, 0, 1)
     device = cluster.device.type if cluster is not None else None
     config = with_values(config, {"train.embedding_optimizer": embedding_optimizer_for(config.train.embedding_optimizer, device)})
-    check_supported(config.train.embedding_optimizer, device)
+    check_shardable(config, device)
     state, run_id = _resumed(config, cluster, resume) if resume else (None, None)
     logged = get_run(run_id, tracking_uri(config.tracking.uri)) if resume and chief else None  # another store: refused by name
     data, split = load_data(config)
@@ -346,6 +346,16 @@ def _train(config: ExperimentConfig, cluster: Cluster | None, resume: bool | str
         test, mostpop = _log_outcome(config, data, split, model, trainer.features, refresh, trainer)
         _log_plot(history, config.train.monitor)
         return TrainResult(run_id, test, mostpop, history, summary, config)
+
+
+def check_shardable(config: ExperimentConfig, device_type: str | None) -> None:
+    """Refuse what a run with tables sharded on ``device_type`` cannot do (None: one process, all
+    can): called by the CLI before torchrun starts the ranks, and by every rank."""
+    if device_type is None:
+        return
+    if config.model.train_history == PER_POSITION:
+        raise ConfigError(f"model.train_history: {PER_POSITION!r} runs in one process; drop --nproc")
+    check_supported(embedding_optimizer_for(config.train.embedding_optimizer, device_type), device_type)
 
 
 def _resumed(config: ExperimentConfig, cluster: Cluster | None, resume: bool | str) -> tuple[dict, str]:
@@ -445,10 +455,8 @@ def build_trainer(config: ExperimentConfig, data: Interactions, split: Split, sa
     t = config.train
     table_optimizer = embedding_optimizer_for(t.embedding_optimizer, cluster.device.type if cluster is not None else None)
     sharded = None
-    per_position = config.model.train_history == PER_POSITION
-    if cluster is not None and per_position:
-        raise ConfigError(f"model.train_history: {PER_POSITION!r} runs in one process; drop --nproc")
     if cluster is not None:
+        check_shardable(config, cluster.device.type)
         sharded = ShardedTwoTower(model, cluster, sharding=config.distributed.sharding, table_optimizer=table_optimizer,
                                   lr=t.embedding_lr or t.lr)
     features = build_features(config, data, split.history("train"))

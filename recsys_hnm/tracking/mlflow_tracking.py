@@ -35,12 +35,16 @@ class TrackingError(RuntimeError):
 SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
 
 
+def _given_or_default(uri: str | None) -> str:
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_STORE / 'mlflow.db'}"
+
+
 def tracking_uri(uri: str | None = None, create: bool | None = True) -> str:
     """``uri``, else $MLFLOW_TRACKING_URI, else SQLite in ./mlruns (MLflow 3.17+ refuses the
     plain file store), checked before MLflow sees it: a known scheme, and for SQLite a file that
     is an MLflow database. ``create=False`` (commands that only read runs): the store must exist;
     None (a dry run): it may be missing, and nothing is written."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_STORE / 'mlflow.db'}"
+    uri = _given_or_default(uri)
     scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else uri if uri == "databricks" else ""  # MLflow's bare "databricks"
     if scheme not in SCHEMES:
         raise TrackingError(f"tracking URI {uri!r}: unsupported scheme {scheme or '(none)'!r}; use sqlite:///path/mlflow.db, "
@@ -59,7 +63,7 @@ def tracking_uri(uri: str | None = None, create: bool | None = True) -> str:
 def store_exists(uri: str | None = None) -> bool:
     """Whether the store holds anything yet: False for an SQLite file that is missing or empty
     (a server is taken to exist)."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_STORE / 'mlflow.db'}"
+    uri = _given_or_default(uri)
     if not uri.startswith("sqlite:///"):
         return True
     path = Path(uri[len("sqlite:///"):])
