@@ -185,7 +185,7 @@ def _run_pipeline(spec_path: str, args) -> int:
         check_writable(args.output, (".md", ".txt"))
     spec = ComparisonSpec.load(spec_path)
     summary = run_pipeline(spec, args.tracking_uri, workers=workers, dry_run=getattr(args, "dry_run", False),
-                           baseline=args.baseline, output=args.output)
+                           baseline=args.baseline, output=args.output, only=getattr(args, "only", None))
     if "to_run" in summary:
         print(f"{len(summary['planned'])} jobs, {len(summary['skipped'])} already finished; would run:")
         print("\n".join(f"  {key}" for key in summary["to_run"]))
@@ -318,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     prun.add_argument("--dry-run", action="store_true", help="list what would run, run nothing")
     prun.add_argument("--workers", type=int, default=1, help="variants in parallel processes (default: %(default)s)")
     prun.add_argument("--baseline", help="variant to compare against (paired bootstrap CI over test users)")
+    prun.add_argument("--only", action="append", metavar="NAME",
+                      help="run only this variant or baseline of the spec (repeatable); the table still covers every finished run")
     prun.add_argument("--output", help="also write the table here (.md/.txt) and the validation curves beside it (.png)")
     prun.add_argument("--tracking-uri")
     prun.set_defaults(func=_pipeline)

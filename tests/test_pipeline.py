@@ -60,6 +60,20 @@ def test_pipeline_runs_children_under_one_parent_and_resumes(synthetic_files, tm
     assert run_pipeline(ComparisonSpec.load(path), uri)["ran"] == []
 
 
+def test_only_runs_the_named_variants_and_refuses_a_name_the_spec_lacks(synthetic_files, tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    path = _spec(synthetic_files, tmp_path, {"a": [], "b": ["train.lr=0.02"]}, seeds=(0,))
+    assert main(["pipeline", "run", str(path), "--tracking-uri", uri, "--only", "b"]) == 0
+    assert [r.data.tags["variant"] for r in _children(uri)[1]] == ["b"]
+    capsys.readouterr()
+    assert main(["pipeline", "run", str(path), "--tracking-uri", uri, "--dry-run"]) == 0
+    assert capsys.readouterr().out.split("would run:")[1].split() == ["a/s0"]
+    assert main(["pipeline", "run", str(path), "--tracking-uri", uri, "--only", "c", "--only", "a"]) == 2
+    err = capsys.readouterr().err
+    assert "--only 'c': not a variant or baseline of pipeline 'pipe'; it has a, b" in err
+    assert len(_children(uri)[1]) == 1  # refused before anything ran
+
+
 def test_pipeline_with_two_workers_loses_no_run(synthetic_files, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     path = _spec(synthetic_files, tmp_path, {"a": [], "b": ["train.lr=0.01"]})

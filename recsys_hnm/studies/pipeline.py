@@ -1,7 +1,7 @@
 """Batch pipelines: a base config x variants x seeds (and baselines), as MLflow child runs under one
 parent run, resumable: what already FINISHED is skipped, what failed or was interrupted runs again.
 
-    recsys-hnm pipeline run pipelines/movielens_ablation.yaml [--dry-run] [--workers N]
+    recsys-hnm pipeline run pipelines/movielens_ablation.yaml [--dry-run] [--workers N] [--only VARIANT ...]
 """
 
 from __future__ import annotations
@@ -32,13 +32,22 @@ class Job:
     baseline: str | None = None  # a baseline's name, else a two-tower training
 
 
-def plan(spec: ComparisonSpec, uri: str | None = None) -> list[Job]:
-    """Every job of the pipeline, each config checked before anything runs."""
+def plan(spec: ComparisonSpec, uri: str | None = None, only: list[str] | None = None) -> list[Job]:
+    """Every job of the pipeline (or of the variants and baselines named in ``only``), each config
+    checked before anything runs."""
+    unknown = sorted(set(only or ()) - set(spec.variants) - set(spec.baselines))
+    if unknown:
+        raise ConfigError(f"--only {', '.join(map(repr, unknown))}: not a variant or baseline of pipeline {spec.name!r}; "
+                          f"it has {', '.join([*spec.variants, *spec.baselines])}")
     jobs = []
     for variant, sets in spec.variants.items():
+        if only and variant not in only:
+            continue
         for seed in spec.seeds:
             jobs.append(Job(f"{variant}/s{seed}", variant, _config(spec, variant, [*sets, f"train.seed={seed}"], seed, uri)))
     for name in spec.baselines:
+        if only and name not in only:
+            continue
         jobs.append(Job(f"baseline:{name}", name, _config(spec, name, [], None, uri), baseline=name))
     return jobs
 
@@ -88,12 +97,12 @@ def run_job(job: Job, parent_id: str) -> str:
 
 
 def run_pipeline(spec: ComparisonSpec, uri: str | None = None, *, workers: int = 1, dry_run: bool = False,
-                 baseline: str | None = None, output: str | Path | None = None) -> dict:
-    """Runs what is not yet done, then tabulates the experiment (``compare_runs``) into the parent
+                 baseline: str | None = None, output: str | Path | None = None, only: list[str] | None = None) -> dict:
+    """Runs what is not yet done (of the variants and baselines in ``only``, when given), then tabulates the experiment (``compare_runs``) into the parent
     run (and ``output``). Returns {"planned", "skipped", "ran", "failed", "table"}, with "mined"
     (the files its ``mined:`` steps made) or, for a dry run, "to_run" and "to_mine"."""
     uri = tracking_uri(uri, create=None if dry_run else True)
-    jobs = plan(spec, uri)
+    jobs = plan(spec, uri, only)
     to_mine = _to_mine(spec, jobs)
     if dry_run and not store_exists(uri):  # nothing tracked there yet: every job is to run, and nothing is written
         return {"planned": [j.key for j in jobs], "skipped": [], "ran": [], "failed": [], "to_run": [j.key for j in jobs],
