@@ -99,8 +99,9 @@ def run_job(job: Job, parent_id: str) -> str:
 def run_pipeline(spec: ComparisonSpec, uri: str | None = None, *, workers: int = 1, dry_run: bool = False,
                  baseline: str | None = None, output: str | Path | None = None, only: list[str] | None = None) -> dict:
     """Runs what is not yet done (of the variants and baselines in ``only``, when given), then
-    tabulates the experiment (``compare_runs``) into the parent run (and ``output``). Returns {"planned", "skipped", "ran", "failed", "table"}, with "mined"
-    (the files its ``mined:`` steps made) or, for a dry run, "to_run" and "to_mine"."""
+    tabulates the experiment (``compare_runs``) into the parent run (and ``output``). Returns
+    {"planned", "skipped", "ran", "failed", "table"}, with "mined" (the files its ``mined:`` steps
+    made) or, for a dry run, "to_run" and "to_mine"."""
     uri = tracking_uri(uri, create=None if dry_run else True)
     jobs = plan(spec, uri, only)
     to_mine = _to_mine(spec, jobs)
