@@ -218,6 +218,19 @@ class EvalConfig:
 
 
 @dataclass
+class ItemItemConfig:
+    # A full-rank item-item model beside the towers (models/item_item.py), the two blended per
+    # user: (1 - weight) z(towers) + weight z(item-item). weight: 0 = off | in (0, 1) | auto
+    # (chosen on validation once the towers are trained; 0 when the blend does not clearly beat
+    # the towers alone). The model's own hyperparameters (EASE's lam, ItemKNN's k) are tuned on
+    # validation as the baselines are.
+    weight: float | str = 0.0
+    kind: str = "auto"  # ease | itemknn | auto (ease up to ease_max_items items, else itemknn)
+    ease_max_items: int = 30_000  # EASE's dense items x items inverse: 4 n^2 bytes
+    keep: int = 1000  # weights kept per item (largest magnitudes): the sparse matrix logged and served
+
+
+@dataclass
 class AutoConfig:
     # validation probes among the candidates the rules leave for the "auto" settings, the rules'
     # pick included (0 or 1: the rules alone); each probe trains probe_epochs epochs (0: a whole
@@ -254,6 +267,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    item_item: ItemItemConfig = field(default_factory=ItemItemConfig)
     auto: AutoConfig = field(default_factory=AutoConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
@@ -648,7 +662,7 @@ def _check_ann(c: ExperimentConfig) -> None:
 
 
 def _check_train_eval(c: ExperimentConfig) -> None:
-    """train.*, eval.*, auto.*: the loop, the metrics and what is monitored."""
+    """train.*, eval.*, item_item.*, auto.*: the loop, the metrics, what is monitored and blended."""
     t = c.train
     for key, v in (("train.epochs", t.epochs), ("train.batch_size", t.batch_size), ("train.lr", t.lr), ("train.num_threads", t.num_threads)):
         _positive(v, key)
@@ -661,6 +675,14 @@ def _check_train_eval(c: ExperimentConfig) -> None:
         _positive(k, f"eval.ks[{i}]")
     _positive(e.chunk_size, "eval.chunk_size")
     _choice(e.exclude, EXCLUDE, "eval.exclude")
+    ii = c.item_item
+    if isinstance(ii.weight, str) and ii.weight != AUTO:
+        raise ConfigError(f"item_item.weight: expected a number in [0, 1) or 'auto', got {ii.weight!r}")
+    if ii.weight != AUTO and not 0.0 <= ii.weight < 1.0:
+        raise ConfigError(f"item_item.weight: {ii.weight!r} must be in [0, 1) (0 = off; 1 would drop the towers)")
+    _choice(ii.kind, ("auto", "ease", "itemknn"), "item_item.kind")
+    _positive(ii.ease_max_items, "item_item.ease_max_items")
+    _positive(ii.keep, "item_item.keep")
     _positive(c.auto.budget, "auto.budget", strict=False)
     _positive(c.auto.probe_epochs, "auto.probe_epochs", strict=False)
     if not is_metric_at(t.monitor, e.ks):

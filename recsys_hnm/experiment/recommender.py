@@ -19,17 +19,21 @@ from ..evaluation import EXCLUDE, Evaluator
 from ..models import model_scorer
 from ..training import EarlyStopping
 from ..tracking.pyfunc import lookup_ids
-from .run import build_sampler, build_trainer, check_memory, choose_settings, load_data, refit_split, split_data, top_k_frame
+from .run import (
+    blended, build_sampler, build_trainer, check_memory, choose_item_item, choose_settings, fit_head, load_data, refit_split, split_data,
+    top_k_frame,
+)
 
 
 class TwoTowerRecommender:
     """``config``: an ExperimentConfig, or the path of a YAML config (``overrides`` as
     ``--set`` takes them). After ``fit``: ``config`` holds the settings as trained ("auto"
-    resolved), ``selection`` how they were chosen, ``history`` the per-epoch logs."""
+    resolved), ``selection`` how they were chosen, ``history`` the per-epoch logs, ``head`` the
+    item-item head blended with the towers (None: the towers alone) and ``head_choice`` why."""
 
     def __init__(self, config: ExperimentConfig | str | Path, overrides: list[str] | tuple[str, ...] = ()):
         self.config = config if isinstance(config, ExperimentConfig) else load_config(config, list(overrides))
-        self.model = self.features = self.data = self.split = self.selection = None
+        self.model = self.features = self.data = self.split = self.selection = self.head = self.head_choice = None
         self.history: list[dict[str, float]] = []
 
     def fit(self, data: Interactions | None = None, split: Split | None = None) -> "TwoTowerRecommender":
@@ -48,6 +52,10 @@ class TwoTowerRecommender:
             index = Path(tmp) / "items.index"
             trainer, _ = build_trainer(config, data, split, sampler, [early], index)
             self.history = trainer.fit()
+            spec = None
+            if config.item_item.weight != 0:
+                spec, _, self.head_choice = choose_item_item(config, data, split, model_scorer(trainer.model, trainer.features),
+                                                             early.best)
             if t.refit:  # selection is done: afresh on train + valid for the selected epochs
                 refit = refit_split(split)
                 epochs = early.best_epoch + 1 if early.best_epoch >= 0 else t.epochs
@@ -56,6 +64,7 @@ class TwoTowerRecommender:
                 trainer.fit()
         self.config, self.data, self.split = config, data, split
         self.model, self.features = trainer.model.eval(), trainer.features
+        self.head = fit_head(config, *spec, split.known("test") if t.refit else split.matrix("train")) if spec else None
         return self
 
     def recommend(self, users=None, k: int = 10, exclude: str = "history") -> pd.DataFrame:
@@ -69,15 +78,18 @@ class TwoTowerRecommender:
             raise ValueError(f"k must be > 0, not {k}")
         idx = torch.arange(self._fitted().n_users) if users is None else torch.from_numpy(self._indices(users, "user"))
         masked = {"history": self.split.known_all(), "train": self.split.matrix("train"), "none": None}[exclude]
-        scorer = model_scorer(self.model, self.features.with_history(self.split.history_all()))
-        return top_k_frame(scorer, idx, masked, k, self.data, self.config.eval.chunk_size)
+        return top_k_frame(self._serving_scorer(), idx, masked, k, self.data, self.config.eval.chunk_size)
 
     def score(self, users, items) -> np.ndarray:
-        """[len(users), len(items)] logits of raw user ids against raw item ids (the serving view)."""
+        """[len(users), len(items)] scores of raw user ids against raw item ids (the serving view):
+        the towers' logits, or their blend with the item-item head."""
         rows = torch.from_numpy(self._indices(users, "user"))
         cols = torch.from_numpy(self._indices(items, "item"))
-        scorer = model_scorer(self.model, self.features.with_history(self.split.history_all()))
-        return scorer(rows)[:, cols].numpy()
+        return self._serving_scorer()(rows)[:, cols].numpy()
+
+    def _serving_scorer(self):
+        towers = model_scorer(self.model, self.features.with_history(self.split.history_all()))
+        return blended(towers, self.head, self.split.known_all())
 
     def evaluate(self, phase: str = "test") -> dict[str, float]:
         """Full-ranking metrics on ``valid`` or ``test``, as ``train`` reports them (the tower
@@ -87,7 +99,8 @@ class TwoTowerRecommender:
         self._fitted()
         e = self.config.eval
         evaluator = Evaluator(self.split, phase, e.ks, e.chunk_size, exclude=e.exclude)
-        return evaluator.evaluate(model_scorer(self.model, self.features.with_history(self.split.history(phase))))
+        towers = model_scorer(self.model, self.features.with_history(self.split.history(phase)))
+        return evaluator.evaluate(blended(towers, self.head, self.split.known(phase)))
 
     def _fitted(self) -> Interactions:
         if self.model is None:

@@ -38,6 +38,8 @@ from ..ops.io import atomic_write
 from ..ops.memory import available_bytes, gigabytes
 from ..ops.sparse import SortedPairs
 from ..models import FeatureBuilder, HistoryEncoder, TowerSizes, TwoTower, model_scorer
+from ..models.item_item import GRIDS, WEIGHTS, ItemItemHead, fit_weights, head_kind
+from ..baselines import grid_points
 from ..sampling import (
     CategorySampler, CopurchaseSampler, FullCatalog, InBatchSampler, KnownPositives, MixtureSampler, PopularitySampler,
     UniformSampler,
@@ -326,9 +328,17 @@ def _train(config: ExperimentConfig, cluster: Cluster | None, resume: bool | str
         history = trainer.fit()
         train_s = sum(h["epoch_s"] for h in trainer.history)
         summary = selection.lines()
+        head = None  # the item-item head: (kind, params, weight) chosen on validation, fit below
         if chief:
             mlflow.set_tag("best_epoch", str(early.best_epoch))
-            summary += _against_mostpop(config, split, early.best)
+            best = early.best
+            if config.item_item.weight != 0:
+                head, best, line = choose_item_item(config, data, split, model_scorer(trainer.model, trainer.features), best,
+                                                    cluster is None)
+                mlflow.set_tags({"item_item": line[:5000], "item_item.weight": f"{head[2]:g}" if head else "0"})
+                log_metrics({"item_item.valid": best})
+                summary.append(line)
+            summary += _against_mostpop(config, split, best)
         if config.train.refit:
             # model selection is done: train afresh on train + valid for the selected epochs
             epochs = early.best_epoch + 1 if early.best_epoch >= 0 else config.train.epochs
@@ -342,8 +352,10 @@ def _train(config: ExperimentConfig, cluster: Cluster | None, resume: bool | str
         model = trainer.unsharded_model()  # the last collective
         if not chief:
             return TrainResult(run_id, {}, {}, history, config=config)
+        if head is not None:  # fit on what the towers were trained on: train, or train + valid when refit
+            head = fit_head(config, *head, split.known("test") if config.train.refit else split.matrix("train"))
         log_metrics({"train_s": train_s})
-        test, mostpop = _log_outcome(config, data, split, model, trainer.features, refresh, trainer)
+        test, mostpop = _log_outcome(config, data, split, model, trainer.features, refresh, trainer, head)
         _log_plot(history, config.train.monitor)
         return TrainResult(run_id, test, mostpop, history, summary, config)
 
@@ -402,20 +414,25 @@ def _settings(config: ExperimentConfig, state: dict | None, data: Interactions, 
 
 
 def _log_outcome(config: ExperimentConfig, data: Interactions, split: Split, model: TwoTower, features: FeatureBuilder,
-                 refresh: IndexRefresh | None, trainer: Trainer) -> tuple[dict[str, float], dict[str, float]]:
-    """Test metrics (the model's and MostPop's), per user, the model, the served recommender and
-    the final index, logged; returns the two sets of test metrics."""
+                 refresh: IndexRefresh | None, trainer: Trainer, head: ItemItemHead | None) -> tuple[dict[str, float], dict[str, float]]:
+    """Test metrics (the model's and MostPop's), per user, the model, the item-item head, the
+    served recommender and the final index, logged; returns the two sets of test metrics."""
     test_eval = Evaluator(split, "test", config.eval.ks, config.eval.chunk_size, exclude=config.eval.exclude)
-    per_user = test_eval.per_user(model_scorer(model, features.with_history(split.history("test"))))
+    per_user = test_eval.per_user(blended(model_scorer(model, features.with_history(split.history("test"))), head,
+                                          split.known("test")))
     test = {k: float(per_user[k].mean()) for k in per_user.columns if k != "user"}
     log_per_user(per_user, "test", data.users)
     mostpop = test_eval.evaluate(popularity_scorer(phase_counts(split, "test")))
     log_metrics(test, prefix="test.")
     log_metrics(mostpop, prefix="mostpop.test.")
     _log_model(model)
+    if head is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            head.save(Path(tmp) / ITEM_ITEM_ARTIFACT)
+            mlflow.log_artifact(str(Path(tmp) / ITEM_ITEM_ARTIFACT))
     # the serving view: every known event of a user is its history and masked
     log_recommender(model, features.with_history(split.history_all()), data, split.known_all(),
-                    registered_name=config.tracking.register)
+                    registered_name=config.tracking.register, head=head)
     if refresh is not None:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "items.index"
@@ -423,6 +440,62 @@ def _log_outcome(config: ExperimentConfig, data: Interactions, split: Split, mod
             mlflow.log_artifact(str(path), "index")
             mlflow.log_artifact(str(path) + ".json", "index")
     return test, mostpop
+
+
+ITEM_ITEM_ARTIFACT = "item_item.npz"
+
+
+def blended(towers, head: ItemItemHead | None, history: sp.csr_matrix):
+    """The towers' scorer, or their blend with ``head`` over ``history`` (users x items at the phase)."""
+    return towers if head is None else head.scorer(towers, history)
+
+
+def choose_item_item(config: ExperimentConfig, data: Interactions, split: Split, towers, towers_best: float,
+                     single_process: bool = True) -> tuple[tuple | None, float, str]:
+    """The item-item head of a run: ``(kind, params, weight)`` or None, the validation monitor it
+    reaches, and a line that says what was chosen and why. Its model is tuned on validation as
+    the baselines are (fit on train, the best of ``GRIDS`` alone); an "auto" weight is the best of
+    ``WEIGHTS`` on validation, kept only when its paired per-user gain over the towers alone
+    exceeds twice its standard error (``choose_settings``' rule), else there is no head. Test is
+    never read. Under torchrun an "auto" weight is 0: the sharded towers are not scored on
+    validation here."""
+    ii, monitor = config.item_item, config.train.monitor
+    if ii.weight == AUTO and not single_process:
+        return None, towers_best, "item_item: off (an 'auto' weight is chosen in one process, not under torchrun)"
+    kind = head_kind(ii.kind, data.n_items, ii.ease_max_items)
+    evaluator = Evaluator(split, "valid", config.eval.ks, config.eval.chunk_size, exclude=config.eval.exclude)
+    history = split.known("valid")
+    alone, params, weights = -np.inf, None, None
+    for point in grid_points(kind, GRIDS[kind]):  # first in grid order among equals
+        w = fit_weights(kind, point, history, ii.keep)
+        score = evaluator.evaluate(ItemItemHead(kind, point, 1.0, w).item_item_scorer(history))[monitor]
+        if score > alone:
+            alone, params, weights = score, point, w
+
+    def per_user(weight: float) -> np.ndarray:
+        return evaluator.per_user(ItemItemHead(kind, params, weight, weights).scorer(towers, history))[monitor].to_numpy()
+
+    described = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+    if ii.weight != AUTO:
+        weight, score, why = float(ii.weight), float(per_user(float(ii.weight)).mean()), "given"
+    else:
+        base = evaluator.per_user(towers)[monitor].to_numpy()
+        tried = {w: per_user(w) for w in WEIGHTS}
+        weight = max(tried, key=lambda w: (tried[w].mean(), -w))
+        diff = tried[weight] - base
+        gain, se = float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(max(len(diff), 1)))
+        checked = ", ".join(f"{w:g} {v.mean():.4f}" for w, v in tried.items())
+        if not (gain > 0 and gain > 2 * se):
+            return None, towers_best, (f"item_item: off (validation: no weight clearly beats the towers alone, {monitor} "
+                                       f"{base.mean():.4f}; {kind} ({described}) at weights {checked})")
+        score = float(tried[weight].mean())
+        why = (f"validation: {monitor} {score:.4f} against {base.mean():.4f} for the towers alone (paired gain {gain:+.4f} "
+               f"± {se:.4f}) and {alone:.4f} for {kind} alone; weights tried {checked}")
+    return (kind, params, weight), score, f"item_item: {kind} ({described}, tuned on validation) at weight {weight:g} ({why})"
+
+
+def fit_head(config: ExperimentConfig, kind: str, params: dict, weight: float, matrix: sp.csr_matrix) -> ItemItemHead:
+    return ItemItemHead(kind, params, weight, fit_weights(kind, params, matrix, config.item_item.keep))
 
 
 def _against_mostpop(config: ExperimentConfig, split: Split, best: float) -> list[str]:
@@ -648,6 +721,7 @@ class LoadedRun:
     split: Split
     model: TwoTower
     features: FeatureBuilder
+    head: ItemItemHead | None = None  # the item-item head blended with the towers, when the run chose one
 
 
 def load_run(run_id: str, uri: str | None = None) -> LoadedRun:
@@ -664,6 +738,13 @@ def load_run(run_id: str, uri: str | None = None) -> LoadedRun:
             weights = load_torch_file(path)
         except CheckpointError as e:  # the temp path means nothing to the user: name the run and artifact
             raise TrackingError(f"run {run_id}: artifact model.pt: {str(e).removeprefix(f'{path}: ')}") from e
+        head = None
+        if float(logged.data.tags.get("item_item.weight", 0)) > 0:
+            path = download(run_id, ITEM_ITEM_ARTIFACT, uri, tmp)
+            try:
+                head = ItemItemHead.load(path)
+            except (OSError, ValueError, KeyError) as e:
+                raise TrackingError(f"run {run_id}: artifact {ITEM_ITEM_ARTIFACT} cannot be read ({e})") from e
     data, split = load_data(config)
     fingerprint = logged.data.tags.get("data_fingerprint")
     if fingerprint is not None and fingerprint != data.fingerprint():
@@ -678,14 +759,16 @@ def load_run(run_id: str, uri: str | None = None) -> LoadedRun:
     model.eval()
     trained_on = refit_split(split) if config.train.refit else split
     features = build_features(config, data, trained_on.history("train")).with_history(split.history("test"))
-    return LoadedRun(config, data, split, model, features)
+    if head is not None and head.weights.shape != (data.n_items, data.n_items):
+        raise TrackingError(f"run {run_id}: its item-item weights are {head.weights.shape}, the data has {data.n_items:,} items")
+    return LoadedRun(config, data, split, model, features, head)
 
 
 def evaluate_run(run_id: str, uri: str | None = None) -> dict[str, float]:
     """Test metrics of a finished run, recomputed from its logged config and weights."""
     run = load_run(run_id, uri)
     ev = Evaluator(run.split, "test", run.config.eval.ks, run.config.eval.chunk_size, exclude=run.config.eval.exclude)
-    return ev.evaluate(model_scorer(run.model, run.features))
+    return ev.evaluate(blended(model_scorer(run.model, run.features), run.head, run.split.known("test")))
 
 
 HISTORIES = ("test", "all")
@@ -717,11 +800,12 @@ def recommend(run_id: str, k: int, users=None, uri: str | None = None, history: 
     exclude = exclude or run.config.eval.exclude
     split, data = run.split, run.data
     idx, unknown = _requested_users(users, run_id, split, data)
-    features, masked = run.features, split.known("test")
+    features, known = run.features, split.known("test")
     if history == "all":
-        features, masked = run.features.with_history(split.history_all()), split.known_all()
-    masked = {"history": masked, "train": split.matrix("train"), "none": None}[exclude]
-    out = top_k_frame(model_scorer(run.model, features), idx, masked, k, data, run.config.eval.chunk_size)
+        features, known = run.features.with_history(split.history_all()), split.known_all()
+    masked = {"history": known, "train": split.matrix("train"), "none": None}[exclude]
+    scorer = blended(model_scorer(run.model, features), run.head, known)
+    out = top_k_frame(scorer, idx, masked, k, data, run.config.eval.chunk_size)
     out.attrs["unknown_users"] = unknown
     return out
 

@@ -8,9 +8,11 @@ file into the model and runs it at load time, where it defines ``TopKRecommender
 to ``mlflow.models.set_model``. Nothing is pickled, and the loaded model needs only numpy,
 pandas and mlflow: neither torch, torchrec nor recsys_hnm.
 
-Scores and ranking are those of ``recommend``: user . item * scale (+ item bias), known items
-masked, the best ``k`` first, ties to the lower item index (``ops.ranking.top_k``'s
-rule, computed here in numpy with the same packed keys).
+Scores and ranking are those of ``recommend``: user . item * scale (+ item bias), or, when the
+run chose an item-item head (models/item_item.py), that blended per user with the known items'
+rows of the head's sparse weights, each side standardised over the catalog; known items masked,
+the best ``k`` first, ties to the lower item index (``ops.ranking.top_k``'s rule, computed here
+in numpy with the same packed keys).
 
 Keep the module's top-level imports to the standard library, numpy, pandas and mlflow: they are
 what the serving side imports when it loads the model.
@@ -38,6 +40,8 @@ META_FILE = "meta.json"
 USER_IDS, ITEM_IDS = "user_ids.npy", "item_ids.npy"
 USER_EMB, ITEM_VECS, ITEM_BIAS = "user_embeddings.npy", "item_vectors.npy", "item_bias.npy"
 KNOWN = "known.npz"
+ITEM_ITEM = "item_item.npz"  # the head's weights (items x items CSR), when the run has one
+EPS = 1e-6  # as models/item_item.py: a constant row standardises to zeros
 MAX_CELLS = 1 << 22  # scores held at once per request chunk (users x items)
 
 
@@ -64,6 +68,10 @@ class TopKRecommender(PythonModel):
             self.known_indices = known["indices"].astype(np.int64)
         self.user_index = pd.Index(self.user_ids)
         self.default_k = int(self.meta["default_k"])
+        self.head_weight = float(self.meta.get("item_item_weight", 0.0))
+        if self.head_weight:
+            with np.load(root / ITEM_ITEM, allow_pickle=False) as head:
+                self.head = (head["indptr"].astype(np.int64), head["indices"].astype(np.int64), head["data"].astype(np.float32))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         k = (params or {}).get("k")
@@ -92,12 +100,20 @@ class TopKRecommender(PythonModel):
         s = np.asarray(self.user_emb[idx], dtype=np.float32) @ self.item_t
         if self.item_bias is not None:
             s += self.item_bias
-        starts, ends = self.known_indptr[idx], self.known_indptr[idx + 1]
-        lengths = ends - starts
-        rows = np.repeat(np.arange(len(idx)), lengths)
-        cols = self.known_indices[np.repeat(ends - lengths.cumsum(), lengths) + np.arange(lengths.sum())]
+        rows, cols = _rows_of(self.known_indptr, self.known_indices, idx)
+        if self.head_weight:
+            a = np.float32(self.head_weight)
+            s = (1 - a) * _standardize(s) + a * _standardize(self.head_scores(rows, cols, len(idx)))
         s[rows, cols] = -np.inf
         return s
+
+    def head_scores(self, rows: np.ndarray, items: np.ndarray, n_rows: int) -> np.ndarray:
+        """[n_rows, n_items]: row r sums the head's weight rows of its known items (``rows``, ``items``)."""
+        indptr, indices, data = self.head
+        n_items = len(self.item_ids)
+        r, c = _rows_of(indptr, indices, items)  # r: position in ``items``, c: the weight's column
+        out = np.bincount(rows[r] * n_items + c, weights=data[_positions(indptr, items)], minlength=n_rows * n_items)
+        return out.reshape(n_rows, n_items).astype(np.float32)
 
     def top_items(self, idx: np.ndarray, k: int) -> pd.DataFrame:
         n_items = len(self.item_ids)
@@ -136,6 +152,24 @@ def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     order = np.argsort(-np.take_along_axis(key, part, 1), axis=1)  # keys are distinct: no ties
     indices = np.take_along_axis(part, order, 1)
     return indices, np.take_along_axis(scores, indices, 1)
+
+
+def _positions(indptr: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The CSR entry positions of ``rows``, row after row."""
+    starts, ends = indptr[rows], indptr[rows + 1]
+    lengths = ends - starts
+    return np.repeat(ends - lengths.cumsum(), lengths) + np.arange(lengths.sum())
+
+
+def _rows_of(indptr: np.ndarray, indices: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(position in ``rows``, column) of every entry of the CSR rows ``rows``."""
+    lengths = indptr[rows + 1] - indptr[rows]
+    return np.repeat(np.arange(len(rows)), lengths), indices[_positions(indptr, rows)]
+
+
+def _standardize(s: np.ndarray) -> np.ndarray:
+    """Each row to mean 0 and standard deviation 1 (models/item_item.py's ``standardize``)."""
+    return (s - s.mean(1, keepdims=True)) / (s.std(1, ddof=1, keepdims=True) + np.float32(EPS))
 
 
 def _user_column(model_input) -> pd.Series:
@@ -186,8 +220,9 @@ def _signature(user_type: str, item_type: str, k: int):
     )
 
 
-def write_recommender_data(model, features, data, known, k: int, root: Path) -> dict:
-    """The arrays ``TopKRecommender`` loads, written under ``root``; returns the meta dict."""
+def write_recommender_data(model, features, data, known, k: int, root: Path, head=None) -> dict:
+    """The arrays ``TopKRecommender`` loads, written under ``root``; returns the meta dict.
+    ``head``: the run's ``ItemItemHead`` (blended over ``known``), or None."""
     import scipy.sparse as sp
     import torch
 
@@ -218,17 +253,23 @@ def write_recommender_data(model, features, data, known, k: int, root: Path) -> 
     if has_bias:
         np.save(root / ITEM_BIAS, model.item_bias.detach().numpy().astype(np.float32), allow_pickle=False)
     np.savez(root / KNOWN, indptr=known.indptr.astype(np.int64), indices=known.indices.astype(np.int64))
+    if head is not None:
+        w = sp.csr_matrix(head.weights)
+        if w.shape != (n_items, n_items):
+            raise ValueError(f"the item-item head's weights are {w.shape}, the model has {n_items} items")
+        np.savez(root / ITEM_ITEM, indptr=w.indptr.astype(np.int64), indices=w.indices.astype(np.int64), data=w.data.astype(np.float32))
     meta = {
         "format": FORMAT_VERSION, "n_users": n_users, "n_items": n_items, "dim": int(users.shape[1]),
         "default_k": int(k), "scale": scale, "temperature": 1.0 / scale, "item_bias": has_bias,
         "known_nnz": int(known.nnz), "user_id_type": _id_type(user_ids), "item_id_type": _id_type(item_ids),
+        "item_item_weight": float(head.weight) if head is not None else 0.0,
     }
     (root / META_FILE).write_text(json.dumps(meta, indent=2))
     return meta
 
 
 def log_recommender(model, features, data, known, k: int = 100, artifact_path: str = "recommender",
-                    registered_name: str | None = None):
+                    registered_name: str | None = None, head=None):
     """Log ``model`` as a pyfunc top-``k`` recommender in the active MLflow run; returns MLflow's
     ``ModelInfo`` (``model_uri`` loads it with ``mlflow.pyfunc.load_model``).
 
@@ -236,6 +277,7 @@ def log_recommender(model, features, data, known, k: int = 100, artifact_path: s
     known event); ``data``: the Interactions (raw ids); ``known``: users x items, nonzero where
     the item is masked for the user (every known event). ``k``: the default of the ``k`` param.
     ``registered_name``: also register the model under that name in the model registry.
+    ``head``: the run's item-item head (``models.item_item.ItemItemHead``), blended over ``known``.
     """
     if k <= 0:
         raise ValueError(f"k must be > 0, not {k}")
@@ -243,7 +285,7 @@ def log_recommender(model, features, data, known, k: int = 100, artifact_path: s
         raise RuntimeError("log_recommender needs an active MLflow run")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / ARTIFACT_NAME
-        meta = write_recommender_data(model, features, data, known, k, root)
+        meta = write_recommender_data(model, features, data, known, k, root, head)
         user_ids = np.load(root / USER_IDS, allow_pickle=False)
         example = pd.DataFrame({"user_id": user_ids[:2]})
         info = mlflow.pyfunc.log_model(
