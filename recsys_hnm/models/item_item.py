@@ -105,8 +105,7 @@ class ItemItemHead:
 
     def item_item_scorer(self, history: sp.csr_matrix) -> Scorer:
         """The item-item side alone: ``history @ weights``."""
-        history = sp.csr_matrix(history, dtype=np.float32)
-        history.data[:] = 1.0
+        history = (sp.csr_matrix(history) != 0).astype(np.float32)  # binary, explicit zeros dropped
         return lambda users: torch.from_numpy(np.ascontiguousarray((history[users.numpy()] @ self.weights).toarray(), dtype=np.float32))
 
     def scorer(self, towers: Scorer, history: sp.csr_matrix) -> Scorer:
