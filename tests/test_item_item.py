@@ -17,7 +17,7 @@ from recsys_hnm.config import ConfigError, load_config
 from recsys_hnm.data import ratio_split, synthetic
 from recsys_hnm.experiment import evaluate_run, load_run, recommend, train
 from recsys_hnm.experiment.run import choose_item_item
-from recsys_hnm.models.item_item import ItemItemHead, fit_weights, head_kind, prune_columns, standardize
+from recsys_hnm.baselines.item_item import ItemItemHead, fit_weights, head_kind, prune_columns, standardize
 
 
 def test_prune_keeps_each_columns_largest_magnitudes_dense_and_sparse():

@@ -219,7 +219,7 @@ class EvalConfig:
 
 @dataclass
 class ItemItemConfig:
-    # A full-rank item-item model beside the towers (models/item_item.py), the two blended per
+    # A full-rank item-item model beside the towers (baselines/item_item.py), the two blended per
     # user: (1 - weight) z(towers) + weight z(item-item). weight: 0 = off | in (0, 1) | auto
     # (chosen on validation once the towers are trained; 0 when the blend does not clearly beat
     # the towers alone). The model's own hyperparameters (EASE's lam, ItemKNN's k) are tuned on

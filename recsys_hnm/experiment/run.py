@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from ..ops.io import atomic_write
 from ..ops.memory import available_bytes, gigabytes
 from ..ops.sparse import SortedPairs
 from ..models import FeatureBuilder, HistoryEncoder, TowerSizes, TwoTower, model_scorer
-from ..models.item_item import GRIDS, WEIGHTS, ItemItemHead, fit_weights, head_kind
+from ..baselines.item_item import GRIDS, WEIGHTS, ItemItemHead, fit_weights, head_kind
 from ..baselines import grid_points
 from ..sampling import (
     CategorySampler, CopurchaseSampler, FullCatalog, InBatchSampler, KnownPositives, MixtureSampler, PopularitySampler,
@@ -327,37 +328,38 @@ def _train(config: ExperimentConfig, cluster: Cluster | None, resume: bool | str
                 raise ConfigError(f"checkpoint {ckpt} does not match this config: {e}") from e
         history = trainer.fit()
         train_s = sum(h["epoch_s"] for h in trainer.history)
-        summary = selection.lines()
-        head = None  # the item-item head: (kind, params, weight) chosen on validation, fit below
+        summary, head = selection.lines(), None  # head: the item-item head's (kind, params, weight), fit below
         if chief:
             mlflow.set_tag("best_epoch", str(early.best_epoch))
-            best = early.best
-            if config.item_item.weight != 0:
-                head, best, line = choose_item_item(config, data, split, model_scorer(trainer.model, trainer.features), best,
-                                                    cluster is None)
-                mlflow.set_tags({"item_item": line[:5000], "item_item.weight": f"{head[2]:g}" if head else "0"})
-                log_metrics({"item_item.valid": best})
-                summary.append(line)
-            summary += _against_mostpop(config, split, best)
-        if config.train.refit:
-            # model selection is done: train afresh on train + valid for the selected epochs
-            epochs = early.best_epoch + 1 if early.best_epoch >= 0 else config.train.epochs
-            refit = refit_split(split)
-            trainer, refresh = build_trainer(config, data, refit, build_sampler(config, data, refit), [], ckpt.parent / "items.index",
-                                             epochs=epochs, validate=False, cluster=cluster)
-            trainer.fit()
+            head, best, lines = _logged_head_choice(config, data, split, trainer, early.best, cluster is None)
+            summary += lines + _against_mostpop(config, split, best)
+        if config.train.refit:  # model selection is done: train afresh on train + valid for the selected epochs
+            trainer, refresh = _refit(config, data, split, early, ckpt.parent / "items.index", cluster)
             train_s += sum(h["epoch_s"] for h in trainer.history)
-            if chief:
-                log_metrics({"refit.epochs": epochs, "refit.train_loss": trainer.history[-1]["train_loss"]})
         model = trainer.unsharded_model()  # the last collective
         if not chief:
             return TrainResult(run_id, {}, {}, history, config=config)
-        if head is not None:  # fit on what the towers were trained on: train, or train + valid when refit
+        if head is not None:  # fit on what the towers were trained on (train, or train + valid when refit), timed with them
+            started = time.perf_counter()
             head = fit_head(config, *head, split.known("test") if config.train.refit else split.matrix("train"))
+            train_s += time.perf_counter() - started
         log_metrics({"train_s": train_s})
         test, mostpop = _log_outcome(config, data, split, model, trainer.features, refresh, trainer, head)
         _log_plot(history, config.train.monitor)
         return TrainResult(run_id, test, mostpop, history, summary, config)
+
+
+def _refit(config: ExperimentConfig, data: Interactions, split: Split, early: EarlyStopping, index_path: Path,
+           cluster: Cluster | None) -> tuple[Trainer, IndexRefresh | None]:
+    """A fresh model trained on train + valid for the epochs early stopping selected."""
+    epochs = early.best_epoch + 1 if early.best_epoch >= 0 else config.train.epochs
+    refit = refit_split(split)
+    trainer, refresh = build_trainer(config, data, refit, build_sampler(config, data, refit), [], index_path,
+                                     epochs=epochs, validate=False, cluster=cluster)
+    trainer.fit()
+    if cluster is None or cluster.chief:
+        log_metrics({"refit.epochs": epochs, "refit.train_loss": trainer.history[-1]["train_loss"]})
+    return trainer, refresh
 
 
 def check_shardable(config: ExperimentConfig, device_type: str | None) -> None:
@@ -492,6 +494,18 @@ def choose_item_item(config: ExperimentConfig, data: Interactions, split: Split,
         why = (f"validation: {monitor} {score:.4f} against {base.mean():.4f} for the towers alone (paired gain {gain:+.4f} "
                f"± {se:.4f}) and {alone:.4f} for {kind} alone; weights tried {checked}")
     return (kind, params, weight), score, f"item_item: {kind} ({described}, tuned on validation) at weight {weight:g} ({why})"
+
+
+def _logged_head_choice(config: ExperimentConfig, data: Interactions, split: Split, trainer: Trainer, best: float,
+                        single_process: bool) -> tuple[tuple | None, float, list[str]]:
+    """``choose_item_item`` for a tracked run (tags ``item_item``, ``item_item.weight``): the head,
+    the validation monitor with it, the summary line."""
+    if config.item_item.weight == 0:
+        return None, best, []
+    head, best, line = choose_item_item(config, data, split, model_scorer(trainer.model, trainer.features), best, single_process)
+    mlflow.set_tags({"item_item": line[:5000], "item_item.weight": f"{head[2]:g}" if head else "0"})
+    log_metrics({"item_item.valid": best})
+    return head, best, [line]
 
 
 def fit_head(config: ExperimentConfig, kind: str, params: dict, weight: float, matrix: sp.csr_matrix) -> ItemItemHead:

@@ -9,7 +9,7 @@ to ``mlflow.models.set_model``. Nothing is pickled, and the loaded model needs o
 pandas and mlflow: neither torch, torchrec nor recsys_hnm.
 
 Scores and ranking are those of ``recommend``: user . item * scale (+ item bias), or, when the
-run chose an item-item head (models/item_item.py), that blended per user with the known items'
+run chose an item-item head (baselines/item_item.py), that blended per user with the known items'
 rows of the head's sparse weights, each side standardised over the catalog; known items masked,
 the best ``k`` first, ties to the lower item index (``ops.ranking.top_k``'s rule, computed here
 in numpy with the same packed keys).
@@ -41,7 +41,7 @@ USER_IDS, ITEM_IDS = "user_ids.npy", "item_ids.npy"
 USER_EMB, ITEM_VECS, ITEM_BIAS = "user_embeddings.npy", "item_vectors.npy", "item_bias.npy"
 KNOWN = "known.npz"
 ITEM_ITEM = "item_item.npz"  # the head's weights (items x items CSR), when the run has one
-EPS = 1e-6  # as models/item_item.py: a constant row standardises to zeros
+EPS = 1e-6  # as baselines/item_item.py: a constant row standardises to zeros
 MAX_CELLS = 1 << 22  # scores held at once per request chunk (users x items)
 
 
@@ -168,7 +168,7 @@ def _rows_of(indptr: np.ndarray, indices: np.ndarray, rows: np.ndarray) -> tuple
 
 
 def _standardize(s: np.ndarray) -> np.ndarray:
-    """Each row to mean 0 and standard deviation 1 (models/item_item.py's ``standardize``)."""
+    """Each row to mean 0 and standard deviation 1 (baselines/item_item.py's ``standardize``)."""
     return (s - s.mean(1, keepdims=True)) / (s.std(1, ddof=1, keepdims=True) + np.float32(EPS))
 
 
@@ -277,7 +277,7 @@ def log_recommender(model, features, data, known, k: int = 100, artifact_path: s
     known event); ``data``: the Interactions (raw ids); ``known``: users x items, nonzero where
     the item is masked for the user (every known event). ``k``: the default of the ``k`` param.
     ``registered_name``: also register the model under that name in the model registry.
-    ``head``: the run's item-item head (``models.item_item.ItemItemHead``), blended over ``known``.
+    ``head``: the run's item-item head (``baselines.item_item.ItemItemHead``), blended over ``known``.
     """
     if k <= 0:
         raise ValueError(f"k must be > 0, not {k}")

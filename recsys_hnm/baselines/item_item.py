@@ -22,7 +22,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from ..baselines.models import EASE, ItemKNN
+from .models import EASE, ItemKNN
 from ..ops.io import atomic_write
 from ..ops.ranking import Scorer
 
