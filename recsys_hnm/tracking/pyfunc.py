@@ -15,7 +15,8 @@ the best ``k`` first, ties to the lower item index (``ops.ranking.top_k``'s rule
 in numpy with the same packed keys).
 
 Keep the module's top-level imports to the standard library, numpy, pandas and mlflow: they are
-what the serving side imports when it loads the model.
+what the serving side imports when it loads the model (scipy, a dependency of mlflow, is imported
+only for an item-item head).
 """
 
 from __future__ import annotations
@@ -70,8 +71,13 @@ class TopKRecommender(PythonModel):
         self.default_k = int(self.meta["default_k"])
         self.head_weight = float(self.meta.get("item_item_weight", 0.0))
         if self.head_weight:
+            import scipy.sparse as sp  # a dependency of mlflow; needed only with an item-item head
+
+            n_users, n_items = len(self.user_ids), len(self.item_ids)
             with np.load(root / ITEM_ITEM, allow_pickle=False) as head:
-                self.head = (head["indptr"].astype(np.int64), head["indices"].astype(np.int64), head["data"].astype(np.float32))
+                self.head = sp.csr_matrix((head["data"], head["indices"], head["indptr"]), shape=(n_items, n_items))
+            ones = np.ones(len(self.known_indices), dtype=np.float32)
+            self.known = sp.csr_matrix((ones, self.known_indices, self.known_indptr), shape=(n_users, n_items))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         k = (params or {}).get("k")
@@ -100,20 +106,15 @@ class TopKRecommender(PythonModel):
         s = np.asarray(self.user_emb[idx], dtype=np.float32) @ self.item_t
         if self.item_bias is not None:
             s += self.item_bias
-        rows, cols = _rows_of(self.known_indptr, self.known_indices, idx)
-        if self.head_weight:
+        if self.head_weight:  # the towers blended with the item-item head over the known items
             a = np.float32(self.head_weight)
-            s = (1 - a) * _standardize(s) + a * _standardize(self.head_scores(rows, cols, len(idx)))
+            s = (1 - a) * _standardize(s) + a * _standardize((self.known[idx] @ self.head).toarray().astype(np.float32))
+        starts, ends = self.known_indptr[idx], self.known_indptr[idx + 1]
+        lengths = ends - starts
+        rows = np.repeat(np.arange(len(idx)), lengths)
+        cols = self.known_indices[np.repeat(ends - lengths.cumsum(), lengths) + np.arange(lengths.sum())]
         s[rows, cols] = -np.inf
         return s
-
-    def head_scores(self, rows: np.ndarray, items: np.ndarray, n_rows: int) -> np.ndarray:
-        """[n_rows, n_items]: row r sums the head's weight rows of its known items (``rows``, ``items``)."""
-        indptr, indices, data = self.head
-        n_items = len(self.item_ids)
-        r, c = _rows_of(indptr, indices, items)  # r: position in ``items``, c: the weight's column
-        out = np.bincount(rows[r] * n_items + c, weights=data[_positions(indptr, items)], minlength=n_rows * n_items)
-        return out.reshape(n_rows, n_items).astype(np.float32)
 
     def top_items(self, idx: np.ndarray, k: int) -> pd.DataFrame:
         n_items = len(self.item_ids)
@@ -152,19 +153,6 @@ def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     order = np.argsort(-np.take_along_axis(key, part, 1), axis=1)  # keys are distinct: no ties
     indices = np.take_along_axis(part, order, 1)
     return indices, np.take_along_axis(scores, indices, 1)
-
-
-def _positions(indptr: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """The CSR entry positions of ``rows``, row after row."""
-    starts, ends = indptr[rows], indptr[rows + 1]
-    lengths = ends - starts
-    return np.repeat(ends - lengths.cumsum(), lengths) + np.arange(lengths.sum())
-
-
-def _rows_of(indptr: np.ndarray, indices: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(position in ``rows``, column) of every entry of the CSR rows ``rows``."""
-    lengths = indptr[rows + 1] - indptr[rows]
-    return np.repeat(np.arange(len(rows)), lengths), indices[_positions(indptr, rows)]
 
 
 def _standardize(s: np.ndarray) -> np.ndarray:
