@@ -92,6 +92,15 @@ def _config(tmp_path, **item_item):
     return small_config({}, tmp_path, data={"dataset": "unused"}, item_item={"weight": "auto", **item_item})
 
 
+def test_an_ease_head_over_its_item_limit_is_refused_before_training(random_split, tmp_path):
+    data, split = random_split
+    files = write_split(data, split, tmp_path)
+    config = small_config(files, tmp_path, item_item={"weight": 0.5, "kind": "ease", "ease_max_items": 100})
+    with pytest.raises(ConfigError, match="item_item.kind: ease on 590 items"):
+        train(config)
+    assert not (tmp_path / "ckpt").exists()
+
+
 def test_auto_weight_is_chosen_on_validation_only_and_off_when_it_does_not_help(random_split, tmp_path):
     data, split = random_split
     config = _config(tmp_path)

@@ -20,7 +20,7 @@ from ..models import model_scorer
 from ..training import EarlyStopping
 from ..tracking.pyfunc import lookup_ids
 from .run import (
-    blended, build_sampler, build_trainer, check_memory, choose_item_item, choose_settings, fit_head, load_data, refit_split, split_data,
+    blended, build_sampler, build_trainer, check_item_item, check_memory, choose_item_item, choose_settings, fit_head, load_data, refit_split, split_data,
     top_k_frame,
 )
 
@@ -45,6 +45,7 @@ class TwoTowerRecommender:
         torch.set_num_threads(self.config.train.num_threads)  # as train(): float sums, hence results, follow the thread count
         sampler = build_sampler(self.config, data, split)  # as train() does: built and checked before the work
         check_memory(self.config, sampler, data)
+        check_item_item(self.config, data)
         config, self.selection = choose_settings(self.config, data, split)
         t = config.train
         early = EarlyStopping(f"valid.{t.monitor}", t.patience)

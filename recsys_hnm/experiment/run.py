@@ -232,6 +232,15 @@ def _static_negatives(path: str, data: Interactions) -> pd.DataFrame:
         raise ConfigError(f"sampler.static.path: {e}") from e
 
 
+def check_item_item(config: ExperimentConfig, data: Interactions) -> None:
+    """Refuse, before any run, an EASE head whose dense items x items inverse is over the limit."""
+    ii = config.item_item
+    if ii.weight != 0 and ii.kind == "ease" and data.n_items > ii.ease_max_items:
+        raise ConfigError(f"item_item.kind: ease on {data.n_items:,} items needs a dense {data.n_items:,} x {data.n_items:,} "
+                          f"inverse ({gigabytes(8 * data.n_items ** 2)}), above item_item.ease_max_items="
+                          f"{ii.ease_max_items:,}; use kind auto or itemknn, or raise item_item.ease_max_items")
+
+
 def heldout_positives(split: Split) -> KnownPositives:
     """Validation and test items of each user: a negative among them is a false negative."""
     m = (split.matrix("valid") + split.matrix("test")).tocsr()
@@ -304,6 +313,7 @@ def _train(config: ExperimentConfig, cluster: Cluster | None, resume: bool | str
         raise ConfigError(f"run {run_id}: its input data ({where}) changed since the run was trained; refusing to resume it")
     sampler = build_sampler(config, data, split)  # refuses what the data cannot serve, before any run
     check_memory(config, sampler, data)
+    check_item_item(config, data)
     tags = {"dataset": config.data.dataset or config.data.train, "sampler_mix": describe_mix(config),
             "logq": config.sampler.logq, "git_commit": git_commit(), "config_name": config.name, "model": "two_tower",
             **config.tracking.tags}
