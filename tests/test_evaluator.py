@@ -53,6 +53,18 @@ def test_mostpop_with_ties_gives_the_hand_computed_metrics():
         assert row == sorted(unmasked, key=lambda i: (-counts[i], i))[:2]
 
 
+def test_many_scorers_in_one_pass_give_each_ones_per_user_metrics():
+    split = _toy_split()
+    gen = torch.Generator().manual_seed(2)
+    tables = {name: torch.randint(0, 3, (4, 6), generator=gen).float() for name in ("a", "b")}
+    ev = Evaluator(split, "test", ks=[1, 3], chunk_size=3)
+    many = ev.per_user_many(["a", "b"], lambda users: ((name, t[users].clone()) for name, t in tables.items()))
+    for name, table in tables.items():
+        pd.testing.assert_frame_equal(many[name], ev.per_user(lambda users: table[users].clone()))
+    with pytest.raises(ValueError, match="not each of"):
+        ev.per_user_many(["a", "b"], lambda users: iter([("a", tables["a"][users].clone())]))
+
+
 def test_metrics_do_not_depend_on_chunk_size_or_other_ks():
     split = _toy_split()
     gen = torch.Generator().manual_seed(1)

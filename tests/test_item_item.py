@@ -12,12 +12,12 @@ import torch
 
 from conftest import small_config, write_split
 from recsys_hnm import TwoTowerRecommender
-from recsys_hnm.baselines import EASE
+from recsys_hnm.baselines import EASE, MostPop
 from recsys_hnm.config import ConfigError, load_config
 from recsys_hnm.data import ratio_split, synthetic
 from recsys_hnm.experiment import evaluate_run, load_run, recommend, train
 from recsys_hnm.experiment.run import choose_item_item
-from recsys_hnm.baselines.item_item import ItemItemHead, fit_weights, head_kind, prune_columns, standardize
+from recsys_hnm.baselines.item_item import ItemItemHead, fit_weights, head_kinds, prune_columns, standardize
 
 
 def test_prune_keeps_each_columns_largest_magnitudes_dense_and_sparse():
@@ -40,7 +40,8 @@ def test_unpruned_ease_head_is_the_ease_baseline():
     x = sp.random(50, 20, density=0.3, random_state=1, format="csr")
     x.data[:] = 1.0
     np.testing.assert_allclose(fit_weights("ease", {"lam": 10.0}, x, keep=20).toarray(), EASE(10.0).fit(x).weights, atol=1e-6)
-    assert head_kind("auto", 30_000, 30_000) == "ease" and head_kind("auto", 30_001, 30_000) == "itemknn"
+    assert head_kinds("auto", 30_000, 30_000) == ("ease", "mostpop")
+    assert head_kinds("auto", 30_001, 30_000) == ("itemknn", "mostpop") and head_kinds("ease", 9, 1) == ("ease",)
 
 
 def test_blend_is_the_weighted_sum_of_each_sides_standardised_scores():
@@ -62,6 +63,21 @@ def test_blend_is_the_weighted_sum_of_each_sides_standardised_scores():
     s = standardize(towers_scores)
     np.testing.assert_allclose(s.mean(1).numpy(), 0, atol=1e-5)
     np.testing.assert_allclose(s.std(1).numpy(), 1, atol=1e-4)
+
+
+def test_a_mostpop_head_blends_the_same_counts_into_every_user_cold_ones_too():
+    rng = np.random.default_rng(4)
+    x = sp.csr_matrix((rng.random((30, 12)) < 0.3).astype(np.float32))
+    w = fit_weights("mostpop", {}, x, keep=5)  # keep does not prune the one row of counts
+    np.testing.assert_array_equal(w.toarray()[0], MostPop().fit(x).counts)
+    head = ItemItemHead("mostpop", {}, 0.4, w)
+    assert head.shape(12) == (1, 12) == w.shape
+    towers_scores = torch.from_numpy(rng.normal(size=(30, 12)).astype(np.float32))
+    history = sp.csr_matrix((30, 12), dtype=np.float32)  # no history at all: popularity still speaks
+    got = head.scorer(lambda u: towers_scores[u], history)(torch.arange(30))
+    counts = torch.from_numpy(w.toarray().astype(np.float32)).expand(30, -1)
+    expected = 0.6 * standardize(towers_scores) + 0.4 * standardize(counts)
+    torch.testing.assert_close(got, expected)
 
 
 def test_head_saves_and_loads(tmp_path):
@@ -119,6 +135,40 @@ def test_auto_weight_is_chosen_on_validation_only_and_off_when_it_does_not_help(
     oracle = lambda users: truth[users] * 100 + noise[users] * 0.01
     head, _, line = choose_item_item(config, data, split, oracle, 1.0)
     assert head is None and line.startswith("item_item: off (validation")
+
+
+def test_validation_picks_the_mostpop_head_where_popularity_is_what_is_held_out(random_split, tmp_path):
+    data, split = random_split
+    train_matrix = split.matrix("train").toarray()
+    counts = train_matrix.sum(0)
+    # each user's validation item: the most popular item the user does not have
+    best = np.argmax(np.where(train_matrix > 0, -1, counts), axis=1)
+    valid = split.valid.drop_duplicates("user").assign(item=lambda v: best[v["user"].to_numpy()])
+    popular = type(split)(split.data, split.train, valid, split.test, dict(split.report))
+    rng = np.random.default_rng(1)
+    noise = torch.from_numpy(rng.normal(size=(data.n_users, data.n_items)).astype(np.float32))
+    head, score, line = choose_item_item(_config(tmp_path), data, popular, lambda users: noise[users], 0.0)
+    assert head is not None and head[0] == "mostpop" and head[1] == {} and score > 0.5
+    assert line.startswith("item_item: mostpop") and "ease (lam=" in line and "mostpop alone" in line
+    # asked for EASE only, the same data cannot get a MostPop head
+    head, _, _ = choose_item_item(_config(tmp_path, kind="ease"), data, popular, lambda users: noise[users], 0.0)
+    assert head is not None and head[0] == "ease"
+
+
+def test_a_run_with_a_mostpop_head_serves_what_recommend_ranks(random_split, tmp_path):
+    data, split = random_split
+    files = write_split(data, split, tmp_path)
+    config = small_config(files, tmp_path, train={"epochs": 1}, item_item={"weight": 0.5, "kind": "mostpop"})
+    result = train(config)
+    loaded = load_run(result.run_id, config.tracking.uri)
+    assert loaded.head.kind == "mostpop" and loaded.head.weights.shape == (1, data.n_items)
+    ours = recommend(result.run_id, 10, uri=config.tracking.uri, history="all")
+    served = mlflow.pyfunc.load_model(f"runs:/{result.run_id}/recommender")
+    users = ours["user_id"].unique()[:40]
+    theirs = served.predict(pd.DataFrame({"user_id": users}), params={"k": 10})
+    mine = ours[ours["user_id"].isin(users)].reset_index(drop=True)
+    np.testing.assert_array_equal(mine["item_id"].to_numpy(), theirs["item_id"].to_numpy())
+    np.testing.assert_allclose(mine["score"], theirs["score"], rtol=1e-4, atol=1e-4)
 
 
 def test_a_run_with_the_head_logs_reloads_and_serves_it(random_split, tmp_path):

@@ -9,7 +9,11 @@ scores from either side are standardised over the catalog and mixed,
 
 W the items x items weights of EASE (or of ItemKNN where EASE's dense inverse does not fit),
 each item's column pruned to its ``keep`` largest-magnitude weights, so what is logged and served
-is a sparse matrix. ``weight`` is chosen on validation (``experiment.run.choose_item_item``).
+is a sparse matrix. MostPop is the rank-one case (every history item votes for the popular
+items: W = 1 counts^T, and z(history @ W) = z(counts)), kept as the one row of counts and scored
+the same for every user, cold ones too: where the held-out items are new and popular (baskets
+with history masked) it is the stronger side. The kind and ``weight`` are chosen on validation
+(``experiment.run.choose_item_item``).
 """
 
 from __future__ import annotations
@@ -22,28 +26,32 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .models import EASE, ItemKNN
+from .models import EASE, ItemKNN, MostPop
 from ..ops.io import atomic_write
 from ..ops.ranking import Scorer
 
-KINDS = ("ease", "itemknn")
+KINDS = ("ease", "itemknn", "mostpop")
 WEIGHTS = (0.1, 0.25, 0.5, 0.7, 0.85)  # what an "auto" weight chooses among, beside 0 (the towers alone)
 # the head's hyperparameters, tuned on validation: coarser than the baselines' grids (each EASE
 # fit inverts an items x items matrix: ~12 s at 9,724 items on one core)
-GRIDS = {"ease": {"lam": [25.0, 100.0, 400.0, 1600.0]}, "itemknn": {"k": [100, 400], "shrink": [0.0, 10.0]}}
+GRIDS = {"ease": {"lam": [25.0, 100.0, 400.0, 1600.0]}, "itemknn": {"k": [100, 400], "shrink": [0.0, 10.0]}, "mostpop": {}}
 EPS = 1e-6  # a user whose scores are all equal (no history) standardises to zeros
 
 
-def head_kind(kind: str, n_items: int, ease_max_items: int) -> str:
-    """``auto``: EASE up to ``ease_max_items`` items (its dense inverse), ItemKNN above."""
+def head_kinds(kind: str, n_items: int, ease_max_items: int) -> tuple[str, ...]:
+    """The kinds validation chooses among: ``auto`` is EASE up to ``ease_max_items`` items (its
+    dense inverse), ItemKNN above, and MostPop."""
     if kind != "auto":
-        return kind
-    return "ease" if n_items <= ease_max_items else "itemknn"
+        return (kind,)
+    return ("ease" if n_items <= ease_max_items else "itemknn", "mostpop")
 
 
 def fit_weights(kind: str, params: dict, matrix: sp.csr_matrix, keep: int) -> sp.csr_matrix:
     """The items x items weights of ``kind`` fit on ``matrix`` (users x items, binary), each
-    column j (the weights that score item j) pruned to its ``keep`` largest magnitudes."""
+    column j (the weights that score item j) pruned to its ``keep`` largest magnitudes; for
+    MostPop the 1 x items row of its counts (users per item)."""
+    if kind == "mostpop":
+        return sp.csr_matrix(MostPop().fit(matrix).counts[None, :])
     if kind == "ease":
         weights = EASE(**params, max_items=max(matrix.shape[1], 1)).fit(matrix).weights
         return prune_columns(weights, keep)
@@ -84,6 +92,12 @@ def prune_columns(weights, keep: int, block: int = 512) -> sp.csr_matrix:
     return out
 
 
+def named(kind: str, params: dict) -> str:
+    """``ease (lam=100)``, ``mostpop``."""
+    described = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+    return f"{kind} ({described})" if described else kind
+
+
 def standardize(scores: torch.Tensor) -> torch.Tensor:
     """Each row to mean 0 and standard deviation 1 over the catalog."""
     return (scores - scores.mean(1, keepdim=True)) / (scores.std(1, keepdim=True) + EPS)
@@ -100,11 +114,17 @@ class ItemItemHead:
     weights: sp.csr_matrix
 
     def describe(self) -> str:
-        params = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.params.items())
-        return f"{self.kind} ({params}) at weight {self.weight:g}, {self.weights.nnz:,} weights"
+        return f"{named(self.kind, self.params)} at weight {self.weight:g}, {self.weights.nnz:,} weights"
+
+    def shape(self, n_items: int) -> tuple[int, int]:
+        """The shape of ``weights`` over ``n_items`` items."""
+        return (1, n_items) if self.kind == "mostpop" else (n_items, n_items)
 
     def item_item_scorer(self, history: sp.csr_matrix) -> Scorer:
-        """The item-item side alone: ``history @ weights``."""
+        """The item-item side alone: ``history @ weights`` (MostPop: its counts for every user)."""
+        if self.kind == "mostpop":
+            counts = torch.from_numpy(self.weights.toarray().astype(np.float32))
+            return lambda users: counts.expand(len(users), -1).clone()
         history = (sp.csr_matrix(history) != 0).astype(np.float32)  # binary, explicit zeros dropped
         return lambda users: torch.from_numpy(np.ascontiguousarray((history[users.numpy()] @ self.weights).toarray(), dtype=np.float32))
 

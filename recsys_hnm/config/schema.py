@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from ..baselines.item_item import KINDS as ITEM_ITEM_KINDS
 from ..evaluation import EXCLUDE
 from ..evaluation.metrics import METRICS, is_metric_at
 from ..index.item_index import BACKENDS, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M, IVF_NLIST, IVF_NPROBE
@@ -225,7 +226,7 @@ class ItemItemConfig:
     # the towers alone). The model's own hyperparameters (EASE's lam, ItemKNN's k) are tuned on
     # validation as the baselines are.
     weight: float | str = 0.0
-    kind: str = "auto"  # ease | itemknn | auto (ease up to ease_max_items items, else itemknn)
+    kind: str = "auto"  # ease | itemknn | mostpop | auto (ease up to ease_max_items items, else itemknn; and mostpop)
     ease_max_items: int = 30_000  # EASE's dense items x items inverse: 4 n^2 bytes
     keep: int = 1000  # weights kept per item (largest magnitudes): the sparse matrix logged and served
 
@@ -680,7 +681,7 @@ def _check_train_eval(c: ExperimentConfig) -> None:
         raise ConfigError(f"item_item.weight: expected a number in [0, 1) or 'auto', got {ii.weight!r}")
     if ii.weight != AUTO and not 0.0 <= ii.weight < 1.0:
         raise ConfigError(f"item_item.weight: {ii.weight!r} must be in [0, 1) (0 = off; 1 would drop the towers)")
-    _choice(ii.kind, ("auto", "ease", "itemknn"), "item_item.kind")
+    _choice(ii.kind, (AUTO, *ITEM_ITEM_KINDS), "item_item.kind")
     _positive(ii.ease_max_items, "item_item.ease_max_items")
     _positive(ii.keep, "item_item.keep")
     _positive(c.auto.budget, "auto.budget", strict=False)

@@ -75,34 +75,54 @@ class Evaluator:
     def per_user(self, scorer: Scorer) -> pd.DataFrame:
         """One row per evaluated user: ``user`` (index) and every metric: what paired
         comparisons between runs (bootstrap over users) are computed from."""
-        values = self.evaluate(scorer, per_user=True)
-        return pd.DataFrame({"user": self.users.numpy(), **{k: v.numpy() for k, v in values.items()}})
+        return self.per_user_many(("",), lambda users: [("", scorer(users))])[""]
 
     def evaluate(self, scorer: Scorer, per_user: bool = False) -> dict:
         """Mean metrics (``per_user``: one value per evaluated user, NaN in a part where the
         user has no held-out item of that part)."""
-        kmax = max(self.ks)
-        hits = {name: torch.zeros(len(self.users), kmax, dtype=torch.bool) for name in self.parts}
-        with torch.no_grad():
-            for start in range(0, len(self.users), self.chunk_size):
-                chunk = self.users[start:start + self.chunk_size]
-                s = scorer(chunk)
-                self._mask(s, chunk)
-                for name, truth in self.parts.items():
-                    hits[name][start:start + len(chunk)] = self._hits(s, chunk, kmax, truth, self.relevant[name])
-            values = {}
-            for name, truth in self.parts.items():
-                n_rel = torch.from_numpy(np.diff(truth.indptr))[self.users]
-                has = n_rel > 0
-                part = ranking_metrics(hits[name][has], n_rel[has], self.ks)
-                for metric, v in part.items():
-                    full = torch.full((len(self.users),), float("nan"), dtype=v.dtype)
-                    full[has] = v
-                    values[name + metric] = full
+        values = self._values(("",), lambda users: [("", scorer(users))])[""]
         if per_user:
             return values
         # a part no user has (no repeat among the held-out items) reports nothing rather than NaN
         return {name: float(np.nanmean(v.numpy())) for name, v in values.items() if bool((~v.isnan()).any())}
+
+    def per_user_many(self, names, scorers) -> dict[str, pd.DataFrame]:
+        """``per_user`` of several scorers in one pass over the users: ``scorers(users)`` yields
+        a ``(name, scores)`` pair for each of ``names``, each scores tensor consumed before the
+        next is asked for (so blends of shared parts hold one blend at a time)."""
+        users = self.users.numpy()
+        return {name: pd.DataFrame({"user": users, **{k: v.numpy() for k, v in values.items()}})
+                for name, values in self._values(names, scorers).items()}
+
+    def _values(self, names, scorers) -> dict[str, dict[str, torch.Tensor]]:
+        kmax = max(self.ks)
+        hits = {scorer: {name: torch.zeros(len(self.users), kmax, dtype=torch.bool) for name in self.parts} for scorer in names}
+        with torch.no_grad():
+            for start in range(0, len(self.users), self.chunk_size):
+                chunk = self.users[start:start + self.chunk_size]
+                seen = []
+                for scorer, s in scorers(chunk):
+                    if scorer not in hits or scorer in seen:
+                        raise ValueError(f"scorers gave {scorer!r} for a chunk again or unasked: expected each of {list(hits)} once")
+                    self._mask(s, chunk)
+                    for name, truth in self.parts.items():
+                        hits[scorer][name][start:start + len(chunk)] = self._hits(s, chunk, kmax, truth, self.relevant[name])
+                    seen.append(scorer)
+                if len(seen) != len(hits):
+                    raise ValueError(f"scorers gave {seen} for a chunk, not each of {list(hits)} once")
+        out = {}
+        for scorer_name, found in hits.items():
+            values = {}
+            for name, truth in self.parts.items():
+                n_rel = torch.from_numpy(np.diff(truth.indptr))[self.users]
+                has = n_rel > 0
+                part = ranking_metrics(found[name][has], n_rel[has], self.ks)
+                for metric, v in part.items():
+                    full = torch.full((len(self.users),), float("nan"), dtype=v.dtype)
+                    full[has] = v
+                    values[name + metric] = full
+            out[scorer_name] = values
+        return out
 
     def _hits(self, scores: torch.Tensor, users: torch.Tensor, kmax: int, truth, relevant: KnownPositives) -> torch.Tensor:
         """[c, kmax] bool: is the item at rank r of each row relevant (ranked as ``top_k`` does)?

@@ -65,7 +65,7 @@ class TwoTowerRecommender:
                 trainer.fit()
         self.config, self.data, self.split = config, data, split
         self.model, self.features = trainer.model.eval(), trainer.features
-        self.head = fit_head(config, *spec, split.known("test") if t.refit else split.matrix("train")) if spec else None
+        self.head = fit_head(config, *spec, split) if spec else None
         return self
 
     def recommend(self, users=None, k: int = 10, exclude: str = "history") -> pd.DataFrame:

@@ -39,7 +39,7 @@ from ..ops.io import atomic_write
 from ..ops.memory import available_bytes, gigabytes
 from ..ops.sparse import SortedPairs
 from ..models import FeatureBuilder, HistoryEncoder, TowerSizes, TwoTower, model_scorer
-from ..baselines.item_item import GRIDS, WEIGHTS, ItemItemHead, fit_weights, head_kind
+from ..baselines.item_item import GRIDS, WEIGHTS, ItemItemHead, fit_weights, head_kinds, named, standardize
 from ..baselines import grid_points
 from ..sampling import (
     CategorySampler, CopurchaseSampler, FullCatalog, InBatchSampler, KnownPositives, MixtureSampler, PopularitySampler,
@@ -349,9 +349,9 @@ def _train(config: ExperimentConfig, cluster: Cluster | None, resume: bool | str
         model = trainer.unsharded_model()  # the last collective
         if not chief:
             return TrainResult(run_id, {}, {}, history, config=config)
-        if head is not None:  # fit on what the towers were trained on (train, or train + valid when refit), timed with them
+        if head is not None:  # timed with the towers
             started = time.perf_counter()
-            head = fit_head(config, *head, split.known("test") if config.train.refit else split.matrix("train"))
+            head = fit_head(config, *head, split)
             train_s += time.perf_counter() - started
         log_metrics({"train_s": train_s})
         test, mostpop = _log_outcome(config, data, split, model, trainer.features, refresh, trainer, head)
@@ -465,45 +465,55 @@ def blended(towers, head: ItemItemHead | None, history: sp.csr_matrix):
 def choose_item_item(config: ExperimentConfig, data: Interactions, split: Split, towers, towers_best: float,
                      single_process: bool = True) -> tuple[tuple | None, float, str]:
     """The item-item head of a run: ``(kind, params, weight)`` or None, the validation monitor it
-    reaches, and a line that says what was chosen and why. Its model is tuned on validation as
-    the baselines are (fit on train, the best of ``GRIDS`` alone); an "auto" weight is the best of
-    ``WEIGHTS`` on validation, kept only when its paired per-user gain over the towers alone
+    reaches, and a line that says what was chosen and why. Each kind ``head_kinds`` leaves is
+    tuned on validation as the baselines are (fit on train, the best of ``GRIDS`` alone); then
+    every (kind, weight) blend, ``WEIGHTS`` for an "auto" weight, is scored in one validation
+    pass and the best kept, for "auto" only when its paired per-user gain over the towers alone
     exceeds twice its standard error (``choose_settings``' rule), else there is no head. Test is
     never read. Under torchrun an "auto" weight is 0: the sharded towers are not scored on
     validation here."""
     ii, monitor = config.item_item, config.train.monitor
     if ii.weight == AUTO and not single_process:
         return None, towers_best, "item_item: off (an 'auto' weight is chosen in one process, not under torchrun)"
-    kind = head_kind(ii.kind, data.n_items, ii.ease_max_items)
     evaluator = Evaluator(split, "valid", config.eval.ks, config.eval.chunk_size, exclude=config.eval.exclude)
     history = split.known("valid")
-    alone, params, weights = -np.inf, None, None
-    for point in grid_points(kind, GRIDS[kind]):  # first in grid order among equals
-        w = fit_weights(kind, point, history, ii.keep)
-        score = evaluator.evaluate(ItemItemHead(kind, point, 1.0, w).item_item_scorer(history))[monitor]
-        if score > alone:
-            alone, params, weights = score, point, w
+    tuned = {}  # kind -> (its validation monitor alone, params, the head at weight 1)
+    for kind in head_kinds(ii.kind, data.n_items, ii.ease_max_items):
+        for point in grid_points(kind, GRIDS[kind]):  # first in grid order among equals
+            head = ItemItemHead(kind, point, 1.0, fit_weights(kind, point, history, ii.keep))
+            score = evaluator.evaluate(head.item_item_scorer(history))[monitor]
+            if kind not in tuned or score > tuned[kind][0]:
+                tuned[kind] = (score, point, head)
+    weights = WEIGHTS if ii.weight == AUTO else (float(ii.weight),)
+    sides = {kind: head.item_item_scorer(history) for kind, (_, _, head) in tuned.items()}
+    blends = [(kind, w) for kind in tuned for w in weights]
 
-    def per_user(weight: float) -> np.ndarray:
-        return evaluator.per_user(ItemItemHead(kind, params, weight, weights).scorer(towers, history))[monitor].to_numpy()
+    def scored(users):  # the towers once per chunk, every blend from them
+        z = standardize(towers(users))
+        yield "towers", z.clone()
+        for kind, side in sides.items():
+            z_side = standardize(side(users))
+            for w in weights:
+                yield (kind, w), (1.0 - w) * z + w * z_side
 
-    described = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+    runs = {name: frame[monitor].to_numpy() for name, frame in evaluator.per_user_many(["towers", *blends], scored).items()}
+    base = runs.pop("towers")
+    kind, weight = max(runs, key=lambda b: (runs[b].mean(), -b[1]))  # first kind, then the smaller weight, among equals
+    alone, params = tuned[kind][:2]
+    checked = "; ".join(f"{k}: " + ", ".join(f"{w:g} {runs[k, w].mean():.4f}" for w in weights) for k in tuned)
+    tried = "; ".join(f"{named(k, p)} alone {score:.4f}" for k, (score, p, _) in tuned.items())
+    score = float(runs[kind, weight].mean())
     if ii.weight != AUTO:
-        weight, score, why = float(ii.weight), float(per_user(float(ii.weight)).mean()), "given"
+        why = f"given; validation: {monitor} {score:.4f}, towers alone {base.mean():.4f}; {tried}; weights {checked}"
     else:
-        base = evaluator.per_user(towers)[monitor].to_numpy()
-        tried = {w: per_user(w) for w in WEIGHTS}
-        weight = max(tried, key=lambda w: (tried[w].mean(), -w))
-        diff = tried[weight] - base
+        diff = runs[kind, weight] - base
         gain, se = float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(max(len(diff), 1)))
-        checked = ", ".join(f"{w:g} {v.mean():.4f}" for w, v in tried.items())
         if not (gain > 0 and gain > 2 * se):
-            return None, towers_best, (f"item_item: off (validation: no weight clearly beats the towers alone, {monitor} "
-                                       f"{base.mean():.4f}; {kind} ({described}) at weights {checked})")
-        score = float(tried[weight].mean())
+            return None, towers_best, (f"item_item: off (validation: no blend clearly beats the towers alone, {monitor} "
+                                       f"{base.mean():.4f}; {tried}; weights {checked})")
         why = (f"validation: {monitor} {score:.4f} against {base.mean():.4f} for the towers alone (paired gain {gain:+.4f} "
-               f"± {se:.4f}) and {alone:.4f} for {kind} alone; weights tried {checked}")
-    return (kind, params, weight), score, f"item_item: {kind} ({described}, tuned on validation) at weight {weight:g} ({why})"
+               f"± {se:.4f}); {tried}; weights {checked}")
+    return (kind, params, weight), score, f"item_item: {named(kind, params)} (tuned on validation) at weight {weight:g} ({why})"
 
 
 def _logged_head_choice(config: ExperimentConfig, data: Interactions, split: Split, trainer: Trainer, best: float,
@@ -518,7 +528,9 @@ def _logged_head_choice(config: ExperimentConfig, data: Interactions, split: Spl
     return head, best, [line]
 
 
-def fit_head(config: ExperimentConfig, kind: str, params: dict, weight: float, matrix: sp.csr_matrix) -> ItemItemHead:
+def fit_head(config: ExperimentConfig, kind: str, params: dict, weight: float, split: Split) -> ItemItemHead:
+    """The chosen head fit on what the towers were trained on: train, or train + valid when refit."""
+    matrix = split.known("test") if config.train.refit else split.matrix("train")
     return ItemItemHead(kind, params, weight, fit_weights(kind, params, matrix, config.item_item.keep))
 
 
@@ -783,7 +795,7 @@ def load_run(run_id: str, uri: str | None = None) -> LoadedRun:
     model.eval()
     trained_on = refit_split(split) if config.train.refit else split
     features = build_features(config, data, trained_on.history("train")).with_history(split.history("test"))
-    if head is not None and head.weights.shape != (data.n_items, data.n_items):
+    if head is not None and head.weights.shape != head.shape(data.n_items):
         raise TrackingError(f"run {run_id}: its item-item weights are {head.weights.shape}, the data has {data.n_items:,} items")
     return LoadedRun(config, data, split, model, features, head)
 

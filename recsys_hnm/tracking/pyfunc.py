@@ -10,7 +10,8 @@ pandas and mlflow: neither torch, torchrec nor recsys_hnm.
 
 Scores and ranking are those of ``recommend``: user . item * scale (+ item bias), or, when the
 run chose an item-item head (baselines/item_item.py), that blended per user with the known items'
-rows of the head's sparse weights, each side standardised over the catalog; known items masked,
+rows of the head's sparse weights (a MostPop head: its one row of counts, the same for every
+user), each side standardised over the catalog; known items masked,
 the best ``k`` first, ties to the lower item index (``ops.ranking.top_k``'s rule, computed here
 in numpy with the same packed keys).
 
@@ -41,7 +42,7 @@ META_FILE = "meta.json"
 USER_IDS, ITEM_IDS = "user_ids.npy", "item_ids.npy"
 USER_EMB, ITEM_VECS, ITEM_BIAS = "user_embeddings.npy", "item_vectors.npy", "item_bias.npy"
 KNOWN = "known.npz"
-ITEM_ITEM = "item_item.npz"  # the head's weights (items x items CSR), when the run has one
+ITEM_ITEM = "item_item.npz"  # the head's weights (items x items CSR; 1 x items for MostPop), when the run has one
 EPS = 1e-6  # as baselines/item_item.py: a constant row standardises to zeros
 MAX_CELLS = 1 << 22  # scores held at once per request chunk (users x items)
 
@@ -74,8 +75,9 @@ class TopKRecommender(PythonModel):
             import scipy.sparse as sp  # a dependency of mlflow; needed only with an item-item head
 
             n_users, n_items = len(self.user_ids), len(self.item_ids)
+            rows = int(self.meta.get("item_item_rows", n_items))
             with np.load(root / ITEM_ITEM, allow_pickle=False) as head:
-                self.head = sp.csr_matrix((head["data"], head["indices"], head["indptr"]), shape=(n_items, n_items))
+                self.head = sp.csr_matrix((head["data"], head["indices"], head["indptr"]), shape=(rows, n_items))
             ones = np.ones(len(self.known_indices), dtype=np.float32)
             self.known = sp.csr_matrix((ones, self.known_indices, self.known_indptr), shape=(n_users, n_items))
 
@@ -108,7 +110,11 @@ class TopKRecommender(PythonModel):
             s += self.item_bias
         if self.head_weight:  # the towers blended with the item-item head over the known items
             a = np.float32(self.head_weight)
-            s = (1 - a) * _standardize(s) + a * _standardize((self.known[idx] @ self.head).toarray().astype(np.float32))
+            if self.head.shape[0] == 1:  # MostPop: the same row of counts for every user
+                side = np.broadcast_to(self.head.toarray().astype(np.float32), s.shape)
+            else:
+                side = (self.known[idx] @ self.head).toarray().astype(np.float32)
+            s = (1 - a) * _standardize(s) + a * _standardize(side)
         starts, ends = self.known_indptr[idx], self.known_indptr[idx + 1]
         lengths = ends - starts
         rows = np.repeat(np.arange(len(idx)), lengths)
@@ -243,7 +249,7 @@ def write_recommender_data(model, features, data, known, k: int, root: Path, hea
     np.savez(root / KNOWN, indptr=known.indptr.astype(np.int64), indices=known.indices.astype(np.int64))
     if head is not None:
         w = sp.csr_matrix(head.weights)
-        if w.shape != (n_items, n_items):
+        if w.shape != head.shape(n_items):
             raise ValueError(f"the item-item head's weights are {w.shape}, the model has {n_items} items")
         np.savez(root / ITEM_ITEM, indptr=w.indptr.astype(np.int64), indices=w.indices.astype(np.int64), data=w.data.astype(np.float32))
     meta = {
@@ -251,6 +257,8 @@ def write_recommender_data(model, features, data, known, k: int, root: Path, hea
         "default_k": int(k), "scale": scale, "temperature": 1.0 / scale, "item_bias": has_bias,
         "known_nnz": int(known.nnz), "user_id_type": _id_type(user_ids), "item_id_type": _id_type(item_ids),
         "item_item_weight": float(head.weight) if head is not None else 0.0,
+        "item_item_kind": head.kind if head is not None else None,
+        "item_item_rows": int(head.weights.shape[0]) if head is not None else 0,
     }
     (root / META_FILE).write_text(json.dumps(meta, indent=2))
     return meta
