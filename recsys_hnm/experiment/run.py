@@ -238,7 +238,7 @@ def check_item_item(config: ExperimentConfig, data: Interactions) -> None:
     if ii.weight != 0 and ii.kind == "ease" and data.n_items > ii.ease_max_items:
         raise ConfigError(f"item_item.kind: ease on {data.n_items:,} items needs a dense {data.n_items:,} x {data.n_items:,} "
                           f"inverse ({gigabytes(8 * data.n_items ** 2)}), above item_item.ease_max_items="
-                          f"{ii.ease_max_items:,}; use kind auto or itemknn, or raise item_item.ease_max_items")
+                          f"{ii.ease_max_items:,}; use kind auto, itemknn or mostpop, or raise item_item.ease_max_items")
 
 
 def heldout_positives(split: Split) -> KnownPositives:
