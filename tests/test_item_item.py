@@ -155,6 +155,17 @@ def test_validation_picks_the_mostpop_head_where_popularity_is_what_is_held_out(
     assert head is not None and head[0] == "ease"
 
 
+def _assert_served_as_recommended(run_id: str, uri: str) -> None:
+    """The served pyfunc model ranks and scores as recommend() does with the serving view."""
+    ours = recommend(run_id, 10, uri=uri, history="all")
+    served = mlflow.pyfunc.load_model(f"runs:/{run_id}/recommender")
+    users = ours["user_id"].unique()[:40]
+    theirs = served.predict(pd.DataFrame({"user_id": users}), params={"k": 10})
+    mine = ours[ours["user_id"].isin(users)].reset_index(drop=True)
+    np.testing.assert_array_equal(mine["item_id"].to_numpy(), theirs["item_id"].to_numpy())
+    np.testing.assert_allclose(mine["score"], theirs["score"], rtol=1e-4, atol=1e-4)
+
+
 def test_a_run_with_a_mostpop_head_serves_what_recommend_ranks(random_split, tmp_path):
     data, split = random_split
     files = write_split(data, split, tmp_path)
@@ -162,13 +173,7 @@ def test_a_run_with_a_mostpop_head_serves_what_recommend_ranks(random_split, tmp
     result = train(config)
     loaded = load_run(result.run_id, config.tracking.uri)
     assert loaded.head.kind == "mostpop" and loaded.head.weights.shape == (1, data.n_items)
-    ours = recommend(result.run_id, 10, uri=config.tracking.uri, history="all")
-    served = mlflow.pyfunc.load_model(f"runs:/{result.run_id}/recommender")
-    users = ours["user_id"].unique()[:40]
-    theirs = served.predict(pd.DataFrame({"user_id": users}), params={"k": 10})
-    mine = ours[ours["user_id"].isin(users)].reset_index(drop=True)
-    np.testing.assert_array_equal(mine["item_id"].to_numpy(), theirs["item_id"].to_numpy())
-    np.testing.assert_allclose(mine["score"], theirs["score"], rtol=1e-4, atol=1e-4)
+    _assert_served_as_recommended(result.run_id, config.tracking.uri)
 
 
 def test_a_run_with_the_head_logs_reloads_and_serves_it(random_split, tmp_path):
@@ -185,14 +190,7 @@ def test_a_run_with_the_head_logs_reloads_and_serves_it(random_split, tmp_path):
     # the towers alone score lower on test here: the head is what the run reports
     towers = small_config(files, tmp_path, train={"epochs": 2})
     assert train(towers).test["ndcg@10"] < result.test["ndcg@10"]
-    # the served model ranks as recommend() does with the serving view
-    ours = recommend(result.run_id, 10, uri=config.tracking.uri, history="all")
-    served = mlflow.pyfunc.load_model(f"runs:/{result.run_id}/recommender")
-    users = ours["user_id"].unique()[:40]
-    theirs = served.predict(pd.DataFrame({"user_id": users}), params={"k": 10})
-    mine = ours[ours["user_id"].isin(users)].reset_index(drop=True)
-    np.testing.assert_array_equal(mine["item_id"].to_numpy(), theirs["item_id"].to_numpy())
-    np.testing.assert_allclose(mine["score"], theirs["score"], rtol=1e-4, atol=1e-4)
+    _assert_served_as_recommended(result.run_id, config.tracking.uri)
     # the plain object gives the same test figures as the tracked run
     rec = TwoTowerRecommender(config).fit()
     assert rec.head is not None and rec.head_choice.startswith("item_item: ease")

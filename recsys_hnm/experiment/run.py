@@ -499,9 +499,9 @@ def choose_item_item(config: ExperimentConfig, data: Interactions, split: Split,
     runs = {name: frame[monitor].to_numpy() for name, frame in evaluator.per_user_many(["towers", *blends], scored).items()}
     base = runs.pop("towers")
     kind, weight = max(runs, key=lambda b: (runs[b].mean(), -b[1]))  # first kind, then the smaller weight, among equals
-    alone, params = tuned[kind][:2]
+    params = tuned[kind][1]
     checked = "; ".join(f"{k}: " + ", ".join(f"{w:g} {runs[k, w].mean():.4f}" for w in weights) for k in tuned)
-    tried = "; ".join(f"{named(k, p)} alone {score:.4f}" for k, (score, p, _) in tuned.items())
+    tried = "; ".join(f"{named(k, p)} alone {alone:.4f}" for k, (alone, p, _) in tuned.items())
     score = float(runs[kind, weight].mean())
     if ii.weight != AUTO:
         why = f"given; validation: {monitor} {score:.4f}, towers alone {base.mean():.4f}; {tried}; weights {checked}"

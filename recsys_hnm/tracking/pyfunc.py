@@ -78,6 +78,8 @@ class TopKRecommender(PythonModel):
             rows = int(self.meta.get("item_item_rows", n_items))
             with np.load(root / ITEM_ITEM, allow_pickle=False) as head:
                 self.head = sp.csr_matrix((head["data"], head["indices"], head["indptr"]), shape=(rows, n_items))
+            # MostPop: the same row of counts for every user, made dense once
+            self.head_row = self.head.toarray().astype(np.float32) if rows == 1 else None
             ones = np.ones(len(self.known_indices), dtype=np.float32)
             self.known = sp.csr_matrix((ones, self.known_indices, self.known_indptr), shape=(n_users, n_items))
 
@@ -110,8 +112,8 @@ class TopKRecommender(PythonModel):
             s += self.item_bias
         if self.head_weight:  # the towers blended with the item-item head over the known items
             a = np.float32(self.head_weight)
-            if self.head.shape[0] == 1:  # MostPop: the same row of counts for every user
-                side = np.broadcast_to(self.head.toarray().astype(np.float32), s.shape)
+            if self.head_row is not None:
+                side = np.broadcast_to(self.head_row, s.shape)
             else:
                 side = (self.known[idx] @ self.head).toarray().astype(np.float32)
             s = (1 - a) * _standardize(s) + a * _standardize(side)
