@@ -183,7 +183,7 @@ def _run_pipeline(spec_path: str, args) -> int:
         raise ValueError(f"--workers must be >= 1 (variants run in parallel processes), not {workers}")
     if args.output:  # before hours of training, not after
         check_writable(args.output, (".md", ".txt"))
-    spec = ComparisonSpec.load(spec_path)
+    spec = ComparisonSpec.load(spec_path, getattr(args, "seeds", None))
     summary = run_pipeline(spec, args.tracking_uri, workers=workers, dry_run=getattr(args, "dry_run", False),
                            baseline=args.baseline, output=args.output, only=getattr(args, "only", None))
     if "to_run" in summary:
@@ -320,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     prun.add_argument("--baseline", help="variant to compare against (paired bootstrap CI over test users)")
     prun.add_argument("--only", action="append", metavar="NAME",
                       help="run only this variant or baseline of the spec (repeatable); the table still covers every finished run")
+    prun.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                      help="run these seeds instead of the spec's (the table still covers every finished run)")
     prun.add_argument("--output", help="also write the table here (.md/.txt) and the validation curves beside it (.png)")
     prun.add_argument("--tracking-uri")
     prun.set_defaults(func=_pipeline)

@@ -74,6 +74,18 @@ def test_only_runs_the_named_variants_and_refuses_a_name_the_spec_lacks(syntheti
     assert len(_children(uri)[1]) == 1  # refused before anything ran
 
 
+def test_seeds_from_the_command_line_replace_the_specs_and_a_repeated_seed_is_refused(synthetic_files, tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    path = _spec(synthetic_files, tmp_path, {"a": []}, seeds=(0,))
+    assert main(["pipeline", "run", str(path), "--tracking-uri", uri, "--seeds", "3"]) == 0
+    assert [r.data.tags["pipeline.key"] for r in _children(uri)[1]] == ["a/s3"]
+    capsys.readouterr()  # seed 3 finished: only the others of --seeds are left
+    assert main(["pipeline", "run", str(path), "--tracking-uri", uri, "--seeds", "3", "5", "--dry-run"]) == 0
+    assert capsys.readouterr().out.split("would run:")[1].split() == ["a/s5"]
+    assert main(["pipeline", "run", str(path), "--tracking-uri", uri, "--seeds", "1", "1"]) == 2
+    assert "--seeds 1 1: expected distinct integers" in capsys.readouterr().err
+
+
 def test_pipeline_with_two_workers_loses_no_run(synthetic_files, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     path = _spec(synthetic_files, tmp_path, {"a": [], "b": ["train.lr=0.01"]})

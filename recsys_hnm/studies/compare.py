@@ -39,7 +39,8 @@ class ComparisonSpec:
     mined: dict[str, dict] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, path: str | Path) -> "ComparisonSpec":
+    def load(cls, path: str | Path, seeds: list[int] | None = None) -> "ComparisonSpec":
+        """The spec at ``path``; ``seeds``, when given, replace its seeds (checked the same way)."""
         raw = read_yaml(path, "comparison spec")
         unknown = set(raw) - {"name", "base", "seeds", "variants", "set", "baselines", "search", "mined"}
         if unknown:
@@ -62,6 +63,10 @@ class ComparisonSpec:
         check_name(raw["name"], f"{path}: name")  # part of every run's name, hence of checkpoint paths
         if not isinstance(raw["base"], str):
             raise refuse("base", "a config file path")
+        if seeds is not None:
+            if not (seeds and len(set(seeds)) == len(seeds)):
+                raise ConfigError(f"--seeds {' '.join(map(str, seeds))}: expected distinct integers")
+            raw["seeds"] = list(seeds)
         seeds = raw.get("seeds", [0])
         if not (isinstance(seeds, list) and seeds and all(type(s) is int for s in seeds) and len(set(seeds)) == len(seeds)):
             raise refuse("seeds", "a non-empty list of distinct integers")
