@@ -21,7 +21,7 @@ import scipy.sparse as sp
 import torch
 from annoy import AnnoyIndex
 
-from ..ops.ranking import mask_known, top_k
+from ..ops.ranking import mask_known
 from ..ops.io import atomic_write
 from ..ops.sparse import SortedPairs
 
@@ -77,7 +77,9 @@ class ExactIndex:
             s = self.scores(q[start:start + self.chunk])
             if exclude is not None:
                 mask_known(s, exclude, torch.arange(start, start + len(s)))
-            indices, values = top_k(s, k_eff)
+            # torch's own order within ties: mining reads a rank window, not a tie-exact list
+            # (top_k's tie rule sorts twice more, most of a mining step's cost)
+            values, indices = torch.topk(s, k_eff, dim=1)
             idx = indices.numpy()
             idx[~np.isfinite(values.numpy())] = -1
             out[start:start + len(s), :k_eff] = idx
