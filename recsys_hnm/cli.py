@@ -355,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         verbose = args.verbose
         # force: an imported dependency has already given the root logger a handler, which would make basicConfig a no-op
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
+        if not verbose:  # torch's notice to torchrec's maintainers (torchrec calls is_fx_tracing), nothing a user can act on
+            logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
         return args.func(args)
     except KNOWN_ERRORS as e:
         if verbose:

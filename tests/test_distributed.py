@@ -29,6 +29,7 @@ def _torchrun(config, tmp_path, *args):
     out = subprocess.run([sys.executable, "-m", "recsys_hnm.cli", "train", "--config", str(path), "--nproc", "2", *args],
                          capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
+    assert "is_fx_tracing" not in out.stderr  # torch's notice to torchrec, muted at the CLI
     lines = out.stdout.strip().splitlines()
     assert lines[-1].startswith("run_id=") and sum(line.startswith("run_id=") for line in lines) == 1  # rank 0 reports
     return lines[-1].split("=", 1)[1], json.loads(lines[-2])
