@@ -151,6 +151,8 @@ def _mine(args) -> int:
 
 
 def _compare(args) -> int:
+    if args.by_history and not args.experiment:
+        raise ValueError("--by-history groups the finished runs of an experiment: give it with --experiment, not --spec")
     if args.experiment:
         return _compare_experiment(args)
     return _run_pipeline(args.spec, args)  # a spec: run what is not done yet, then tabulate
@@ -205,8 +207,15 @@ def _compare_experiment(args) -> int:
         check_writable(args.output, (".md", ".csv"))
     records = experiment_runs(args.experiment, args.tracking_uri)
     check_metric(records, args.metric, "--metric")  # with or without --baseline: before the table, not a KeyError in it
-    frame = compare_runs(records, args.metric, args.baseline, metrics=table_metrics(records))
-    text = comparison_markdown(frame, table_metrics(records), baseline=args.baseline, metric=args.metric)
+    if args.by_history:
+        from .studies.compare import by_history, by_history_markdown
+
+        frame = by_history(records, args.by_history, args.metric, args.baseline)
+        variants = sorted({r.variant for r in records}, key=lambda v: (v != args.baseline, v))
+        text = by_history_markdown(frame, variants, args.metric, args.baseline)
+    else:
+        frame = compare_runs(records, args.metric, args.baseline, metrics=table_metrics(records))
+        text = comparison_markdown(frame, table_metrics(records), baseline=args.baseline, metric=args.metric)
     print(text)
     if args.output:
         out = Path(args.output)
@@ -214,7 +223,8 @@ def _compare_experiment(args) -> int:
             atomic_write(out, lambda tmp: frame.to_csv(tmp, index=False))
         else:
             atomic_write(out, lambda tmp: Path(tmp).write_text(text + "\n"))
-        plot_validation(records, out.with_suffix(".png"), args.metric, args.tracking_uri)
+        if not args.by_history:
+            plot_validation(records, out.with_suffix(".png"), args.metric, args.tracking_uri)
     return 0
 
 
@@ -332,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--experiment", help="tabulate the finished runs of this MLflow experiment (no training)")
     compare.add_argument("--metric", default="ndcg@10", help="metric of the paired comparison (default: %(default)s)")
     compare.add_argument("--baseline", help="variant to compare against: relative change with a paired 95%% bootstrap CI over test users")
+    compare.add_argument("--by-history", type=int, nargs="+", metavar="EDGE",
+                         help="with --experiment: the table per group of test users by history (distinct items before test), "
+                              "groups up to each EDGE and above the last, e.g. 4 5 7 10 20")
     compare.add_argument("--output", help="write the table here (.md, or .csv with --experiment) and the validation curves beside it (.png)")
     compare.add_argument("--tracking-uri")
     compare.set_defaults(func=_compare)

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import small_config
 from recsys_hnm.cli import main
-from recsys_hnm.studies.compare import RunRecord, compare_runs, comparison_markdown, paired_bootstrap
+from recsys_hnm.studies.compare import RunRecord, by_history, by_history_markdown, compare_runs, comparison_markdown, paired_bootstrap
 from recsys_hnm.experiment import train
 
 
@@ -69,6 +69,29 @@ def test_each_variant_is_set_beside_the_strongest_baseline():
     assert "- `weak` is below the best baseline, ease: ndcg@10 -33.3%" in text
 
 
+def test_by_history_groups_users_by_their_history_and_pairs_within_each_group():
+    history = [1, 3, 4, 9, 30]
+    records = [_record("bag", 0, [0.2, 0.2, 0.4, 0.1, 0.5]), _record("seq", 0, [0.1, 0.3, 0.2, 0.2, 0.5]),
+               _record("seq", 1, [0.3, 0.3, 0.4, 0.4, 0.5])]
+    for r in records:
+        r.per_user["history"] = history
+    frame = by_history(records, [3, 4, 10], baseline="bag", n_boot=200).set_index("history")
+    assert frame.index.tolist() == ["<= 3", "4", "5-10", "> 10"]
+    assert frame["users"].tolist() == [2, 1, 1, 1]
+    # <= 3: users 0 and 1; seq averages its seeds per user first: (0.2, 0.3) against bag's (0.2, 0.2)
+    assert frame.loc["<= 3", "seq"] == pytest.approx(0.25) and frame.loc["<= 3", "bag"] == pytest.approx(0.2)
+    assert frame.loc["<= 3", "seq change"] == pytest.approx(0.25)
+    assert frame.loc["5-10", "seq change"] == pytest.approx(2.0)  # 0.3 against 0.1
+    assert frame.loc["> 10", "seq change"] == pytest.approx(0.0) and frame.loc["> 10", "seq low"] == pytest.approx(0.0)
+    text = by_history_markdown(frame.reset_index(), ["bag", "seq"], baseline="bag")
+    assert "| 5-10 | 1 | 0.1000 | 0.3000 | +200.0% [+200.0%, +200.0%] |" in text
+    with pytest.raises(ValueError, match="increasing"):
+        by_history(records, [5, 5])
+    del records[0].per_user["history"]  # a run logged before the column existed
+    with pytest.raises(ValueError, match=r"\['bag'\] hold no history column"):
+        by_history(records, [3])
+
+
 def test_cli_compare_experiment_reads_the_store(synthetic_files, tmp_path, capsys):
     for variant, lr in (("slow", 0.001), ("fast", 0.01)):
         train(small_config(synthetic_files, tmp_path, name=variant, train={"epochs": 1, "lr": lr},
@@ -79,5 +102,10 @@ def test_cli_compare_experiment_reads_the_store(synthetic_files, tmp_path, capsy
     text = out.read_text()
     assert "| fast | 1 |" in text and "ndcg@10 vs slow (95% CI)" in text
     assert out.with_suffix(".png").stat().st_size > 1000
+    capsys.readouterr()  # the runs log each test user's history: the table per group comes from the store
+    assert main(["compare", "--experiment", "tests", "--baseline", "slow", "--by-history", "10", "--tracking-uri", uri]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("| history (items) | users | slow ndcg@10 | fast ndcg@10 | fast vs slow (95% CI) |")
+    assert [line.split(" | ")[0] for line in lines[2:]] == ["| <= 10", "| > 10"]
     assert main(["compare", "--experiment", "nope", "--tracking-uri", uri]) == 2
     assert "experiment 'nope' not found" in capsys.readouterr().err

@@ -53,6 +53,7 @@ class Evaluator:
         n_rel = np.diff(self.truth.indptr)
         self.users = torch.from_numpy(np.flatnonzero(n_rel > 0))
         self.n_relevant = torch.from_numpy(n_rel[n_rel > 0])
+        self.n_history = np.diff(history.indptr)[n_rel > 0]  # distinct items each had before the phase
         self.chunk_size = max(1, min(chunk_size, max_cells // max(self.truth.shape[1], 1)))
         self.phase = phase
 
@@ -73,8 +74,9 @@ class Evaluator:
         return torch.cat(items), torch.cat(scores)
 
     def per_user(self, scorer: Scorer) -> pd.DataFrame:
-        """One row per evaluated user: ``user`` (index) and every metric: what paired
-        comparisons between runs (bootstrap over users) are computed from."""
+        """One row per evaluated user: ``user`` (index), ``history`` (distinct items the user had
+        before the phase) and every metric: what paired comparisons between runs (bootstrap over
+        users, also by history length) are computed from."""
         return self.per_user_many(("",), lambda users: [("", scorer(users))])[""]
 
     def evaluate(self, scorer: Scorer, per_user: bool = False) -> dict:
@@ -91,7 +93,7 @@ class Evaluator:
         a ``(name, scores)`` pair for each of ``names``, each scores tensor consumed before the
         next is asked for (so blends of shared parts hold one blend at a time)."""
         users = self.users.numpy()
-        return {name: pd.DataFrame({"user": users, **{k: v.numpy() for k, v in values.items()}})
+        return {name: pd.DataFrame({"user": users, "history": self.n_history, **{k: v.numpy() for k, v in values.items()}})
                 for name, values in self._values(names, scorers).items()}
 
     def _values(self, names, scorers) -> dict[str, dict[str, torch.Tensor]]:
@@ -155,6 +157,11 @@ class Evaluator:
             inside = rank < kmax
             hits[torch.from_numpy(rows[near[inside]]), torch.from_numpy(rank[inside])] = True
         return hits
+
+
+def metric_means(per_user: pd.DataFrame) -> dict[str, float]:
+    """The mean of each metric column of a ``per_user`` frame (not ``user``, ``history``)."""
+    return {k: float(per_user[k].mean()) for k in per_user.columns if k not in ("user", "history")}
 
 
 def phase_counts(split: Split, phase: str) -> np.ndarray:

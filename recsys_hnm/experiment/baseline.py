@@ -7,7 +7,7 @@ import mlflow
 import torch
 
 from ..baselines.tuning import check_metric, fit_final, grid_points, tune
-from ..evaluation.evaluator import Evaluator
+from ..evaluation.evaluator import Evaluator, metric_means
 from ..tracking import git_commit, log_metrics, log_per_user, tracked_run
 from .run import load_data
 
@@ -41,7 +41,7 @@ def run_baseline(config, name: str, grid: dict | None = None, uri: str | None = 
         log_metrics(valid, prefix="valid.")
         model, fit_s = fit_final(name, best, split)
         per_user = Evaluator(split, "test", ks, chunk, exclude=config.eval.exclude).per_user(model.scorer())
-        test = {k: float(per_user[k].mean()) for k in per_user.columns if k != "user"}
+        test = metric_means(per_user)
         log_metrics(test, prefix="test.")
         log_metrics({"fit_s": fit_s})
         log_per_user(per_user, "test", data.users)

@@ -27,7 +27,7 @@ from ..data import (
     time_split,
 )
 from ..data.profile import DataProfile, describe_profile, profile_split, suggest_settings
-from ..evaluation import EXCLUDE, Evaluator, mask_known, phase_counts, popularity_scorer, top_k
+from ..evaluation import EXCLUDE, Evaluator, mask_known, metric_means, phase_counts, popularity_scorer, top_k
 from ..sampling.ann import AnnSampler
 from ..sampling.mixture import FULL
 from ..index import IndexOptions
@@ -432,7 +432,7 @@ def _log_outcome(config: ExperimentConfig, data: Interactions, split: Split, mod
     test_eval = Evaluator(split, "test", config.eval.ks, config.eval.chunk_size, exclude=config.eval.exclude)
     per_user = test_eval.per_user(blended(model_scorer(model, features.with_history(split.history("test"))), head,
                                           split.known("test")))
-    test = {k: float(per_user[k].mean()) for k in per_user.columns if k != "user"}
+    test = metric_means(per_user)
     log_per_user(per_user, "test", data.users)
     mostpop = test_eval.evaluate(popularity_scorer(phase_counts(split, "test")))
     log_metrics(test, prefix="test.")

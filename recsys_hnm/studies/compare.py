@@ -287,6 +287,58 @@ def compare_runs(records: list[RunRecord], metric: str = "ndcg@10", baseline: st
     return pd.DataFrame(rows)
 
 
+def by_history(records: list[RunRecord], edges: list[int], metric: str = "ndcg@10", baseline: str | None = None,
+               n_boot: int = 2000):
+    """Where a variant wins or loses: test users grouped by their history (distinct items before
+    test) into the buckets ``(edges[i-1], edges[i]]`` (the first from 0, the last open); per
+    bucket each variant's mean ``metric`` (over seeds, then users) and, against ``baseline``, the
+    relative change with a paired 95% bootstrap CI over the bucket's users (columns
+    ``<variant> change``, ``low``, ``high``)."""
+    import pandas as pd
+
+    if not edges or edges[0] < 0 or any(b <= a for a, b in zip(edges, edges[1:])):
+        raise ValueError(f"--by-history {' '.join(map(str, edges))}: expected increasing non-negative integers")
+    lacking = sorted({r.variant for r in records if r.per_user is None or "history" not in r.per_user.columns})
+    if lacking:
+        raise ValueError(f"the per-user test metrics of {lacking} hold no history column (logged before it was added): "
+                         "run them again to group their users by history")
+    check_metric(records, metric, "--metric")
+    by_variant: dict[str, list[RunRecord]] = {}
+    for r in records:
+        by_variant.setdefault(r.variant, []).append(r)
+    if baseline is not None and baseline not in by_variant:
+        raise ValueError(f"baseline variant {baseline!r} is not among the runs: {sorted(by_variant)}")
+    # each variant's per-user mean over its seeds; users every variant scored
+    users = pd.concat({v: pd.concat([r.per_user.set_index("user_id")[metric] for r in runs], axis=1).mean(axis=1)
+                       for v, runs in by_variant.items()}, axis=1, join="inner")
+    history = records[0].per_user.set_index("user_id")["history"].reindex(users.index).to_numpy()
+    rows = []
+    for lo, hi in zip([-1, *edges], [*edges, np.inf]):
+        part = users[(history > lo) & (history <= hi)]
+        if not len(part):
+            continue
+        label = f"<= {hi}" if lo < 0 else f"> {lo}" if hi == np.inf else f"{lo + 1}" if lo + 1 == hi else f"{lo + 1}-{hi}"
+        row = {"history": label, "users": len(part), **part.mean().to_dict()}
+        for v in users.columns:
+            if baseline is not None and v != baseline and part[baseline].mean() > 0:
+                row[f"{v} change"], row[f"{v} low"], row[f"{v} high"] = paired_bootstrap(part[v].to_numpy(), part[baseline].to_numpy(), n_boot)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def by_history_markdown(frame, variants: list[str], metric: str = "ndcg@10", baseline: str | None = None) -> str:
+    """``by_history``'s table: each variant's mean, then each one's change against the baseline."""
+    changed = [v for v in variants if f"{v} change" in frame]
+    head = ["history (items)", "users", *(f"{v} {metric}" for v in variants), *(f"{v} vs {baseline} (95% CI)" for v in changed)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, r in frame.iterrows():
+        cells = [r["history"], str(int(r["users"])), *(f"{r[v]:.4f}" for v in variants)]
+        cells += [f"{r[f'{v} change']:+.1%} [{r[f'{v} low']:+.1%}, {r[f'{v} high']:+.1%}]" if np.isfinite(r[f"{v} change"]) else "—"
+                  for v in changed]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def comparison_markdown(frame, metrics=TABLE_METRICS, baseline: str | None = None, metric: str = "ndcg@10") -> str:
     """The comparison as a markdown table: mean ± sd, then the change against the baseline."""
     head = ["variant", "runs", *metrics]
