@@ -63,13 +63,7 @@ class ComparisonSpec:
         check_name(raw["name"], f"{path}: name")  # part of every run's name, hence of checkpoint paths
         if not isinstance(raw["base"], str):
             raise refuse("base", "a config file path")
-        if seeds is not None:
-            if not (seeds and len(set(seeds)) == len(seeds)):
-                raise ConfigError(f"--seeds {' '.join(map(str, seeds))}: expected distinct integers")
-            raw["seeds"] = list(seeds)
-        seeds = raw.get("seeds", [0])
-        if not (isinstance(seeds, list) and seeds and all(type(s) is int for s in seeds) and len(set(seeds)) == len(seeds)):
-            raise refuse("seeds", "a non-empty list of distinct integers")
+        seeds = _seeds(raw.get("seeds", [0]), seeds, path)
         if not strings(raw.get("set", [])):
             raise refuse("set", "a list of KEY=VALUE strings")
         if "variants" in raw and not (isinstance(raw["variants"], dict) and raw["variants"]):
@@ -101,6 +95,17 @@ class ComparisonSpec:
             raise ConfigError(f"{path}: baselines: {repeated} listed more than once")
         mined = _mined_steps(raw.get("mined", {}), variants, seeds, path)
         return cls(raw["name"], raw["base"], seeds, variants, list(raw.get("set", [])), list(baselines), raw.get("search"), mined)
+
+
+def _seeds(spec_seeds, override: list[int] | None, path) -> list[int]:
+    """The spec's seeds, or the ``--seeds`` that replace them: a non-empty list of distinct integers."""
+    if override is not None:
+        if not (override and len(set(override)) == len(override)):
+            raise ConfigError(f"--seeds {' '.join(map(str, override))}: expected distinct integers")
+        return list(override)
+    if not (isinstance(spec_seeds, list) and spec_seeds and all(type(s) is int for s in spec_seeds) and len(set(spec_seeds)) == len(spec_seeds)):
+        raise ConfigError(f"{path}: seeds: expected a non-empty list of distinct integers, got {spec_seeds!r}")
+    return spec_seeds
 
 
 MINED_DEFAULTS = {"sources": ["ann"], "per_positive": 10, "window": [10, 100]}
