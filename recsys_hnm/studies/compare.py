@@ -247,18 +247,13 @@ def compare_runs(records: list[RunRecord], metric: str = "ndcg@10", baseline: st
 
     from ..tracking import metric_name
 
-    by_variant: dict[str, list[RunRecord]] = {}
-    for r in records:
-        by_variant.setdefault(r.variant, []).append(r)
-    if baseline is not None and baseline not in by_variant:
-        raise ValueError(f"baseline variant {baseline!r} is not among the runs: {sorted(by_variant)}")
+    by_variant = _by_variant(records, baseline)
     check_metric(records, metric, "metric")
     if metric not in metrics:
         metrics = (metric, *metrics)
 
     def user_means(runs: list[RunRecord]):
-        frames = [r.per_user.set_index("user_id")[metric] for r in runs if r.per_user is not None and metric in r.per_user.columns]
-        return pd.concat(frames, axis=1).mean(axis=1) if frames else None
+        return _user_means(runs, metric)
 
     base_users = user_means(by_variant[baseline]) if baseline else None
     # the strongest baseline by the mean of ``metric``: each trained variant is also compared with it
@@ -292,6 +287,24 @@ def compare_runs(records: list[RunRecord], metric: str = "ndcg@10", baseline: st
     return pd.DataFrame(rows)
 
 
+def _by_variant(records: list[RunRecord], baseline: str | None) -> dict[str, list[RunRecord]]:
+    """The runs of each variant; a ``baseline`` that names none of them is refused."""
+    by_variant: dict[str, list[RunRecord]] = {}
+    for r in records:
+        by_variant.setdefault(r.variant, []).append(r)
+    if baseline is not None and baseline not in by_variant:
+        raise ValueError(f"baseline variant {baseline!r} is not among the runs: {sorted(by_variant)}")
+    return by_variant
+
+
+def _user_means(runs: list[RunRecord], metric: str):
+    """Each user's ``metric`` averaged over the runs (seeds) that logged it, by raw user id; None if none did."""
+    import pandas as pd
+
+    frames = [r.per_user.set_index("user_id")[metric] for r in runs if r.per_user is not None and metric in r.per_user.columns]
+    return pd.concat(frames, axis=1).mean(axis=1) if frames else None
+
+
 def by_history(records: list[RunRecord], edges: list[int], metric: str = "ndcg@10", baseline: str | None = None,
                n_boot: int = 2000):
     """Where a variant wins or loses: test users grouped by their history (distinct items before
@@ -308,14 +321,8 @@ def by_history(records: list[RunRecord], edges: list[int], metric: str = "ndcg@1
         raise ValueError(f"the per-user test metrics of {lacking} hold no history column (logged before it was added): "
                          "run them again to group their users by history")
     check_metric(records, metric, "--metric")
-    by_variant: dict[str, list[RunRecord]] = {}
-    for r in records:
-        by_variant.setdefault(r.variant, []).append(r)
-    if baseline is not None and baseline not in by_variant:
-        raise ValueError(f"baseline variant {baseline!r} is not among the runs: {sorted(by_variant)}")
     # each variant's per-user mean over its seeds; users every variant scored
-    users = pd.concat({v: pd.concat([r.per_user.set_index("user_id")[metric] for r in runs], axis=1).mean(axis=1)
-                       for v, runs in by_variant.items()}, axis=1, join="inner")
+    users = pd.concat({v: _user_means(runs, metric) for v, runs in _by_variant(records, baseline).items()}, axis=1, join="inner")
     history = records[0].per_user.set_index("user_id")["history"].reindex(users.index).to_numpy()
     rows = []
     for lo, hi in zip([-1, *edges], [*edges, np.inf]):
