@@ -13,6 +13,7 @@ from pathlib import Path
 from .config import ConfigError, load_config
 from .data import DataError, copurchase_graph, describe_graph, load_dataset, load_table
 from .ops.io import atomic_write, check_writable
+from .ops.logs import configure_logging
 from .tracking import Terminated, TrackingError
 
 
@@ -366,10 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         args.argv = argv
         verbose = args.verbose
-        # force: an imported dependency has already given the root logger a handler, which would make basicConfig a no-op
-        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
-        if not verbose:  # torch's notice to torchrec's maintainers (torchrec calls is_fx_tracing), nothing a user can act on
-            logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+        configure_logging(verbose)
         return args.func(args)
     except KNOWN_ERRORS as e:
         if verbose:

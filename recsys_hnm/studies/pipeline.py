@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 from .compare import TABLE_METRICS, ComparisonSpec, _slug, compare_runs, comparison_markdown, experiment_runs, plot_validation, table_metrics
 from ..config import ConfigError, ExperimentConfig, load_config
 from ..ops.io import atomic_write
+from ..ops.logs import configure_logging
 from ..tracking import TrackingError, sigterm_raises, store_exists, tracking_uri
 from ..tracking.runs import KEY_TAG, PARENT_TAG, child_tags, parent_run
 
@@ -194,7 +195,9 @@ def _run_jobs(todo: list[Job], parent: str, workers: int, summary: dict) -> None
             _collect(summary, job, lambda job=job: run_job(job, parent))
         return
     # spawn: a fresh interpreter per worker (no forked torch/MLflow state)
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    # a spawned worker starts with Python's default logging: it takes the parent's (-v, muted notices)
+    verbose = logging.getLogger().getEffectiveLevel() <= logging.INFO
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=configure_logging, initargs=(verbose,))
     try:
         with sigterm_raises():
             futures = {pool.submit(run_job, job, parent): job for job in todo}
