@@ -28,10 +28,24 @@ def test_next_item_sequences_pair_each_step_with_the_next():
 
 def test_end_weights_lean_toward_the_end_and_average_one():
     real = torch.tensor([[False, True, True, True], [False, False, False, True]])
-    flat = end_weights(real, 0.0)
+    ends, seq_len = torch.tensor([4, 2]), torch.tensor([4, 2])  # windows over whole histories of 4 and 2 events
+    flat = end_weights(real, ends, seq_len, 0.0)
     assert torch.allclose(flat[real], torch.ones(4)) and (flat[~real] == 0).all()
-    lean = end_weights(real, 1.0)
+    lean = end_weights(real, ends, seq_len, 1.0)
     assert torch.isclose(lean[real].mean(), torch.tensor(1.0)) and lean[0, 1] < lean[0, 2] < lean[0, 3]
+    assert torch.isclose(lean[0, 3], lean[1, 3])  # each user's latest event weighs the same
+
+
+def test_end_weights_follow_the_event_across_the_windows_of_a_long_history():
+    """45 events in windows of 20: the end of an older window is not recent, so the weights rise
+    with the event over the whole history (by place in the window they would repeat each window)."""
+    seq_len = torch.tensor([45])
+    users, ends = sequence_windows(seq_len, 20)
+    _, targets = next_item_sequences(torch.arange(45), torch.tensor([0]), seq_len, users, 20, ends)
+    real = targets >= 0
+    w = end_weights(real, ends, seq_len[users], 1.0)
+    by_event = w[real][torch.argsort(targets[real])]
+    assert sorted(targets[real].tolist()) == list(range(1, 45)) and (by_event.diff() > 0).all()
 
 
 def _model(n_items=40, dim=16, L=6, seed=0):

@@ -191,8 +191,8 @@ class TrainConfig:
     # embedding_lr: the tables' learning rate (null = lr)
     embedding_optimizer: str = "auto"
     embedding_lr: float | None = None
-    # per_position training: loss weight ((i + 1) / n) ** position_weight of a window's i-th of n
-    # real positions, mean 1 (0: every position alike; > 0 leans toward the most recent)
+    # per_position training: loss weight (t / (n - 1)) ** position_weight of the target at event t
+    # of a user's n, mean 1 (0: every position alike; > 0 leans toward the user's latest events)
     position_weight: float = 0.0
 
 EMBEDDING_OPTIMIZERS = ("auto", "adam", "sparse_adam", "adagrad", "rowwise_adagrad")

@@ -47,15 +47,17 @@ def next_item_sequences(seq_items: torch.Tensor, seq_start: torch.Tensor, seq_le
     return torch.where(real, inputs, -1), torch.where(real, targets, -1)
 
 
-def end_weights(real: torch.Tensor, power: float = 0.0) -> torch.Tensor:
-    """Per-position loss weights over the real positions [B, L] of right-aligned sequences:
-    ``((i + 1) / n) ** power`` for the i-th of a sequence's n real positions, normalised to mean
-    1 over all real positions; power 0 weighs every position alike, > 0 leans toward the end."""
+def end_weights(real: torch.Tensor, ends: torch.Tensor, seq_len: torch.Tensor, power: float = 0.0) -> torch.Tensor:
+    """Per-position loss weights over the real positions [B, L] of right-aligned windows ending
+    at event ``ends`` (exclusive) of users with ``seq_len`` events: ``(t / (n - 1)) ** power`` for
+    the target at event t (from 0) of a user's n, normalised to mean 1 over all real positions;
+    power 0 weighs every position alike, > 0 leans toward the user's latest events. By event, not
+    by place in the window: a long history is cut into several windows, and the end of an older
+    one is not recent."""
     if power < 0:
         raise ValueError(f"power must be >= 0, not {power}")
-    n = real.sum(1, keepdim=True)
-    rank = real.cumsum(1)
-    w = torch.where(real, (rank / n.clamp(min=1)) ** power, torch.zeros(()))
+    event = ends[:, None] - real.shape[1] + torch.arange(real.shape[1])  # the target's event index
+    w = torch.where(real, (event / (seq_len[:, None] - 1).clamp(min=1)) ** power, torch.zeros(()))
     return w * real.sum() / w.sum().clamp(min=1e-12)
 
 
@@ -67,7 +69,7 @@ class _ChunkedLogSumExp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, user, items, bias, scale, masked_rows, masked_cols, chunk):
         P, n = user.shape[0], items.shape[0]
-        running = torch.full((P,), float("-inf"), dtype=user.dtype)
+        running = torch.full((P,), float("-inf"), dtype=user.dtype, device=user.device)
         for start in range(0, n, chunk):
             logits = _chunk_logits(user, items, bias, scale, masked_rows, masked_cols, start, min(start + chunk, n))
             running = torch.logaddexp(running, torch.logsumexp(logits, dim=1))
@@ -95,7 +97,7 @@ class _ChunkedLogSumExp(torch.autograd.Function):
 
 def _chunk_logits(user, items, bias, scale, masked_rows, masked_cols, start, end):
     logits = scale * (user @ items[start:end].T) + bias[start:end]
-    lo, hi = torch.searchsorted(masked_cols, torch.tensor([start, end]))  # masked entries sorted by item
+    lo, hi = torch.searchsorted(masked_cols, torch.tensor([start, end], device=masked_cols.device))  # masked entries sorted by item
     if hi > lo:
         logits[masked_rows[lo:hi], masked_cols[lo:hi] - start] = float("-inf")
     return logits
@@ -110,9 +112,10 @@ def chunked_full_softmax(user: torch.Tensor, items: torch.Tensor, targets: torch
     row's target). Memory [P, chunk] instead of [P, n]; the value and gradient of the dense
     computation (tested)."""
     n = items.shape[0]
-    bias = torch.zeros(n, dtype=user.dtype) if bias is None else bias
-    scale = torch.as_tensor(scale, dtype=user.dtype)
-    rows, cols = masked if masked is not None else (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+    bias = torch.zeros(n, dtype=user.dtype, device=user.device) if bias is None else bias
+    scale = torch.as_tensor(scale, dtype=user.dtype, device=user.device)
+    none = torch.zeros(0, dtype=torch.long, device=user.device)
+    rows, cols = masked if masked is not None else (none, none)
     keep = cols != targets[rows]  # the target always stays in its own partition function
     rows, cols = rows[keep], cols[keep]
     order = torch.argsort(cols, stable=True)

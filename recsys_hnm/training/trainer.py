@@ -336,7 +336,7 @@ class Trainer:
         real = targets >= 0
         rows_users, pos_items = users[:, None].expand_as(targets)[real], targets[real]
         power = self.objective.position_weight
-        weights = end_weights(real, power)[real] if power > 0 else None
+        weights = end_weights(real, ends, self.seq_len[users], power)[real] if power > 0 else None
         user_emb = self.model.position_embeddings(inputs, users if self.features.user_id else None)[real]
         if self.position_miner is not None:
             self.position_miner(user_emb.detach(), rows_users)
