@@ -265,6 +265,8 @@ def test_per_position_trains_end_to_end_and_refuses_what_it_cannot_do(synthetic_
         small_config(synthetic_files, tmp_path, train={"position_weight": 1.0})
     with pytest.raises(ConfigError, match="sampler.ann.anchor"):
         small_config(synthetic_files, tmp_path, sampler={"mixture": {"uniform": 1.0, "ann": 1.0}, "ann": {"anchor": "position"}})
+    with pytest.raises(ConfigError, match="sampler.select.mode='hardest'"):  # the exact softmax has nothing to select from
+        small_config(synthetic_files, tmp_path, model=model, sampler={"mixture": {"full": 1.0}, "select": {"mode": "hardest", "k": 8}})
 
 
 def test_gbce_is_bce_at_zero_and_weighs_the_positive_by_the_sampling_rate_at_one():

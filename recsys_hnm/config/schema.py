@@ -540,6 +540,10 @@ def _check_per_position(c: ExperimentConfig) -> None:
         raise ConfigError(f"model.train_history: {PER_POSITION!r} needs model.history_encoder=sasrec, not {m.history_encoder!r}")
     if t.position_weight and (c.loss.type != "softmax" or s.memory_bank.size):
         raise ConfigError("train.position_weight: position weights apply to the sampled softmax without a memory bank")
+    exact = {k for k, w in s.mixture.items() if w > 0} == {"full"} and c.loss.type == "softmax"
+    if exact and (s.select.mode != "none" or s.memory_bank.size):  # the chunked exact softmax has no candidates to pick or bank
+        raise ConfigError(f"sampler.mixture {{full: 1}}: per-position training takes the exact softmax, chunked; "
+                          f"sampler.select.mode={s.select.mode!r} and sampler.memory_bank.size={s.memory_bank.size} do not apply to it")
 
 
 def _check_data(c: ExperimentConfig) -> None:
