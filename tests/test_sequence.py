@@ -281,3 +281,23 @@ def test_gbce_is_bce_at_zero_and_weighs_the_positive_by_the_sampling_rate_at_one
     assert torch.isclose(gbce(pos, neg, invalid, 101, 1.0), calibrated)
     with pytest.raises(ValueError, match="calibration"):
         gbce(pos, neg, invalid, 101, 1.5)
+
+
+def test_the_epoch_loss_of_per_position_training_averages_over_positions(seq_data, tmp_path, monkeypatch):
+    """Windows hold different numbers of real positions: the epoch's loss is the mean over
+    positions (each step's mean weighted by its positions), not over windows."""
+    _, trainer, _ = _seq_trainer(seq_data, tmp_path)
+    seen = []
+    real_step = trainer.sequence_step
+
+    def step(users, ends):
+        out = real_step(users, ends)
+        seen.append((out.loss, out.rows, int(_rows(trainer, users, ends)[0].numel())))
+        return out
+
+    monkeypatch.setattr(trainer, "sequence_step", step)
+    trainer.batch_size = 7  # uneven batches
+    epoch_loss = trainer.train_epoch(0)
+    assert all(rows == n for _, rows, n in seen)  # a step's rows are its real positions
+    expected = sum(loss * rows for loss, rows, _ in seen) / sum(rows for _, rows, _ in seen)
+    assert epoch_loss == pytest.approx(expected)

@@ -109,6 +109,7 @@ class StepOutput:
     loss: float
     blocks: list[Negatives]
     neg_scores: list[torch.Tensor]
+    rows: int  # the rows the loss averages over (per-position steps: the real positions, not the windows)
 
 
 class Trainer:
@@ -272,8 +273,8 @@ class Trainer:
                 out = self.sequence_step(self.users[idx], self.ends[idx])
             else:
                 out = self.train_step(self.users[idx], self.items[idx], None if self.positions is None else self.positions[idx])
-            total += out.loss * len(idx)
-            count += len(idx)
+            total += out.loss * out.rows
+            count += out.rows
             bar.set_postfix(loss=f"{out.loss:.4f}")
         if self.cluster is not None:  # the epoch's loss over all ranks' rows
             sums = torch.tensor([total, float(count)], dtype=torch.float64)
@@ -311,7 +312,7 @@ class Trainer:
         neg_cos = neg_cos[: len(sampled)]  # the history block is the model's, not a sampler's
         if self.diagnostics is not None:
             self.diagnostics.update(ctx, sampled, neg_cos, self._rank_sample_scores(user_emb))
-        return StepOutput(float(loss.detach()), sampled, neg_cos)
+        return StepOutput(float(loss.detach()), sampled, neg_cos, len(users))
 
     def _history_block(self, users: torch.Tensor, pos_items: torch.Tensor, positions: torch.Tensor | None) -> tuple[Negatives, torch.Tensor]:
         """The repeat-aware model's exact candidates: every distinct item of the row's history
@@ -344,7 +345,7 @@ class Trainer:
         if self.full_softmax:
             loss = self._full_softmax(ctx, user_emb, weights)
             self._update(loss)
-            return StepOutput(float(loss.detach()), [], [])
+            return StepOutput(float(loss.detach()), [], [], len(pos_items))
         blocks = self.sampler.sample(ctx, self.generator)
         unique, inverse = torch.unique(torch.cat([pos_items] + [b.items.reshape(-1) for b in blocks]), return_inverse=True)
         item_emb = self.model.item_embeddings(self.features.item_features(unique, self._drop_ids(len(unique))))
@@ -352,7 +353,7 @@ class Trainer:
         self._update(loss)
         if self.diagnostics is not None:
             self.diagnostics.update(ctx, blocks, neg_cos, self._rank_sample_scores(user_emb))
-        return StepOutput(float(loss.detach()), blocks, neg_cos)
+        return StepOutput(float(loss.detach()), blocks, neg_cos, len(pos_items))
 
     def _full_softmax(self, ctx: Context, user_emb: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
         """The exact cross-entropy over the whole catalog, chunked (``chunked_full_softmax``), the
