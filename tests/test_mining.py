@@ -10,9 +10,9 @@ import torch
 
 from conftest import small_config
 from recsys_hnm.experiment import build_sampler, build_trainer, load_data
-from recsys_hnm.training.losses import pairwise
+from recsys_hnm.training.losses import pairwise, sampled_softmax, sampled_softmax_by_role
 from recsys_hnm.sampling import KnownPositives
-from recsys_hnm.mining import MemoryBank, select_candidates
+from recsys_hnm.mining import MemoryBank, left_out_term, select_candidates
 
 
 def test_semi_hard_selection_keeps_exactly_the_margin_band():
@@ -39,6 +39,40 @@ def test_hardest_selection_keeps_the_top_k_valid_candidates():
     assert stats == {"qualified_per_row": 2.0, "mean_rank": 1.5}
     assert select_candidates(logits, torch.tensor([0.0]), invalid, "none")[0] is invalid
 
+
+def test_hardest_selection_keeps_the_top_k_distinct_items_with_all_their_copies():
+    # item 7 holds four columns (a popular in-batch target): by column it alone would fill k = 2
+    logits = torch.tensor([[5.0, 5.0, 4.0, 5.0, 3.0, 2.0, 5.0],
+                           [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]])
+    items = torch.tensor([[7, 7, 3, 7, 9, 1, 7],
+                          [1, 2, 3, 4, 5, 6, 6]])
+    invalid = torch.zeros(2, 7, dtype=torch.bool)
+    invalid[0, 3] = True  # a masked copy stays out
+    dropped, stats = select_candidates(logits, torch.zeros(2), invalid, "hardest", k=2, items=items)
+    assert (~dropped).tolist() == [[True, True, True, False, False, False, True],
+                                   [False, False, False, False, True, True, True]]
+    assert stats == {"qualified_per_row": 2.0, "mean_rank": 1.5}
+
+
+
+def test_a_summarised_rest_keeps_the_pools_loss_and_its_gradient_on_what_selection_kept():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 12, generator=g).requires_grad_()
+    pos = torch.randn(4, generator=g).requires_grad_()
+    log_q = torch.randn(4, 12, generator=g)
+    invalid = torch.rand(4, 12, generator=g) < 0.2
+    pool = sampled_softmax(pos, logits, log_q, invalid)
+    pool_grads = torch.autograd.grad(pool, [pos, logits])
+    dropped, _ = select_candidates(logits, pos, invalid, "hardest", k=3)
+    selected = sampled_softmax_by_role(pos, [(logits, log_q, dropped, False), left_out_term(logits, log_q, invalid, dropped)])
+    pos_grad, logit_grad = torch.autograd.grad(selected, [pos, logits])
+    assert selected.item() == pytest.approx(pool.item(), rel=1e-6)
+    assert torch.allclose(pos_grad, pool_grads[0], atol=1e-6)
+    kept = ~dropped
+    assert torch.allclose(logit_grad[kept], pool_grads[1][kept], atol=1e-6)
+    assert (logit_grad[dropped] == 0).all() and (pool_grads[1][dropped & ~invalid] != 0).all()
+    # dropped, the rest leaves the normaliser: the loss falls
+    assert sampled_softmax_by_role(pos, [(logits, log_q, dropped, False)]).item() < pool.item()
 
 def test_memory_bank_is_fifo_and_masks_known_positives_and_the_row_positive():
     log_p = torch.log(torch.tensor([0.1, 0.2, 0.3, 0.4, 0.0 + 1e-9, 1e-9]))
@@ -82,6 +116,7 @@ def test_pairwise_losses_match_hand_computed_values():
     {"loss": {"type": "triplet", "margin": 0.5, "triplet_negative": "semi_hard"}},
     {"sampler": {"select": {"mode": "semi_hard", "margin": 2.0}}},
     {"sampler": {"select": {"mode": "hardest", "k": 16}, "memory_bank": {"size": 512, "warmup_steps": 5}}},
+    {"sampler": {"select": {"mode": "hardest", "k": 16, "rest": "summarise"}, "memory_bank": {"size": 512, "warmup_steps": 5}}},
 ])
 def test_each_pattern_and_loss_trains_end_to_end(synthetic_files, tmp_path, setting):
     config = small_config(synthetic_files, tmp_path, **setting)

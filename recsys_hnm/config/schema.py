@@ -18,7 +18,7 @@ from ..evaluation.metrics import METRICS, is_metric_at
 from ..index.item_index import BACKENDS, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M, IVF_NLIST, IVF_NPROBE
 from ..mining.miners import SELECTIONS
 from ..models.two_tower import HISTORY_ENCODERS, LEARNED_T_MAX, LEARNED_T_MIN
-from ..training.trainer import HARD_LOSSES, HISTORIES, LOSSES, PER_POSITION
+from ..training.trainer import HARD_LOSSES, HISTORIES, LOSSES, PER_POSITION, SELECT_RESTS
 from ..ops.errors import ConfigError
 
 SOURCES = ("in_batch", "uniform", "popularity", "category", "copurchase", "ann", "full", "static")
@@ -134,6 +134,9 @@ class SelectConfig:
     mode: str = "none"  # online mining among each row's candidates: none | hardest | semi_hard
     k: int = 64  # hardest: keep the k highest-scoring valid candidates of each row
     margin: float = 1.0  # semi_hard: keep candidates scoring in (positive - margin, positive), logit units
+    # the candidates left out: dropped, or summarised in one detached term per row, so that the
+    # softmax's normaliser stays the whole pool's and the kept ones get their share of its gradient
+    rest: str = "drop"
 
 
 @dataclass
@@ -625,9 +628,13 @@ def _check_sampler(c: ExperimentConfig) -> None:
     _choice(s.select.mode, SELECTIONS, "sampler.select.mode")
     _positive(s.select.k, "sampler.select.k")
     _positive(s.select.margin, "sampler.select.margin")
+    _choice(s.select.rest, SELECT_RESTS, "sampler.select.rest")
     _positive(s.memory_bank.size, "sampler.memory_bank.size", strict=False)
     _positive(s.memory_bank.warmup_steps, "sampler.memory_bank.warmup_steps", strict=False)
     _choice(c.loss.type, LOSSES, "loss.type")
+    if s.select.rest == "summarise" and (s.select.mode == "none" or c.loss.type != "softmax"):
+        raise ConfigError(f"sampler.select.rest: 'summarise' keeps the softmax's normaliser whole; it needs sampler.select.mode "
+                          f"hardest or semi_hard and loss.type softmax, not {s.select.mode!r} and {c.loss.type!r}")
     if not 0.0 <= c.loss.gbce_calibration <= 1.0:
         raise ConfigError(f"loss.gbce_calibration: {c.loss.gbce_calibration!r} must be in [0, 1]")
     _choice(c.train.embedding_optimizer, EMBEDDING_OPTIMIZERS, "train.embedding_optimizer")

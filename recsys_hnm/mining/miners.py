@@ -13,34 +13,69 @@ SELECTIONS = ("none", "hardest", "semi_hard")
 
 
 def select_candidates(logits: torch.Tensor, pos_logits: torch.Tensor, invalid: torch.Tensor, mode: str,
-                      k: int = 64, margin: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+                      k: int = 64, margin: float = 1.0,
+                      items: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Online mining among each row's candidates (in-batch and sampled): which of them the loss
     keeps. Returns the new invalid mask [B, N] and statistics of the qualified candidates.
 
-    ``hardest``: the k highest-scoring valid candidates of the row.
+    ``hardest``: the k highest-scoring valid candidates of the row; with ``items`` (the
+    candidates' ids, [B, N]), the k highest-scoring distinct items, each with all its copies. A
+    pool of in-batch targets holds a popular item many times: ranked by column, its copies would
+    fill the k places, so that a row kept one or two items (and, uncorrected, counted them k
+    times). Keeping every copy of a kept item leaves the logQ estimate of that item as it was.
     ``semi_hard`` (FaceNet): candidates scoring below the positive but within ``margin`` of it,
     positive - margin < score < positive.
 
-    Statistics: ``qualified_per_row`` (mean count) and ``mean_rank`` (1 = the row's highest-scoring
-    valid candidate) of the kept candidates.
+    Statistics: ``qualified_per_row`` (mean count of kept candidates, distinct items where
+    ``items`` is given) and ``mean_rank`` (1 = the row's highest-scoring valid candidate) of them.
     """
     if mode not in SELECTIONS:
         raise ValueError(f"selection must be one of {SELECTIONS}, not {mode!r}")
     if mode == "none":
         return invalid, {}
     scores = logits.detach().masked_fill(invalid, float("-inf"))
+    if mode == "hardest":
+        group = _item_groups(items) if items is not None else None
+        ranked = scores if group is None else torch.full_like(scores, float("-inf")).scatter_reduce_(1, group, scores, "amax")
+        top, at = ranked.topk(min(k, ranked.shape[1]), dim=1)
+        found = torch.isfinite(top)  # fewer than k valid ones leave -inf places
+        chosen = torch.zeros(ranked.shape, dtype=torch.bool).scatter_(1, at, found)
+        keep = (chosen if group is None else chosen.gather(1, group)) & ~invalid
+        n = int(found.sum())
+        ranks = torch.arange(1, top.shape[1] + 1).expand_as(top)[found]
+        return ~keep, {"qualified_per_row": n / len(scores), "mean_rank": float(ranks.float().mean()) if n else float("nan")}
     # rank of every candidate within its row (1 = highest); valid ones precede masked ones
     order = scores.argsort(dim=1, descending=True, stable=True)
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(1, scores.shape[1] + 1).expand_as(order))
-    if mode == "hardest":
-        keep = (rank <= k) & ~invalid
-    else:
-        pos = pos_logits.detach()[:, None]
-        keep = (scores < pos) & (scores > pos - margin) & ~invalid
+    pos = pos_logits.detach()[:, None]
+    keep = (scores < pos) & (scores > pos - margin) & ~invalid
     n = keep.sum()
     stats = {"qualified_per_row": float(n) / len(scores),
              "mean_rank": float(rank[keep].float().mean()) if n else float("nan")}
     return ~keep, stats
+
+
+def left_out_term(logits: torch.Tensor, log_q: torch.Tensor, before: torch.Tensor,
+                  after: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """The candidates a selection left out (valid ``before`` it, invalid ``after``) as one
+    softmax column per row: the log of their corrected sum, sum exp(logit - log_q), detached.
+    Beside the kept candidates it keeps the normaliser of the whole pool, so that the positive
+    and every kept candidate get the gradient they get without selection, and the left-out
+    ones none (SCE's truncated gradient, with the loss's value unchanged). Returns a block
+    ``(logits [B, 1], log_q 0, invalid where nothing was left out, hard False)``."""
+    left = after & ~before
+    rest = (logits - log_q).detach().masked_fill(~left, float("-inf")).logsumexp(1, keepdim=True)
+    return rest, torch.zeros_like(rest), ~left.any(1, keepdim=True), False
+
+
+def _item_groups(items: torch.Tensor) -> torch.Tensor:
+    """For each column of ``items`` [B, N], the index of its item among the row's distinct items
+    (0 .. distinct - 1, in id order)."""
+    order = items.argsort(dim=1, stable=True)
+    ids = items.gather(1, order)
+    new = torch.ones_like(ids, dtype=torch.long)
+    new[:, 1:] = (ids[:, 1:] != ids[:, :-1]).long()
+    return torch.empty_like(order).scatter_(1, order, new.cumsum(1) - 1)
 
 
 class MemoryBank:

@@ -24,7 +24,7 @@ from ..sampling import Context, MixtureSampler, Negatives
 from ..sampling.mixture import FULL
 from ..sampling.diagnostics import NegativeDiagnostics
 from .callbacks import Callback
-from ..mining import MemoryBank, select_candidates
+from ..mining import MemoryBank, left_out_term, select_candidates
 from ..ops.sparse import SortedPairs
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 SPARSE_GRADIENT_OPTIMIZERS = ("sparse_adam", "adagrad")
 LOSSES = ("softmax", "bpr", "triplet", "gbce")
 HARD_LOSSES = ("joint", "separate")  # mined candidates in the one softmax, or in a term of their own
+SELECT_RESTS = ("drop", "summarise")  # what online selection does with the candidates it leaves out
 PER_POSITION = "per_position"
 HISTORIES = ("all", "causal", PER_POSITION)  # what each training row's user tower reads
 
@@ -66,7 +67,8 @@ class Objective:
     ``tasks.Retrieval``): the loss; how mined ("hard") candidates enter it (``hard_loss``
     joint or separate, ``hard_weight``); the false-negative guard on them (drop those above the
     positive; drop ``cooccurring`` pairs); online selection among all candidates (``select``
-    none, hardest (``select_k``) or semi_hard (``select_margin``)); per-position weights toward
+    none, hardest (``select_k``) or semi_hard (``select_margin``); the rest dropped or
+    summarised, ``select_rest``); per-position weights toward
     the window's end; item id dropout (the item tower learns to score cold items from categories)."""
 
     loss: str = "softmax"
@@ -80,6 +82,7 @@ class Objective:
     select: str = "none"
     select_k: int = 64
     select_margin: float = 1.0
+    select_rest: str = "drop"
     position_weight: float = 0.0
     item_id_dropout: float = 0.0
 
@@ -88,6 +91,8 @@ class Objective:
             raise ValueError(f"loss must be one of {LOSSES}, not {self.loss!r}")
         if self.hard_loss not in HARD_LOSSES:
             raise ValueError(f"hard_loss must be one of {HARD_LOSSES}, not {self.hard_loss!r}")
+        if self.select_rest not in SELECT_RESTS:
+            raise ValueError(f"select_rest must be one of {SELECT_RESTS}, not {self.select_rest!r}")
 
 
 def _cosines(user_emb: torch.Tensor, emb: torch.Tensor, shared: bool) -> torch.Tensor:
@@ -421,14 +426,15 @@ class Trainer:
                 log_q = torch.logaddexp(log_q, bank.log_count(block.items))
             terms.append((logits, log_q, invalid, block.hard))
         if bank is not None:
-            items, emb, log_q, invalid, staleness = bank.negatives(users, pos_items, self.sampler.known)
-            log_q = self.sampler.proposal_log_q(ctx, items, log_q) if joint else log_q.expand(len(users), -1)
-            terms.append(((user_emb @ emb.T) * scale + self.model.bias(items), log_q, invalid, False))
+            bank_items, emb, log_q, invalid, staleness = bank.negatives(users, pos_items, self.sampler.known)
+            log_q = self.sampler.proposal_log_q(ctx, bank_items, log_q) if joint else log_q.expand(len(users), -1)
+            terms.append(((user_emb @ emb.T) * scale + self.model.bias(bank_items), log_q, invalid, False))
             self._note("bank.staleness_steps", staleness)
-            self._note("bank.entries", len(items))
+            self._note("bank.entries", len(bank_items))
         ob = self.objective
         if ob.select != "none":
-            terms = self._select(terms, pos_logits)
+            ids = [b.items for b in blocks] + ([bank_items] if bank is not None else [])
+            terms = self._select(terms, pos_logits, ids)
         if ob.loss == "softmax" and bank is not None:
             loss = self._bank_softmax(user_emb, pos_emb, pos_items, blocks, block_emb, own_log_q, terms)
         elif ob.loss == "softmax":
@@ -440,15 +446,21 @@ class Trainer:
             self.memory_bank.push(pos_items, pos_emb)
         return loss, neg_cos
 
-    def _select(self, terms: list[tuple], pos_logits: torch.Tensor) -> list[tuple]:
-        """Online selection among all of a row's candidates: the others leave the loss."""
+    def _select(self, terms: list[tuple], pos_logits: torch.Tensor, items: list[torch.Tensor]) -> list[tuple]:
+        """Online selection among all of a row's candidates (``items``: each term's ids, shared
+        [N] or per row [B, N]): the others leave the loss."""
         ob = self.objective
         widths = [p[0].shape[1] for p in terms]
+        rows = len(pos_logits)
+        ids = torch.cat([i.expand(rows, -1) if i.dim() == 1 else i for i in items], 1)
         invalid, stats = select_candidates(torch.cat([p[0] for p in terms], 1), pos_logits, torch.cat([p[2] for p in terms], 1),
-                                           ob.select, ob.select_k, ob.select_margin)
+                                           ob.select, ob.select_k, ob.select_margin, ids)
         for name, value in stats.items():
             self._note(f"select.{name}", value)
-        return [(lg, lq, inv, hard) for (lg, lq, _, hard), inv in zip(terms, torch.split(invalid, widths, dim=1))]
+        kept = [(lg, lq, inv, hard) for (lg, lq, _, hard), inv in zip(terms, torch.split(invalid, widths, dim=1))]
+        if ob.select_rest == "drop":
+            return kept
+        return kept + [left_out_term(*(torch.cat([p[i] for p in terms], 1) for i in range(3)), invalid)]
 
     def _bank_softmax(self, user_emb, pos_emb, pos_items, blocks, block_emb, own_log_q, terms) -> torch.Tensor:
         """The memory bank's sampled softmax with split gradients. The user tower learns from every
