@@ -52,6 +52,9 @@ def test_hardest_selection_keeps_the_top_k_distinct_items_with_all_their_copies(
     assert (~dropped).tolist() == [[True, True, True, False, False, False, True],
                                    [False, False, False, False, True, True, True]]
     assert stats == {"qualified_per_row": 2.0, "mean_rank": 1.5}
+    shared, _ = select_candidates(logits, torch.zeros(2), invalid, "hardest", k=2, items=items[0])  # ids shared by the rows
+    assert (~shared).tolist() == [[True, True, True, False, False, False, True],
+                                  [True, True, False, True, False, True, True]]  # row 1: item 7 (up to 7.0), item 1 (6.0)
 
 
 

@@ -19,7 +19,7 @@ def select_candidates(logits: torch.Tensor, pos_logits: torch.Tensor, invalid: t
     keeps. Returns the new invalid mask [B, N] and statistics of the qualified candidates.
 
     ``hardest``: the k highest-scoring valid candidates of the row; with ``items`` (the
-    candidates' ids, [B, N]), the k highest-scoring distinct items, each with all its copies. A
+    candidates' ids, [N] shared by the rows or [B, N]), the k highest-scoring distinct items, each with all its copies. A
     pool of in-batch targets holds a popular item many times: ranked by column, its copies would
     fill the k places, so that a row kept one or two items (and, uncorrected, counted them k
     times). Keeping every copy of a kept item leaves the logQ estimate of that item as it was.
@@ -35,18 +35,18 @@ def select_candidates(logits: torch.Tensor, pos_logits: torch.Tensor, invalid: t
         return invalid, {}
     scores = logits.detach().masked_fill(invalid, float("-inf"))
     if mode == "hardest":
-        group = _item_groups(items) if items is not None else None
+        group = None if items is None else _item_groups(items[None] if items.dim() == 1 else items).expand_as(scores)
         ranked = scores if group is None else torch.full_like(scores, float("-inf")).scatter_reduce_(1, group, scores, "amax")
         top, at = ranked.topk(min(k, ranked.shape[1]), dim=1)
         found = torch.isfinite(top)  # fewer than k valid ones leave -inf places
-        chosen = torch.zeros(ranked.shape, dtype=torch.bool).scatter_(1, at, found)
+        chosen = torch.zeros_like(ranked, dtype=torch.bool).scatter_(1, at, found)
         keep = (chosen if group is None else chosen.gather(1, group)) & ~invalid
         n = int(found.sum())
-        ranks = torch.arange(1, top.shape[1] + 1).expand_as(top)[found]
+        ranks = torch.arange(1, top.shape[1] + 1, device=top.device).expand_as(top)[found]
         return ~keep, {"qualified_per_row": n / len(scores), "mean_rank": float(ranks.float().mean()) if n else float("nan")}
     # rank of every candidate within its row (1 = highest); valid ones precede masked ones
     order = scores.argsort(dim=1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(1, scores.shape[1] + 1).expand_as(order))
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(1, scores.shape[1] + 1, device=order.device).expand_as(order))
     pos = pos_logits.detach()[:, None]
     keep = (scores < pos) & (scores > pos - margin) & ~invalid
     n = keep.sum()

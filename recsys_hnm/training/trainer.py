@@ -451,8 +451,8 @@ class Trainer:
         [N] or per row [B, N]): the others leave the loss."""
         ob = self.objective
         widths = [p[0].shape[1] for p in terms]
-        rows = len(pos_logits)
-        ids = torch.cat([i.expand(rows, -1) if i.dim() == 1 else i for i in items], 1)
+        rows = len(pos_logits)  # shared ids stay one row: the distinct items are found once
+        ids = torch.cat(items) if all(i.dim() == 1 for i in items) else torch.cat([i.expand(rows, -1) for i in items], 1)
         invalid, stats = select_candidates(torch.cat([p[0] for p in terms], 1), pos_logits, torch.cat([p[2] for p in terms], 1),
                                            ob.select, ob.select_k, ob.select_margin, ids)
         for name, value in stats.items():
