@@ -58,6 +58,16 @@ def test_hardest_selection_keeps_the_top_k_distinct_items_with_all_their_copies(
 
 
 
+def test_hardest_by_share_ranks_the_corrected_logits():
+    # a popular item (log_q 3) scores highest raw; corrected, the rare draws (log_q -4) hold more
+    logits = torch.tensor([[4.0, 1.0, 0.5, 3.0]])
+    log_q = torch.tensor([[3.0, -4.0, -4.0, 3.0]])
+    invalid = torch.zeros(1, 4, dtype=torch.bool)
+    by_score, _ = select_candidates(logits, torch.zeros(1), invalid, "hardest", k=2)
+    by_share, _ = select_candidates(logits, torch.zeros(1), invalid, "hardest", k=2, log_q=log_q)
+    assert (~by_score).tolist() == [[True, False, False, True]]
+    assert (~by_share).tolist() == [[False, True, True, False]]
+
 def test_a_summarised_rest_keeps_the_pools_loss_and_its_gradient_on_what_selection_kept():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 12, generator=g).requires_grad_()

@@ -18,7 +18,7 @@ from ..evaluation.metrics import METRICS, is_metric_at
 from ..index.item_index import BACKENDS, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M, IVF_NLIST, IVF_NPROBE
 from ..mining.miners import SELECTIONS
 from ..models.two_tower import HISTORY_ENCODERS, LEARNED_T_MAX, LEARNED_T_MIN
-from ..training.trainer import HARD_LOSSES, HISTORIES, LOSSES, PER_POSITION, SELECT_RESTS
+from ..training.trainer import HARD_LOSSES, HISTORIES, LOSSES, PER_POSITION, SELECT_RANKS, SELECT_RESTS
 from ..ops.errors import ConfigError
 
 SOURCES = ("in_batch", "uniform", "popularity", "category", "copurchase", "ann", "full", "static")
@@ -137,6 +137,9 @@ class SelectConfig:
     # the candidates left out: dropped, or summarised in one detached term per row, so that the
     # softmax's normaliser stays the whole pool's and the kept ones get their share of its gradient
     rest: str = "drop"
+    # hardest: by raw score (the most confusable items), or by share of the corrected normaliser,
+    # logit - log_q (the candidates that hold most of the gradient)
+    rank: str = "score"
 
 
 @dataclass
@@ -629,6 +632,9 @@ def _check_sampler(c: ExperimentConfig) -> None:
     _positive(s.select.k, "sampler.select.k")
     _positive(s.select.margin, "sampler.select.margin")
     _choice(s.select.rest, SELECT_RESTS, "sampler.select.rest")
+    _choice(s.select.rank, SELECT_RANKS, "sampler.select.rank")
+    if s.select.rank == "share" and s.select.mode != "hardest":
+        raise ConfigError(f"sampler.select.rank: 'share' ranks the hardest k; sampler.select.mode is {s.select.mode!r}")
     _positive(s.memory_bank.size, "sampler.memory_bank.size", strict=False)
     _positive(s.memory_bank.warmup_steps, "sampler.memory_bank.warmup_steps", strict=False)
     _choice(c.loss.type, LOSSES, "loss.type")

@@ -595,6 +595,7 @@ def build_trainer(config: ExperimentConfig, data: Interactions, split: Split, sa
                           gbce_calibration=loss.gbce_calibration, hard_loss=s.hard_loss, hard_weight=s.hard_weight,
                           false_negative_guard=s.false_negative_guard, cooccurring=_cooccurring(config, data, split),
                           select=s.select.mode, select_k=s.select.k, select_margin=s.select.margin, select_rest=s.select.rest,
+                          select_rank=s.select.rank,
                           position_weight=t.position_weight, item_id_dropout=m.item_id_dropout)
     miner = refresh.mine_positions if refresh is not None and refresh.sampler.anchor == "position" else None
     trainer = Trainer(model, features, sampler, split.train, evaluator, options=options, objective=objective, callbacks=callbacks,

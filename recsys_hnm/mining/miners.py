@@ -14,7 +14,8 @@ SELECTIONS = ("none", "hardest", "semi_hard")
 
 def select_candidates(logits: torch.Tensor, pos_logits: torch.Tensor, invalid: torch.Tensor, mode: str,
                       k: int = 64, margin: float = 1.0,
-                      items: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                      items: torch.Tensor | None = None,
+                      log_q: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Online mining among each row's candidates (in-batch and sampled): which of them the loss
     keeps. Returns the new invalid mask [B, N] and statistics of the qualified candidates.
 
@@ -23,6 +24,8 @@ def select_candidates(logits: torch.Tensor, pos_logits: torch.Tensor, invalid: t
     pool of in-batch targets holds a popular item many times: ranked by column, its copies would
     fill the k places, so that a row kept one or two items (and, uncorrected, counted them k
     times). Keeping every copy of a kept item leaves the logQ estimate of that item as it was.
+    With ``log_q``, hardest ranks by ``logit - log_q``, each candidate's share of the corrected
+    normaliser (the ones that hold most of the softmax's gradient), not by raw score.
     ``semi_hard`` (FaceNet): candidates scoring below the positive but within ``margin`` of it,
     positive - margin < score < positive.
 
@@ -35,6 +38,8 @@ def select_candidates(logits: torch.Tensor, pos_logits: torch.Tensor, invalid: t
         return invalid, {}
     scores = logits.detach().masked_fill(invalid, float("-inf"))
     if mode == "hardest":
+        if log_q is not None:
+            scores = scores - log_q.detach()
         group = None if items is None else _item_groups(items[None] if items.dim() == 1 else items).expand_as(scores)
         ranked = scores if group is None else torch.full_like(scores, float("-inf")).scatter_reduce_(1, group, scores, "amax")
         top, at = ranked.topk(min(k, ranked.shape[1]), dim=1)

@@ -34,6 +34,7 @@ SPARSE_GRADIENT_OPTIMIZERS = ("sparse_adam", "adagrad")
 LOSSES = ("softmax", "bpr", "triplet", "gbce")
 HARD_LOSSES = ("joint", "separate")  # mined candidates in the one softmax, or in a term of their own
 SELECT_RESTS = ("drop", "summarise")  # what online selection does with the candidates it leaves out
+SELECT_RANKS = ("score", "share")  # hardest by raw score, or by share of the corrected normaliser (logit - log_q)
 PER_POSITION = "per_position"
 HISTORIES = ("all", "causal", PER_POSITION)  # what each training row's user tower reads
 
@@ -68,7 +69,7 @@ class Objective:
     joint or separate, ``hard_weight``); the false-negative guard on them (drop those above the
     positive; drop ``cooccurring`` pairs); online selection among all candidates (``select``
     none, hardest (``select_k``) or semi_hard (``select_margin``); the rest dropped or
-    summarised, ``select_rest``); per-position weights toward
+    summarised, ``select_rest``; ranked by score or by share of the normaliser, ``select_rank``); per-position weights toward
     the window's end; item id dropout (the item tower learns to score cold items from categories)."""
 
     loss: str = "softmax"
@@ -83,6 +84,7 @@ class Objective:
     select_k: int = 64
     select_margin: float = 1.0
     select_rest: str = "drop"
+    select_rank: str = "score"
     position_weight: float = 0.0
     item_id_dropout: float = 0.0
 
@@ -91,6 +93,8 @@ class Objective:
             raise ValueError(f"loss must be one of {LOSSES}, not {self.loss!r}")
         if self.hard_loss not in HARD_LOSSES:
             raise ValueError(f"hard_loss must be one of {HARD_LOSSES}, not {self.hard_loss!r}")
+        if self.select_rank not in SELECT_RANKS:
+            raise ValueError(f"select_rank must be one of {SELECT_RANKS}, not {self.select_rank!r}")
         if self.select_rest not in SELECT_RESTS:
             raise ValueError(f"select_rest must be one of {SELECT_RESTS}, not {self.select_rest!r}")
 
@@ -453,8 +457,9 @@ class Trainer:
         widths = [p[0].shape[1] for p in terms]
         rows = len(pos_logits)  # shared ids stay one row: the distinct items are found once
         ids = torch.cat(items) if all(i.dim() == 1 for i in items) else torch.cat([i.expand(rows, -1) for i in items], 1)
+        log_q = torch.cat([p[1] for p in terms], 1) if ob.select_rank == "share" else None
         invalid, stats = select_candidates(torch.cat([p[0] for p in terms], 1), pos_logits, torch.cat([p[2] for p in terms], 1),
-                                           ob.select, ob.select_k, ob.select_margin, ids)
+                                           ob.select, ob.select_k, ob.select_margin, ids, log_q)
         for name, value in stats.items():
             self._note(f"select.{name}", value)
         kept = [(lg, lq, inv, hard) for (lg, lq, _, hard), inv in zip(terms, torch.split(invalid, widths, dim=1))]
