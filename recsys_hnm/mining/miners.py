@@ -20,10 +20,10 @@ def select_candidates(logits: torch.Tensor, pos_logits: torch.Tensor, invalid: t
     keeps. Returns the new invalid mask [B, N] and statistics of the qualified candidates.
 
     ``hardest``: the k highest-scoring valid candidates of the row; with ``items`` (the
-    candidates' ids, [N] shared by the rows or [B, N]), the k highest-scoring distinct items, each with all its copies. A
-    pool of in-batch targets holds a popular item many times: ranked by column, its copies would
-    fill the k places, so that a row kept one or two items (and, uncorrected, counted them k
-    times). Keeping every copy of a kept item leaves the logQ estimate of that item as it was.
+    candidates' ids, [N] shared by the rows or [B, N]), the k highest-scoring distinct items,
+    each with all its copies. A pool of in-batch targets holds a popular item many times: ranked
+    by column, its copies would fill the k places, so that a row kept one or two items (and,
+    uncorrected, counted them k times). Keeping every copy of a kept item leaves the logQ estimate of that item as it was.
     With ``log_q``, hardest ranks by ``logit - log_q``, each candidate's share of the corrected
     normaliser (the ones that hold most of the softmax's gradient), not by raw score.
     ``semi_hard`` (FaceNet): candidates scoring below the positive but within ``margin`` of it,

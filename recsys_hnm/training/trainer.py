@@ -69,8 +69,8 @@ class Objective:
     joint or separate, ``hard_weight``); the false-negative guard on them (drop those above the
     positive; drop ``cooccurring`` pairs); online selection among all candidates (``select``
     none, hardest (``select_k``) or semi_hard (``select_margin``); the rest dropped or
-    summarised, ``select_rest``; ranked by score or by share of the normaliser, ``select_rank``); per-position weights toward
-    the window's end; item id dropout (the item tower learns to score cold items from categories)."""
+    summarised, ``select_rest``; ranked by score or by share of the normaliser, ``select_rank``);
+    per-position weights toward the window's end; item id dropout (the item tower learns to score cold items from categories)."""
 
     loss: str = "softmax"
     margin: float = 1.0  # bpr / triplet
