@@ -129,7 +129,7 @@ def test_pairwise_losses_match_hand_computed_values():
     {"loss": {"type": "triplet", "margin": 0.5, "triplet_negative": "semi_hard"}},
     {"sampler": {"select": {"mode": "semi_hard", "margin": 2.0}}},
     {"sampler": {"select": {"mode": "hardest", "k": 16}, "memory_bank": {"size": 512, "warmup_steps": 5}}},
-    {"sampler": {"select": {"mode": "hardest", "k": 16, "rest": "summarise"}, "memory_bank": {"size": 512, "warmup_steps": 5}}},
+    {"sampler": {"select": {"mode": "hardest", "k": 16, "rest": "summarise", "rank": "share"}}},
 ])
 def test_each_pattern_and_loss_trains_end_to_end(synthetic_files, tmp_path, setting):
     config = small_config(synthetic_files, tmp_path, **setting)

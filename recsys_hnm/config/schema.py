@@ -638,9 +638,11 @@ def _check_sampler(c: ExperimentConfig) -> None:
     _positive(s.memory_bank.size, "sampler.memory_bank.size", strict=False)
     _positive(s.memory_bank.warmup_steps, "sampler.memory_bank.warmup_steps", strict=False)
     _choice(c.loss.type, LOSSES, "loss.type")
-    if s.select.rest == "summarise" and (s.select.mode == "none" or c.loss.type != "softmax"):
+    if s.select.rest == "summarise" and (s.select.mode == "none" or c.loss.type != "softmax" or s.memory_bank.size):
+        # the bank's split softmax gives the item tower a loss without the bank: one rest term cannot serve both sides
         raise ConfigError(f"sampler.select.rest: 'summarise' keeps the softmax's normaliser whole; it needs sampler.select.mode "
-                          f"hardest or semi_hard and loss.type softmax, not {s.select.mode!r} and {c.loss.type!r}")
+                          f"hardest or semi_hard, loss.type softmax and no memory bank, not {s.select.mode!r}, "
+                          f"{c.loss.type!r} and sampler.memory_bank.size={s.memory_bank.size}")
     if not 0.0 <= c.loss.gbce_calibration <= 1.0:
         raise ConfigError(f"loss.gbce_calibration: {c.loss.gbce_calibration!r} must be in [0, 1]")
     _choice(c.train.embedding_optimizer, EMBEDDING_OPTIMIZERS, "train.embedding_optimizer")
