@@ -57,7 +57,6 @@ def test_hardest_selection_keeps_the_top_k_distinct_items_with_all_their_copies(
                                   [True, True, False, True, False, True, True]]  # row 1: item 7 (up to 7.0), item 1 (6.0)
 
 
-
 def test_hardest_by_share_ranks_the_corrected_logits():
     # a popular item (log_q 3) scores highest raw; corrected, the rare draws (log_q -4) hold more
     logits = torch.tensor([[4.0, 1.0, 0.5, 3.0]])
@@ -67,6 +66,7 @@ def test_hardest_by_share_ranks_the_corrected_logits():
     by_share, _ = select_candidates(logits, torch.zeros(1), invalid, "hardest", k=2, log_q=log_q)
     assert (~by_score).tolist() == [[True, False, False, True]]
     assert (~by_share).tolist() == [[False, True, True, False]]
+
 
 def test_a_summarised_rest_keeps_the_pools_loss_and_its_gradient_on_what_selection_kept():
     g = torch.Generator().manual_seed(0)
@@ -86,6 +86,7 @@ def test_a_summarised_rest_keeps_the_pools_loss_and_its_gradient_on_what_selecti
     assert (logit_grad[dropped] == 0).all() and (pool_grads[1][dropped & ~invalid] != 0).all()
     # dropped, the rest leaves the normaliser: the loss falls
     assert sampled_softmax_by_role(pos, [(logits, log_q, dropped, False)]).item() < pool.item()
+
 
 def test_memory_bank_is_fifo_and_masks_known_positives_and_the_row_positive():
     log_p = torch.log(torch.tensor([0.1, 0.2, 0.3, 0.4, 0.0 + 1e-9, 1e-9]))
