@@ -12,7 +12,7 @@ from conftest import small_config
 from recsys_hnm.experiment import build_sampler, build_trainer, load_data
 from recsys_hnm.training.losses import pairwise, sampled_softmax, sampled_softmax_by_role
 from recsys_hnm.sampling import KnownPositives
-from recsys_hnm.mining import MemoryBank, left_out_term, select_candidates
+from recsys_hnm.mining import MemoryBank, left_out_centroid_term, left_out_item_side_term, left_out_term, select_candidates
 
 
 def test_semi_hard_selection_keeps_exactly_the_margin_band():
@@ -88,6 +88,52 @@ def test_a_summarised_rest_keeps_the_pools_loss_and_its_gradient_on_what_selecti
     assert sampled_softmax_by_role(pos, [(logits, log_q, dropped, False)]).item() < pool.item()
 
 
+def test_the_rest_summarised_with_one_side_of_its_gradient_gives_that_side_the_pools_gradient():
+    g = torch.Generator().manual_seed(1)
+    users = torch.randn(4, 8, generator=g).requires_grad_()
+    shared = torch.randn(7, 8, generator=g).requires_grad_()  # in-batch-like: shared by the rows
+    own = torch.randn(4, 5, 8, generator=g).requires_grad_()  # per-row draws
+    pos_emb, scale = torch.randn(4, 8, generator=g), 3.0
+    log_q = torch.randn(4, 12, generator=g)
+    invalid = torch.rand(4, 12, generator=g) < 0.2
+
+    def parts():
+        logits = torch.cat([users @ shared.T, torch.einsum("bd,bnd->bn", users, own)], 1) * scale
+        return (users * pos_emb).sum(1) * scale, logits
+
+    pos, logits = parts()
+    pool = sampled_softmax(pos, logits, log_q, invalid)
+    pool_grads = torch.autograd.grad(pool, [users, shared, own])
+    pos, logits = parts()
+    dropped, _ = select_candidates(logits, pos, invalid, "hardest", k=3)
+    rest = left_out_centroid_term(logits, log_q, invalid, dropped, users, [(shared, True), (own, False)], scale)
+    selected = sampled_softmax_by_role(pos, [(logits, log_q, dropped, False), rest])
+    grads = torch.autograd.grad(selected, [users, shared, own])
+    assert selected.item() == pytest.approx(pool.item(), rel=1e-6)
+    assert torch.allclose(grads[0], pool_grads[0], atol=1e-5)  # the user side: exact
+    # the item side: the pool's gradient where an item was kept by some row, none where no row kept it
+    kept_shared = (~dropped[:, :7]).any(0)
+    assert torch.allclose(grads[1][~kept_shared], torch.zeros(1)) and (pool_grads[1][~kept_shared].abs() > 0).any()
+    kept_own = ~dropped[:, 7:]
+    assert torch.allclose(grads[2][kept_own], pool_grads[2][kept_own], atol=1e-5)
+    assert (grads[2][dropped[:, 7:]] == 0).all()
+    # the plain summary truncates the user side too: its gradient differs from the pool's
+    pos, logits = parts()
+    summary = sampled_softmax_by_role(pos, [(logits, log_q, dropped, False), left_out_term(logits, log_q, invalid, dropped)])
+    assert not torch.allclose(torch.autograd.grad(summary, users)[0], pool_grads[0], atol=1e-3)
+    # the other half: every item gets the pool's gradient, the user only what selection kept
+    pos, logits = parts()
+    rest = left_out_item_side_term(logits, log_q, invalid, dropped, users, [(shared, True), (own, False)], scale)
+    item_side = sampled_softmax_by_role(pos, [(logits, log_q, dropped, False), rest])
+    grads = torch.autograd.grad(item_side, [users, shared, own])
+    assert item_side.item() == pytest.approx(pool.item(), rel=1e-6)
+    assert torch.allclose(grads[1], pool_grads[1], atol=1e-5) and torch.allclose(grads[2], pool_grads[2], atol=1e-5)
+    pos, logits = parts()
+    user_of_summary = torch.autograd.grad(sampled_softmax_by_role(
+        pos, [(logits, log_q, dropped, False), left_out_term(logits, log_q, invalid, dropped)]), users)[0]
+    assert torch.allclose(grads[0], user_of_summary, atol=1e-5)
+
+
 def test_memory_bank_is_fifo_and_masks_known_positives_and_the_row_positive():
     log_p = torch.log(torch.tensor([0.1, 0.2, 0.3, 0.4, 0.0 + 1e-9, 1e-9]))
     bank = MemoryBank(4, 2, log_p, warmup_steps=2)
@@ -131,6 +177,8 @@ def test_pairwise_losses_match_hand_computed_values():
     {"sampler": {"select": {"mode": "semi_hard", "margin": 2.0}}},
     {"sampler": {"select": {"mode": "hardest", "k": 16}, "memory_bank": {"size": 512, "warmup_steps": 5}}},
     {"sampler": {"select": {"mode": "hardest", "k": 16, "rest": "summarise", "rank": "share"}}},
+    {"sampler": {"select": {"mode": "hardest", "k": 16, "rest": "centroid"}}},
+    {"sampler": {"select": {"mode": "hardest", "k": 16, "rest": "item_side"}}},
 ])
 def test_each_pattern_and_loss_trains_end_to_end(synthetic_files, tmp_path, setting):
     config = small_config(synthetic_files, tmp_path, **setting)

@@ -136,6 +136,9 @@ class SelectConfig:
     margin: float = 1.0  # semi_hard: keep candidates scoring in (positive - margin, positive), logit units
     # the candidates left out: dropped, or summarised in one detached term per row, so that the
     # softmax's normaliser stays the whole pool's and the kept ones get their share of its gradient
+    # (summarise), or that term with the user side's gradient of the rest too (centroid: the
+    # share-weighted mean of their embeddings; only the left-out items get no gradient), or with
+    # the item side's only (item_side: a probe, it keeps the pool's graph)
     rest: str = "drop"
     # hardest: by raw score (the most confusable items), or by share of the corrected normaliser,
     # logit - log_q (the candidates that hold most of the gradient)
@@ -638,9 +641,9 @@ def _check_sampler(c: ExperimentConfig) -> None:
     _positive(s.memory_bank.size, "sampler.memory_bank.size", strict=False)
     _positive(s.memory_bank.warmup_steps, "sampler.memory_bank.warmup_steps", strict=False)
     _choice(c.loss.type, LOSSES, "loss.type")
-    if s.select.rest == "summarise" and (s.select.mode == "none" or c.loss.type != "softmax" or s.memory_bank.size):
+    if s.select.rest != "drop" and (s.select.mode == "none" or c.loss.type != "softmax" or s.memory_bank.size):
         # the bank's split softmax gives the item tower a loss without the bank: one rest term cannot serve both sides
-        raise ConfigError(f"sampler.select.rest: 'summarise' keeps the softmax's normaliser whole; it needs sampler.select.mode "
+        raise ConfigError(f"sampler.select.rest: {s.select.rest!r} keeps the softmax's normaliser whole; it needs sampler.select.mode "
                           f"hardest or semi_hard, loss.type softmax and no memory bank, not {s.select.mode!r}, "
                           f"{c.loss.type!r} and sampler.memory_bank.size={s.memory_bank.size}")
     if not 0.0 <= c.loss.gbce_calibration <= 1.0:

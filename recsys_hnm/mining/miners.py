@@ -73,6 +73,51 @@ def left_out_term(logits: torch.Tensor, log_q: torch.Tensor, before: torch.Tenso
     return rest, torch.zeros_like(rest), ~left.any(1, keepdim=True), False
 
 
+def left_out_centroid_term(logits: torch.Tensor, log_q: torch.Tensor, before: torch.Tensor, after: torch.Tensor,
+                           user_emb: torch.Tensor, embs: list[tuple[torch.Tensor, bool]], scale: torch.Tensor | float
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """``left_out_term`` with the user side's gradient of the left-out candidates kept: the
+    column's value is their log corrected sum, as there, and its gradient in the user vector is
+    ``scale`` times the centroid of their embeddings, weighted by their shares of that sum, which
+    is what the whole pool's softmax gives the user (d/du logsumexp = the weighted mean of d
+    logit/du). Only the item side of the rest is truncated (no left-out item is pushed down). The
+    centroid costs [B, d] beside the pool's detached scores. ``embs``: each block's candidate
+    embeddings with its ``shared`` flag ([n, d] shared by the rows, or [B, n, d]), in the
+    columns' order."""
+    rest, zero, none_left, hard = left_out_term(logits, log_q, before, after)
+    left = after & ~before
+    shares = torch.softmax((logits - log_q).detach().masked_fill(~left, float("-inf")), 1).nan_to_num(0.0)  # rows with none: 0
+    centroid = torch.zeros_like(user_emb)
+    for (emb, shared), w in zip(embs, torch.split(shares, _widths(embs), 1)):
+        centroid = centroid + (w @ emb.detach() if shared else torch.einsum("bn,bnd->bd", w, emb.detach()))
+    pull = (user_emb * centroid).sum(1, keepdim=True) * scale
+    return rest + (pull - pull.detach()), zero, none_left, hard
+
+
+def left_out_item_side_term(logits: torch.Tensor, log_q: torch.Tensor, before: torch.Tensor, after: torch.Tensor,
+                            user_emb: torch.Tensor, embs: list[tuple[torch.Tensor, bool]], scale: torch.Tensor | float
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """The other half of ``left_out_centroid_term``: the left-out candidates' column with the
+    item side's gradient of the whole pool (every left-out item pushed down by its share, as
+    without selection) and none in the user vector. A probe of which half of the rest's
+    gradient training needs, not a saving: it keeps the pool's [B, N] graph."""
+    user_part = torch.cat([candidate_scores(user_emb, emb.detach(), shared) for emb, shared in embs], 1) * scale
+    items_only = logits - user_part + user_part.detach()  # the same values; d/du 0, d/d(item) as the pool's
+    left = after & ~before
+    # a finite floor, not -inf: a row with nothing left out is masked, and its gradient stays 0, not NaN
+    rest = (items_only - log_q.detach()).masked_fill(~left, -1e30).logsumexp(1, keepdim=True)
+    return rest, torch.zeros_like(rest), ~left.any(1, keepdim=True), False
+
+
+def _widths(embs: list[tuple[torch.Tensor, bool]]) -> list[int]:
+    return [emb.shape[0] if shared else emb.shape[1] for emb, shared in embs]
+
+
+def candidate_scores(user_emb: torch.Tensor, emb: torch.Tensor, shared: bool) -> torch.Tensor:
+    """[B, n] scores of each row against shared candidates [n, d] or its own [B, n, d]."""
+    return user_emb @ emb.T if shared else torch.einsum("bd,bnd->bn", user_emb, emb)
+
+
 def _item_groups(items: torch.Tensor) -> torch.Tensor:
     """For each column of ``items`` [B, N], the index of its item among the row's distinct items
     (0 .. distinct - 1, in id order)."""

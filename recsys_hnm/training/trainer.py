@@ -24,7 +24,7 @@ from ..sampling import Context, MixtureSampler, Negatives
 from ..sampling.mixture import FULL
 from ..sampling.diagnostics import NegativeDiagnostics
 from .callbacks import Callback
-from ..mining import MemoryBank, left_out_term, select_candidates
+from ..mining import MemoryBank, candidate_scores, left_out_centroid_term, left_out_item_side_term, left_out_term, select_candidates
 from ..ops.sparse import SortedPairs
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 SPARSE_GRADIENT_OPTIMIZERS = ("sparse_adam", "adagrad")
 LOSSES = ("softmax", "bpr", "triplet", "gbce")
 HARD_LOSSES = ("joint", "separate")  # mined candidates in the one softmax, or in a term of their own
-SELECT_RESTS = ("drop", "summarise")  # what online selection does with the candidates it leaves out
+SELECT_RESTS = ("drop", "summarise", "centroid", "item_side")  # what online selection does with the candidates it leaves out
 SELECT_RANKS = ("score", "share")  # hardest by raw score, or by share of the corrected normaliser (logit - log_q)
 PER_POSITION = "per_position"
 HISTORIES = ("all", "causal", PER_POSITION)  # what each training row's user tower reads
@@ -68,8 +68,9 @@ class Objective:
     ``tasks.Retrieval``): the loss; how mined ("hard") candidates enter it (``hard_loss``
     joint or separate, ``hard_weight``); the false-negative guard on them (drop those above the
     positive; drop ``cooccurring`` pairs); online selection among all candidates (``select``
-    none, hardest (``select_k``) or semi_hard (``select_margin``); the rest dropped or
-    summarised, ``select_rest``; ranked by score or by share of the normaliser, ``select_rank``);
+    none, hardest (``select_k``) or semi_hard (``select_margin``); the rest dropped,
+    summarised, summarised with the user side's gradient (centroid) or the item side's
+    (item_side), ``select_rest``; ranked by score or by share of the normaliser, ``select_rank``);
     per-position weights toward the window's end; item id dropout (the item tower learns to score cold items from categories)."""
 
     loss: str = "softmax"
@@ -97,11 +98,6 @@ class Objective:
             raise ValueError(f"select_rank must be one of {SELECT_RANKS}, not {self.select_rank!r}")
         if self.select_rest not in SELECT_RESTS:
             raise ValueError(f"select_rest must be one of {SELECT_RESTS}, not {self.select_rest!r}")
-
-
-def _cosines(user_emb: torch.Tensor, emb: torch.Tensor, shared: bool) -> torch.Tensor:
-    """[B, n] scores of each row against shared candidates [n, d] or its own [B, n, d]."""
-    return user_emb @ emb.T if shared else torch.einsum("bd,bnd->bn", user_emb, emb)
 
 
 class Evaluator(Protocol):
@@ -415,7 +411,7 @@ class Trainer:
             emb = item_emb[inverse[offsets[i + 1]:offsets[i + 2]]]
             if not block.shared:
                 emb = emb.reshape(*block.items.shape, -1)
-            cos = _cosines(user_emb, emb, block.shared)
+            cos = candidate_scores(user_emb, emb, block.shared)
             neg_cos.append(cos.detach())
             logits = cos * scale + self.model.bias(block.items)
             if block.offset is not None:
@@ -438,7 +434,7 @@ class Trainer:
         ob = self.objective
         if ob.select != "none":
             ids = [b.items for b in blocks] + ([bank_items] if bank is not None else [])
-            terms = self._select(terms, pos_logits, ids)
+            terms = self._select(terms, pos_logits, ids, user_emb, [(e, b.shared) for e, b in zip(block_emb, blocks)])
         if ob.loss == "softmax" and bank is not None:
             loss = self._bank_softmax(user_emb, pos_emb, pos_items, blocks, block_emb, own_log_q, terms)
         elif ob.loss == "softmax":
@@ -450,9 +446,11 @@ class Trainer:
             self.memory_bank.push(pos_items, pos_emb)
         return loss, neg_cos
 
-    def _select(self, terms: list[tuple], pos_logits: torch.Tensor, items: list[torch.Tensor]) -> list[tuple]:
+    def _select(self, terms: list[tuple], pos_logits: torch.Tensor, items: list[torch.Tensor], user_emb: torch.Tensor,
+                embs: list[tuple[torch.Tensor, bool]]) -> list[tuple]:
         """Online selection among all of a row's candidates (``items``: each term's ids, shared
-        [N] or per row [B, N]): the others leave the loss."""
+        [N] or per row [B, N]; ``embs``: each block's embeddings and shared flag): the others
+        leave the loss, or come back as one term (``select_rest``)."""
         ob = self.objective
         widths = [p[0].shape[1] for p in terms]
         rows = len(pos_logits)  # shared ids stay one row: the distinct items are found once
@@ -465,7 +463,11 @@ class Trainer:
         kept = [(lg, lq, inv, hard) for (lg, lq, _, hard), inv in zip(terms, torch.split(invalid, widths, dim=1))]
         if ob.select_rest == "drop":
             return kept
-        return kept + [left_out_term(*(torch.cat([p[i] for p in terms], 1) for i in range(3)), invalid)]
+        pool = [torch.cat([p[i] for p in terms], 1) for i in range(3)]
+        if ob.select_rest in ("centroid", "item_side"):
+            term = left_out_centroid_term if ob.select_rest == "centroid" else left_out_item_side_term
+            return kept + [term(*pool, invalid, user_emb, embs, self.model.scale)]
+        return kept + [left_out_term(*pool, invalid)]
 
     def _bank_softmax(self, user_emb, pos_emb, pos_items, blocks, block_emb, own_log_q, terms) -> torch.Tensor:
         """The memory bank's sampled softmax with split gradients. The user tower learns from every
@@ -478,9 +480,9 @@ class Trainer:
         scale, bias = self.model.scale, self.model.bias
         frozen = lambda x: x.detach() if torch.is_tensor(x) else x  # noqa: E731 (bias may be 0.0)
         n = len(blocks)
-        user_side = [(_cosines(user_emb, e.detach(), b.shared) * scale + frozen(bias(b.items)), lq, inv, hard)
+        user_side = [(candidate_scores(user_emb, e.detach(), b.shared) * scale + frozen(bias(b.items)), lq, inv, hard)
                      for b, e, (_, lq, inv, hard) in zip(blocks, block_emb, terms[:n])] + terms[n:]
-        item_side = [(_cosines(user_emb.detach(), e, b.shared) * scale + bias(b.items), lq, inv, hard)
+        item_side = [(candidate_scores(user_emb.detach(), e, b.shared) * scale + bias(b.items), lq, inv, hard)
                      for b, e, lq, (_, _, inv, hard) in zip(blocks, block_emb, own_log_q, terms[:n])]
         pos_user = (user_emb * pos_emb.detach()).sum(-1) * scale + frozen(bias(pos_items))
         pos_item = (user_emb.detach() * pos_emb).sum(-1) * scale + bias(pos_items)
